@@ -1,0 +1,236 @@
+"""RepQ-ViT fake quantizers (SPEC §2): a uniform affine quantizer and the log-√2 quantizer.
+
+The math lives in pure functions so tests can check it against hand-computed values; the two
+``nn.Module`` classes only hold the calibrated parameters and initialise them on the first batch.
+"""
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+# Candidate clipping percentiles, tried in this order; a later one must be strictly better to win.
+PERCENTILES = (0.999, 0.9999, 0.99999)
+# Older torch.quantile refused inputs above 2**24 elements and the published code fell back to
+# numpy.percentile there. numpy interpolates in float64; torch ranks in float32, which is off by up
+# to one rank at that size. Reproduce the fallback explicitly so every torch version agrees.
+QUANTILE_TORCH_LIMIT = 2 ** 24
+_INIT_SCORE = 1e10  # the published "best_score" start value
+
+
+def _check_bits(n_bits):
+    if not 2 <= int(n_bits) <= 8:
+        raise ValueError(f"bit width {n_bits} not supported: use 2 to 8 bits")
+
+
+def quantile(x, p):
+    """The published quantile of all of ``x``: torch.quantile, or numpy.percentile above 2**24 values."""
+    flat = x.reshape(-1)
+    if flat.numel() > QUANTILE_TORCH_LIMIT:
+        return torch.tensor(np.percentile(flat.cpu().numpy(), p * 100), device=x.device, dtype=torch.float32)
+    return torch.quantile(flat, p)
+
+
+def quantile_rows(x2d, p):
+    """``quantile(row, p)`` for every row of a [rows, values] tensor, with as few calls as possible.
+
+    torch.quantile along a dim sorts each row and interpolates with the same float32 rank as on the
+    flattened row, so each entry equals the one-row result bit for bit.
+    """
+    rows, length = x2d.shape
+    if length > QUANTILE_TORCH_LIMIT:
+        return torch.stack([quantile(row, p) for row in x2d])
+    chunk = max(1, QUANTILE_TORCH_LIMIT // max(length, 1))  # keep each call under old torch's limit
+    return torch.cat([torch.quantile(part, p, dim=1) for part in x2d.split(chunk)])
+
+
+def uniform_fake_quant(x, delta, zero_point, n_bits):
+    """``(clamp(round(x / delta) + zp, 0, 2^n - 1) - zp) * delta``; delta/zp broadcast against x."""
+    x_int = torch.round(x / delta)
+    x_int.add_(zero_point).clamp_(0, 2 ** n_bits - 1)
+    return x_int.sub_(zero_point).mul_(delta)
+
+
+def uniform_candidate(hi, lo, n_bits):
+    """(delta, zero_point) for clipping range [lo, hi]."""
+    delta = (hi - lo) / (2 ** n_bits - 1)
+    return delta, (-lo / delta).round()
+
+
+def search_uniform(x, n_bits):
+    """Published layer-wise search over all of ``x``: returns 0-dim (delta, zero_point)."""
+    best, delta, zero_point = _INIT_SCORE, None, None
+    for p in PERCENTILES:
+        d, z = uniform_candidate(quantile(x, p), quantile(x, 1.0 - p), n_bits)
+        score = (x - uniform_fake_quant(x, d, z, n_bits)).abs().pow(2).mean()
+        if score < best:
+            best, delta, zero_point = score, d, z
+    if delta is None:
+        raise ValueError("quantizer calibration failed: no clipping range gives a finite error "
+                         f"(input is constant or not finite, e.g. min={x.min().item()}, max={x.max().item()})")
+    return delta, zero_point
+
+
+def search_uniform_rows(x2d, n_bits):
+    """The same search for every row of [rows, values] at once: returns ([rows] delta, [rows] zp).
+
+    One quantile call per candidate over all rows instead of one per row; the MSE rule and tie
+    order (strictly smaller wins, earlier percentile kept) are the published ones.
+    """
+    rows = x2d.shape[0]
+    best = torch.full((rows,), _INIT_SCORE, dtype=x2d.dtype, device=x2d.device)
+    delta = torch.zeros(rows, dtype=x2d.dtype, device=x2d.device)
+    zero_point = torch.zeros_like(delta)
+    found = torch.zeros(rows, dtype=torch.bool, device=x2d.device)
+    for p in PERCENTILES:
+        d, z = uniform_candidate(quantile_rows(x2d, p), quantile_rows(x2d, 1.0 - p), n_bits)
+        score = (x2d - uniform_fake_quant(x2d, d[:, None], z[:, None], n_bits)).abs().pow(2).mean(dim=1)
+        better = score < best
+        best = torch.where(better, score, best)
+        delta = torch.where(better, d, delta)
+        zero_point = torch.where(better, z, zero_point)
+        found |= better
+    if not bool(found.all()):
+        bad = torch.nonzero(~found).flatten()[:5].tolist()
+        raise ValueError(f"quantizer calibration failed for channels {bad}: no clipping range gives a "
+                         "finite error (a constant or non-finite channel)")
+    return delta, zero_point
+
+
+def channel_rows(x):
+    """View ``x`` as [channels, values] the way channel-wise quantization groups it.
+
+    [B, N, C] activations: per last dim (statistics over B and N); weights (2-D, 4-D): per dim 0.
+    """
+    if x.dim() == 3:
+        return x.reshape(-1, x.shape[-1]).t()
+    if x.dim() in (2, 4):
+        return x.reshape(x.shape[0], -1)
+    raise ValueError(f"channel-wise quantization of a {x.dim()}-D tensor is not defined (expected 2-, 3- or 4-D)")
+
+
+def channel_shape(x):
+    """Shape that broadcasts a per-channel vector back against ``x``."""
+    return (1, 1, -1) if x.dim() == 3 else (-1,) + (1,) * (x.dim() - 1)
+
+
+def search_uniform_channelwise(x, n_bits, per_channel_loop=False):
+    """Channel-wise (delta, zero_point), already shaped to broadcast against ``x``.
+
+    ``per_channel_loop`` runs the published one-channel-at-a-time search (reference and benchmark).
+    """
+    if per_channel_loop:
+        n = x.shape[-1] if x.dim() == 3 else x.shape[0]
+        pairs = [search_uniform(x[:, :, c] if x.dim() == 3 else x[c], n_bits) for c in range(n)]
+        delta = torch.stack([d for d, _ in pairs])
+        zero_point = torch.stack([z for _, z in pairs])
+    else:
+        delta, zero_point = search_uniform_rows(channel_rows(x), n_bits)
+    shape = channel_shape(x)
+    return delta.reshape(shape), zero_point.reshape(shape)
+
+
+def log_sqrt2_levels(delta, n_bits):
+    """Dequantized value of every log-√2 level q = 0 .. 2^n - 1, then 0 for q >= 2^n (masked)."""
+    q = torch.arange(2 ** n_bits + 1, dtype=delta.dtype, device=delta.device)
+    levels = log_sqrt2_dequant(q, delta)
+    levels[-1] = 0
+    return levels
+
+
+def log_sqrt2_dequant(q, delta):
+    """``2^(-ceil(q/2)) * (1 + (q mod 2) * (√2 - 1)) * delta`` in the published operation order."""
+    odd = (q % 2) * (math.sqrt(2) - 1) + 1
+    return 2 ** (-1 * torch.ceil(q / 2)) * odd * delta
+
+
+def log_sqrt2_index(x, delta, n_bits):
+    """``round(-2 * log2(max(x / delta, 1e-6)))``, before masking and clamping."""
+    return torch.round(-1 * (x / delta).clamp(min=1e-6).log2() * 2)
+
+
+def log_sqrt2_fake_quant_reference(x, delta, n_bits):
+    """The log-√2 quantizer written out as in SPEC §2 (reference for tests)."""
+    x_int = log_sqrt2_index(x, delta, n_bits)
+    mask = x_int >= 2 ** n_bits
+    x_quant = torch.clamp(x_int, 0, 2 ** n_bits - 1)
+    x_float_q = log_sqrt2_dequant(x_quant, delta)
+    x_float_q[mask] = 0
+    return x_float_q
+
+
+def log_sqrt2_fake_quant(x, delta, n_bits):
+    """Same values as the reference, through a table of the 2^n + 1 possible outputs.
+
+    Each output is one of 2^n levels or 0, computed by the same float32 operations, so indexing a
+    table gives identical bits with a third of the elementwise passes (attention maps are large).
+    """
+    idx = log_sqrt2_index(x, delta, n_bits).clamp_(0, 2 ** n_bits).long()
+    return log_sqrt2_levels(delta, n_bits)[idx]
+
+
+def search_log_sqrt2(x, n_bits):
+    """Published delta search of the log-√2 quantizer: the quantile with the smallest MSE."""
+    best, delta = _INIT_SCORE, None
+    for p in PERCENTILES:
+        d = quantile(x, p)
+        score = (x - log_sqrt2_fake_quant(x, d, n_bits)).abs().pow(2).mean()
+        if score < best:
+            best, delta = score, d
+    if delta is None:
+        raise ValueError("log-sqrt2 quantizer calibration failed: no candidate gives a finite error")
+    return delta
+
+
+class UniformQuantizer(nn.Module):
+    """Uniform affine fake quantizer, layer-wise or channel-wise, initialised on its first input."""
+
+    def __init__(self, n_bits=8, channel_wise=False):
+        super().__init__()
+        _check_bits(n_bits)
+        self.n_bits = int(n_bits)
+        self.channel_wise = channel_wise
+        self.per_channel_loop = False  # True: the published one-channel-at-a-time search
+        self.delta = None
+        self.zero_point = None
+        self.inited = False
+
+    def forward(self, x):
+        if not self.inited:
+            self.calibrate(x.detach())
+        return uniform_fake_quant(x, self.delta, self.zero_point, self.n_bits)
+
+    @torch.no_grad()
+    def calibrate(self, x):
+        if self.channel_wise:
+            self.delta, self.zero_point = search_uniform_channelwise(x, self.n_bits, self.per_channel_loop)
+        else:
+            self.delta, self.zero_point = search_uniform(x, self.n_bits)
+        self.inited = True
+
+    def extra_repr(self):
+        return f"n_bits={self.n_bits}, channel_wise={self.channel_wise}, inited={self.inited}"
+
+
+class LogSqrt2Quantizer(nn.Module):
+    """Log-√2 fake quantizer for post-softmax attention (layer-wise delta)."""
+
+    def __init__(self, n_bits=8):
+        super().__init__()
+        _check_bits(n_bits)
+        self.n_bits = int(n_bits)
+        self.delta = None
+        self.inited = False
+
+    def forward(self, x):
+        if not self.inited:
+            self.calibrate(x.detach())
+        return log_sqrt2_fake_quant(x, self.delta, self.n_bits)
+
+    @torch.no_grad()
+    def calibrate(self, x):
+        self.delta = search_log_sqrt2(x, self.n_bits)
+        self.inited = True
+
+    def extra_repr(self):
+        return f"n_bits={self.n_bits}, inited={self.inited}"

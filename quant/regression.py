@@ -1,0 +1,80 @@
+"""Least-squares pieces of QwT (SPEC §3): ``[X, 1] @ [[W], [b]] ≈ Y`` and its r² score.
+
+Two ways to the same fit: the published one (concatenate every token, float32 inverse of
+[X,1]^T[X,1], times [X,1]^T, times Y) and normal equations accumulated batch by batch, which never
+holds all tokens at once and all-reduces two small matrices across processes.
+"""
+import torch
+
+SOLVERS = ('inverse', 'lstsq')
+
+
+def with_ones(x):
+    """[tokens, C] -> [tokens, C + 1] with a trailing column of ones (the bias term)."""
+    return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=-1)
+
+
+def split_wb(w1):
+    """[[W], [b]] -> (W [C_in, C_out], b [C_out])."""
+    return w1[:-1, :].contiguous(), w1[-1, :].contiguous()
+
+
+def fit_concat(x, y, solver='inverse'):
+    """The published fit on all tokens at once: x [tokens, C_in], y [tokens, C_out] -> (W, b)."""
+    x1 = with_ones(x)
+    if solver == 'inverse':
+        x1_t = x1.t()
+        return split_wb(torch.inverse(x1_t @ x1) @ x1_t @ y)
+    if solver == 'lstsq':
+        return _lstsq(x1.double(), y.double(), y.dtype)
+    raise ValueError(f"unknown solver {solver!r}: use one of {', '.join(SOLVERS)}")
+
+
+def solve_normal(gram, rhs, solver='inverse', dtype=torch.float32):
+    """(W, b) from accumulated normal equations gram = [X,1]^T[X,1], rhs = [X,1]^T Y.
+
+    'inverse' is the published float32 inverse; 'lstsq' solves in float64 with a rank-revealing
+    least-squares driver, which stays accurate when features are nearly collinear.
+    """
+    if solver == 'inverse':
+        return split_wb(torch.inverse(gram.to(dtype)) @ rhs.to(dtype))
+    if solver == 'lstsq':
+        return _lstsq(gram.double(), rhs.double(), dtype)
+    raise ValueError(f"unknown solver {solver!r}: use one of {', '.join(SOLVERS)}")
+
+
+def _lstsq(a, b, dtype):
+    device = a.device
+    # gelsd (SVD based, handles rank deficiency) exists only on the CPU; the systems are small.
+    sol = torch.linalg.lstsq(a.cpu(), b.cpu(), driver='gelsd').solution
+    return split_wb(sol.to(device=device, dtype=dtype))
+
+
+def r2_score(y, y_pred):
+    """1 - SS_res / SS_tot over all tokens, SS_tot around the per-column mean of y."""
+    ss_tot = torch.sum((y - y.mean(dim=0)).pow(2))
+    ss_res = torch.sum((y - y_pred).pow(2))
+    return 1 - ss_res / ss_tot
+
+
+class NormalEquations:
+    """Running [X,1]^T[X,1], [X,1]^T Y and token count, filled batch by batch on the device."""
+
+    def __init__(self, c_in, c_out, device, dtype=torch.float32):
+        self.gram = torch.zeros(c_in + 1, c_in + 1, device=device, dtype=dtype)
+        self.rhs = torch.zeros(c_in + 1, c_out, device=device, dtype=dtype)
+        self.dtype = dtype
+
+    def add(self, x, y):
+        x1 = with_ones(x.to(self.dtype))
+        x1_t = x1.t()
+        self.gram.addmm_(x1_t, x1)
+        self.rhs.addmm_(x1_t, y.to(self.dtype))
+
+    @property
+    def count(self):
+        return self.gram[-1, -1]
+
+    @property
+    def y_sum(self):
+        return self.rhs[-1]  # the ones column times Y

@@ -1,0 +1,70 @@
+"""Replace a model's layers with their quantized versions, following the table of SPEC §2."""
+from dataclasses import dataclass
+
+from torch import nn
+
+from models.attention import MatMul
+from quant.layers import QuantConv2d, QuantLinear, QuantMatMul
+from quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
+
+# Linear layers by their attribute name; 'w'/'a' stand for the requested bit widths.
+#   name: (weight bits, input bits, channel-wise input)
+LINEAR_RULES = {
+    'qkv': ('w', 'a', True),          # input reparameterised to layer-wise after calibration
+    'fc1': ('w', 'a', True),
+    'reduction': ('w', 'a', True),    # Swin PatchMerging
+    'proj': ('w', 'a', False),
+    'fc2': ('w', 'a', False),
+    'head': (8, 8, False),
+    'head_dist': (8, 8, False),
+}
+PATCH_EMBED_BITS = 8  # patch_embed conv: 8-bit channel-wise weights, 8-bit layer-wise input
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Quantizers one layer gets: weight bits (None for matmuls), input bits, input kind."""
+    weight_bits: object
+    input_bits: int
+    input_channel_wise: bool = False
+    log_sqrt2_a: bool = False  # matmul2: first operand (post-softmax) uses the log-√2 quantizer
+
+
+def plan_layer(name, module, w_bits, a_bits):
+    """The SPEC §2 plan for one module, or None if it stays in floating point."""
+    leaf = name.rsplit('.', 1)[-1]
+    pick = {'w': w_bits, 'a': a_bits}
+    if isinstance(module, nn.Conv2d):
+        return LayerPlan(PATCH_EMBED_BITS, PATCH_EMBED_BITS)
+    if isinstance(module, nn.Linear):
+        if leaf not in LINEAR_RULES:
+            raise ValueError(f"no quantization rule for linear layer {name!r}: known layers are "
+                             f"{', '.join(LINEAR_RULES)}")
+        wb, ab, channel_wise = LINEAR_RULES[leaf]
+        return LayerPlan(pick.get(wb, wb), pick.get(ab, ab), channel_wise)
+    if isinstance(module, MatMul):
+        if leaf not in ('matmul1', 'matmul2'):
+            raise ValueError(f"no quantization rule for matrix product {name!r} (expected matmul1 or matmul2)")
+        return LayerPlan(None, a_bits, log_sqrt2_a=leaf == 'matmul2')
+    return None
+
+
+def make_quant_layer(module, plan):
+    if isinstance(module, MatMul):
+        qa = LogSqrt2Quantizer(plan.input_bits) if plan.log_sqrt2_a else UniformQuantizer(plan.input_bits)
+        return QuantMatMul(qa, UniformQuantizer(plan.input_bits))
+    cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
+    return cls(module, UniformQuantizer(plan.weight_bits, channel_wise=True),
+               UniformQuantizer(plan.input_bits, channel_wise=plan.input_channel_wise))
+
+
+def quantize_model(model, w_bits, a_bits):
+    """Swap every Linear, Conv2d and MatMul of ``model`` for its quantized version, in place.
+    Quantization starts switched off; returns ``model``."""
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            full = f"{parent_name}.{child_name}" if parent_name else child_name
+            plan = plan_layer(full, child, w_bits, a_bits)
+            if plan is not None:
+                setattr(parent, child_name, make_quant_layer(child, plan))
+    return model

@@ -1,0 +1,96 @@
+"""Process-group helpers. One code path for one process and many: every collective is a no-op
+when no process group is initialised."""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device('cpu')
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def is_initialized():
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size():
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def rank():
+    return dist.get_rank() if is_initialized() else 0
+
+
+def resolve_device(requested, local_rank=0):
+    """'cuda' / 'cpu' / 'cuda:N' or None (cuda if available). Under a launcher, cuda means cuda:LOCAL_RANK."""
+    if requested is None:
+        requested = 'cuda' if torch.cuda.is_available() else 'cpu'
+    device = torch.device(requested)
+    if device.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {requested} asked for, but no CUDA device is visible: use --device cpu")
+        if device.index is None:
+            device = torch.device('cuda', local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def init_distributed(device=None, local_rank=None):
+    """Start the process group if a launcher set WORLD_SIZE > 1 (torchrun, torch.distributed.launch).
+
+    LOCAL_RANK from the environment wins over ``--local_rank``/``--local-rank``. NCCL on GPUs, gloo on
+    the CPU (NCCL cannot put two processes on one GPU).
+    """
+    env_world = int(os.environ.get('WORLD_SIZE', '1'))
+    local_rank = int(os.environ.get('LOCAL_RANK', local_rank if local_rank is not None else 0))
+    dev = resolve_device(device, local_rank)
+    if env_world > 1 and not is_initialized():
+        dist.init_process_group(backend='nccl' if dev.type == 'cuda' else 'gloo')
+    return DistInfo(rank(), world_size(), local_rank, dev)
+
+
+def all_reduce_sum(*tensors):
+    """Sum each tensor over all processes, in place."""
+    if is_initialized():
+        for t in tensors:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return tensors
+
+
+def broadcast(tensor, src=0):
+    if is_initialized():
+        dist.broadcast(tensor, src)
+    return tensor
+
+
+def all_gather_cat(tensor):
+    """Concatenate equally shaped tensors of all processes along dim 0, rank order."""
+    if not is_initialized():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def barrier():
+    if is_initialized():
+        dist.barrier()
+
+
+def cleanup():
+    if is_initialized():
+        dist.destroy_process_group()

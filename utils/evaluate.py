@@ -1,0 +1,34 @@
+"""Top-1 / top-5 counting over the val split, several model variants per decoded batch."""
+import torch
+from tqdm import tqdm
+
+from utils import distributed
+
+
+def topk_correct(logits, target, ks=(1, 5)):
+    """Number of samples whose target is among the k largest logits, for each k."""
+    top = logits.topk(max(ks), dim=1).indices
+    hit = top.eq(target[:, None])
+    return [int(hit[:, :k].any(dim=1).sum()) for k in ks]
+
+
+@torch.no_grad()
+def evaluate(variants, loader, device, progress=False):
+    """Run every ``variants[name](images) -> logits`` on each batch (decoded once).
+
+    Returns {name: {'top1': %, 'top5': %, 'correct1', 'correct5', 'count'}} with counts summed
+    over all processes.
+    """
+    counts = torch.zeros(len(variants), 3, dtype=torch.float64, device=device)
+    for images, target in tqdm(loader, desc='eval', disable=not progress, leave=False):
+        images = images.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        for i, fn in enumerate(variants.values()):
+            c1, c5 = topk_correct(fn(images), target)
+            counts[i] += torch.tensor([c1, c5, target.shape[0]], dtype=torch.float64, device=device)
+    distributed.all_reduce_sum(counts)
+    out = {}
+    for (name, _), (c1, c5, n) in zip(variants.items(), counts.tolist()):
+        out[name] = {'top1': 100.0 * c1 / max(n, 1), 'top5': 100.0 * c5 / max(n, 1),
+                     'correct1': int(c1), 'correct5': int(c5), 'count': int(n)}
+    return out
