@@ -32,16 +32,74 @@ def quantile(x, p):
 
 
 def quantile_rows(x2d, p):
-    """``quantile(row, p)`` for every row of a [rows, values] tensor, with as few calls as possible.
-
-    torch.quantile along a dim sorts each row and interpolates with the same float32 rank as on the
-    flattened row, so each entry equals the one-row result bit for bit.
-    """
+    """``quantile(row, p)`` for every row of a [rows, values] tensor (one torch.quantile per chunk)."""
     rows, length = x2d.shape
     if length > QUANTILE_TORCH_LIMIT:
         return torch.stack([quantile(row, p) for row in x2d])
     chunk = max(1, QUANTILE_TORCH_LIMIT // max(length, 1))  # keep each call under old torch's limit
     return torch.cat([torch.quantile(part, p, dim=1) for part in x2d.split(chunk)])
+
+
+def _torch_rank(p, length):
+    """torch.quantile's interpolation point for ``p`` over ``length`` sorted values (torch >= 2.1):
+    the float32 ``p`` times the last index in float64 -> (index below, index above, float32 weight)."""
+    rank = torch.tensor(p, dtype=torch.float32).double() * (length - 1)
+    return int(rank.floor()), int(rank.ceil()), (rank - rank.floor()).float()
+
+
+def quantiles_rows_fast(x2d, ps):
+    """``[quantile_rows(x2d, p) for p in ps]`` from the order statistics alone.
+
+    The clipping percentiles sit in the tails, so two ``topk`` calls (largest and smallest few
+    values of every row) replace a full sort; torch.quantile's rank and ``lerp`` are reproduced,
+    which ``quantiles_match_torch`` checks once per device.
+    """
+    length = x2d.shape[1]
+    ranks = [_torch_rank(p, length) for p in ps]
+    upper = [r for p, r in zip(ps, ranks) if p > 0.5]
+    lower = [r for p, r in zip(ps, ranks) if p <= 0.5]
+    k_hi = min(length, length - min((r[0] for r in upper), default=length))
+    k_lo = min(length, max((r[1] for r in lower), default=-1) + 1)
+    top = x2d.topk(k_hi, dim=1).values if k_hi > 0 else None                   # top[:, j] = sorted[:, -1 - j]
+    bottom = x2d.topk(k_lo, dim=1, largest=False).values if k_lo > 0 else None  # bottom[:, j] = sorted[:, j]
+
+    def sorted_at(i, upper_tail):
+        return top[:, length - 1 - i] if upper_tail else bottom[:, i]
+
+    out = []
+    for p, (below, above, weight) in zip(ps, ranks):
+        hi_tail = p > 0.5
+        out.append(torch.lerp(sorted_at(below, hi_tail), sorted_at(above, hi_tail),
+                              weight.to(device=x2d.device, dtype=x2d.dtype)))
+    return out
+
+
+_MATCHES_TORCH = {}
+
+
+def quantiles_match_torch(device):
+    """Whether ``quantiles_rows_fast`` reproduces this torch's quantile bit for bit on ``device``."""
+    key = str(device)
+    if key not in _MATCHES_TORCH:
+        gen = torch.Generator().manual_seed(0)
+        qs = [q for p in PERCENTILES for q in (p, 1.0 - p)]
+        ok = True
+        for n in (1, 2, 1001, 12345, 100003):
+            x = (torch.randn(3, n, generator=gen) * 7).to(device)
+            for q, fast in zip(qs, quantiles_rows_fast(x, qs)):
+                ok &= torch.equal(torch.quantile(x, q, dim=1), fast)
+        _MATCHES_TORCH[key] = bool(ok)
+    return _MATCHES_TORCH[key]
+
+
+def candidate_ranges(x2d):
+    """(hi [rows], lo [rows]) of every percentile candidate, in PERCENTILES order."""
+    qs = [q for p in PERCENTILES for q in (p, 1.0 - p)]
+    if x2d.shape[1] > QUANTILE_TORCH_LIMIT or not quantiles_match_torch(x2d.device):
+        vals = [quantile_rows(x2d, q) for q in qs]
+    else:
+        vals = quantiles_rows_fast(x2d, qs)
+    return list(zip(vals[0::2], vals[1::2]))
 
 
 def uniform_fake_quant(x, delta, zero_point, n_bits):
@@ -57,12 +115,22 @@ def uniform_candidate(hi, lo, n_bits):
     return delta, (-lo / delta).round()
 
 
-def search_uniform(x, n_bits):
-    """Published layer-wise search over all of ``x``: returns 0-dim (delta, zero_point)."""
+def quantiles(x, ps, fast=True):
+    """``[quantile(x, p) for p in ps]``; ``fast``: through ``quantiles_rows_fast`` where that is exact."""
+    flat = x.reshape(1, -1)
+    if not fast or flat.shape[1] > QUANTILE_TORCH_LIMIT or not quantiles_match_torch(x.device):
+        return [quantile(x, p) for p in ps]
+    return [v[0] for v in quantiles_rows_fast(flat, ps)]
+
+
+def search_uniform(x, n_bits, fast=True):
+    """Published layer-wise search over all of ``x``: returns 0-dim (delta, zero_point).
+    ``fast=False`` calls torch.quantile per candidate bound exactly as published."""
     best, delta, zero_point = _INIT_SCORE, None, None
-    for p in PERCENTILES:
-        d, z = uniform_candidate(quantile(x, p), quantile(x, 1.0 - p), n_bits)
-        score = (x - uniform_fake_quant(x, d, z, n_bits)).abs().pow(2).mean()
+    bounds = quantiles(x, [q for p in PERCENTILES for q in (p, 1.0 - p)], fast)
+    for hi, lo in zip(bounds[0::2], bounds[1::2]):
+        d, z = uniform_candidate(hi, lo, n_bits)
+        score = (x - uniform_fake_quant(x, d, z, n_bits)).pow(2).mean()  # |e|^2 == e^2 bit for bit
         if score < best:
             best, delta, zero_point = score, d, z
     if delta is None:
@@ -82,9 +150,10 @@ def search_uniform_rows(x2d, n_bits):
     delta = torch.zeros(rows, dtype=x2d.dtype, device=x2d.device)
     zero_point = torch.zeros_like(delta)
     found = torch.zeros(rows, dtype=torch.bool, device=x2d.device)
-    for p in PERCENTILES:
-        d, z = uniform_candidate(quantile_rows(x2d, p), quantile_rows(x2d, 1.0 - p), n_bits)
-        score = (x2d - uniform_fake_quant(x2d, d[:, None], z[:, None], n_bits)).abs().pow(2).mean(dim=1)
+    for hi, lo in candidate_ranges(x2d):
+        d, z = uniform_candidate(hi, lo, n_bits)
+        # |e|^2 == e^2 bit for bit, so the published abs() is dropped
+        score = (x2d - uniform_fake_quant(x2d, d[:, None], z[:, None], n_bits)).pow(2).mean(dim=1)
         better = score < best
         best = torch.where(better, score, best)
         delta = torch.where(better, d, delta)
@@ -121,7 +190,7 @@ def search_uniform_channelwise(x, n_bits, per_channel_loop=False):
     """
     if per_channel_loop:
         n = x.shape[-1] if x.dim() == 3 else x.shape[0]
-        pairs = [search_uniform(x[:, :, c] if x.dim() == 3 else x[c], n_bits) for c in range(n)]
+        pairs = [search_uniform(x[:, :, c] if x.dim() == 3 else x[c], n_bits, fast=False) for c in range(n)]
         delta = torch.stack([d for d, _ in pairs])
         zero_point = torch.stack([z for _, z in pairs])
     else:
@@ -172,9 +241,10 @@ def log_sqrt2_fake_quant(x, delta, n_bits):
 def search_log_sqrt2(x, n_bits):
     """Published delta search of the log-√2 quantizer: the quantile with the smallest MSE."""
     best, delta = _INIT_SCORE, None
-    for p in PERCENTILES:
-        d = quantile(x, p)
-        score = (x - log_sqrt2_fake_quant(x, d, n_bits)).abs().pow(2).mean()
+    for d in quantiles(x, PERCENTILES):
+        if not bool(torch.isfinite(d)) or d <= 0:  # the published search scores such a delta NaN: never chosen
+            continue
+        score = (x - log_sqrt2_fake_quant(x, d, n_bits)).pow(2).mean()
         if score < best:
             best, delta = score, d
     if delta is None:
@@ -205,7 +275,7 @@ class UniformQuantizer(nn.Module):
         if self.channel_wise:
             self.delta, self.zero_point = search_uniform_channelwise(x, self.n_bits, self.per_channel_loop)
         else:
-            self.delta, self.zero_point = search_uniform(x, self.n_bits)
+            self.delta, self.zero_point = search_uniform(x, self.n_bits, fast=not self.per_channel_loop)
         self.inited = True
 
     def extra_repr(self):

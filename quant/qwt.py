@@ -70,7 +70,9 @@ def _fit_block_normal(block, xs, fit, solver):
         fp, q = _fp_and_quant(block, x)
         y = fp - q
         if neq is None:
-            neq = NormalEquations(x.shape[-1], y.shape[-1], x.device)
+            # float64 sums for the float64 solver, so its rank cut-off sees the features, not float32 sums
+            neq = NormalEquations(x.shape[-1], y.shape[-1], x.device,
+                                  torch.float64 if solver == 'lstsq' else torch.float32)
         neq.add(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]))
         q_outs.append(q)
         errors.append(y)

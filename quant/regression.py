@@ -7,6 +7,10 @@ holds all tokens at once and all-reduces two small matrices across processes.
 import torch
 
 SOLVERS = ('inverse', 'lstsq')
+# Features are float32: directions of [X, 1] with singular values below ~1e-6 of the largest are
+# rounding noise (e.g. a LayerNorm output is collinear with the ones column). The float64 solver
+# drops them instead of fitting them with huge weights that the fp16 inference form cannot hold.
+LSTSQ_RCOND_X = 1e-6
 
 
 def with_ones(x):
@@ -26,7 +30,7 @@ def fit_concat(x, y, solver='inverse'):
         x1_t = x1.t()
         return split_wb(torch.inverse(x1_t @ x1) @ x1_t @ y)
     if solver == 'lstsq':
-        return _lstsq(x1.double(), y.double(), y.dtype)
+        return _lstsq(x1.double(), y.double(), y.dtype, LSTSQ_RCOND_X)
     raise ValueError(f"unknown solver {solver!r}: use one of {', '.join(SOLVERS)}")
 
 
@@ -39,14 +43,14 @@ def solve_normal(gram, rhs, solver='inverse', dtype=torch.float32):
     if solver == 'inverse':
         return split_wb(torch.inverse(gram.to(dtype)) @ rhs.to(dtype))
     if solver == 'lstsq':
-        return _lstsq(gram.double(), rhs.double(), dtype)
+        return _lstsq(gram.double(), rhs.double(), dtype, LSTSQ_RCOND_X ** 2)
     raise ValueError(f"unknown solver {solver!r}: use one of {', '.join(SOLVERS)}")
 
 
-def _lstsq(a, b, dtype):
+def _lstsq(a, b, dtype, rcond):
     device = a.device
     # gelsd (SVD based, handles rank deficiency) exists only on the CPU; the systems are small.
-    sol = torch.linalg.lstsq(a.cpu(), b.cpu(), driver='gelsd').solution
+    sol = torch.linalg.lstsq(a.cpu(), b.cpu(), rcond=rcond, driver='gelsd').solution
     return split_wb(sol.to(device=device, dtype=dtype))
 
 

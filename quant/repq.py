@@ -28,8 +28,8 @@ def repq_vit(model, calib_images, w_bits, a_bits, per_channel_loop=False, timing
     ``timings``: optional dict that receives seconds for 'calibrate', 'reparameterize', 'recalibrate'.
     """
     timings = {} if timings is None else timings
-    model.eval()
     quantize_model(model, w_bits, a_bits)
+    model.eval()  # after wrapping, so the new quantized modules are in eval mode too
     for m in model.modules():
         if isinstance(m, UniformQuantizer):
             m.per_channel_loop = per_channel_loop

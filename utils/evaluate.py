@@ -6,10 +6,11 @@ from utils import distributed
 
 
 def topk_correct(logits, target, ks=(1, 5)):
-    """Number of samples whose target is among the k largest logits, for each k."""
-    top = logits.topk(max(ks), dim=1).indices
+    """Number of samples whose target is among the k largest logits, for each k (a tensor, on the
+    logits' device, so counting never waits for the accelerator)."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
     hit = top.eq(target[:, None])
-    return [int(hit[:, :k].any(dim=1).sum()) for k in ks]
+    return torch.stack([hit[:, :k].any(dim=1).sum() for k in ks])
 
 
 @torch.no_grad()
@@ -24,8 +25,8 @@ def evaluate(variants, loader, device, progress=False):
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
         for i, fn in enumerate(variants.values()):
-            c1, c5 = topk_correct(fn(images), target)
-            counts[i] += torch.tensor([c1, c5, target.shape[0]], dtype=torch.float64, device=device)
+            counts[i, :2] += topk_correct(fn(images), target).to(counts.dtype)
+            counts[i, 2] += target.shape[0]
     distributed.all_reduce_sum(counts)
     out = {}
     for (name, _), (c1, c5, n) in zip(variants.items(), counts.tolist()):

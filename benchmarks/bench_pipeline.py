@@ -1,0 +1,160 @@
+"""Time the pipeline's stages on a random-weight model and synthetic images (nothing is downloaded).
+
+    python benchmarks/bench_pipeline.py --model deit_small [--device cpu|cuda] [--compare-naive]
+
+Prints seconds for RepQ-ViT calibration, reparameterisation and re-calibration, QwT fitting,
+evaluation images/s (RepQ-ViT and RepQ-ViT + QwT on each batch) and peak memory. With
+--compare-naive it also runs, in the same process on the same weights and images, the published
+one-channel-at-a-time quantizer search and the published concatenate-then-invert QwT fit, checks
+that they give the same quantizer parameters / compensation, and prints the speed ratios.
+"""
+import argparse
+import copy
+import os
+import platform
+import resource
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from models import build_model  # noqa: E402
+from quant import qwt_compensate, repq_vit, set_compensation  # noqa: E402
+from quant.layers import quantizers  # noqa: E402
+from quant.qwt import compensated_blocks  # noqa: E402
+
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def timed(device, fn):
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - start, out
+
+
+def random_model(name, device, seed):
+    """timm's random initialisation, with LayerNorm affine parameters drawn at random: with the
+    initial gamma = 1, beta = 0 the normalised features are exactly collinear with the bias column,
+    which no trained model has."""
+    torch.manual_seed(seed)
+    model = build_model(name, pretrained=False)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+    return model.to(device)
+
+
+def peak_memory_mb(device):
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def same_quantizers(a, b):
+    """Names of quantizers whose parameters differ between two calibrated models (empty: identical)."""
+    diff = []
+    for (name, qa), (_, qb) in zip(quantizers(a), quantizers(b)):
+        for attr in ('delta', 'zero_point'):
+            va, vb = getattr(qa, attr, None), getattr(qb, attr, None)
+            if (va is None) != (vb is None) or (va is not None and not torch.equal(va, vb)):
+                diff.append(f'{name}.{attr}')
+    return diff
+
+
+def compensation_gap(a, b):
+    """Largest |W_a - W_b| and |b_a - b_b| relative to the largest |W|, |b| over all blocks."""
+    gaps = []
+    for ca, cb in zip(compensated_blocks(a), compensated_blocks(b)):
+        for pa, pb in ((ca.comp_weight, cb.comp_weight), (ca.comp_bias, cb.comp_bias)):
+            scale = max(pa.abs().max().item(), pb.abs().max().item(), 1e-12)
+            gaps.append((pa - pb).abs().max().item() / scale)
+    return max(gaps) if gaps else 0.0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--model', required=True, help='table name (deit_small, vit_base, swin_tiny, ...) or timm name')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu or cuda')
+    p.add_argument('--w_bits', type=int, default=4)
+    p.add_argument('--a_bits', type=int, default=4)
+    p.add_argument('--calib_images', type=int, default=32, help='calibration batch size (published: 32)')
+    p.add_argument('--qwt_images', type=int, default=512, help='QwT images (published: 512)')
+    p.add_argument('--eval_images', type=int, default=256, help='synthetic images for the evaluation rate')
+    p.add_argument('--batch_size', type=int, default=32)
+    p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch default)')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--compare-naive', dest='compare_naive', action='store_true',
+                   help='also time the published per-channel search and concatenate-then-invert QwT')
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    gen = torch.Generator().manual_seed(args.seed)
+    calib = torch.randn(args.calib_images, 3, 224, 224, generator=gen).to(device)
+    qwt_imgs = torch.randn(args.qwt_images, 3, 224, 224, generator=gen).to(device)
+    eval_imgs = torch.randn(args.eval_images, 3, 224, 224, generator=gen).to(device)
+
+    fp_model = random_model(args.model, device, args.seed)
+    rows = []
+    model = copy.deepcopy(fp_model)
+    t_repq = {}
+    total, _ = timed(device, lambda: repq_vit(model, calib, args.w_bits, args.a_bits, timings=t_repq))
+    rows += [('calibration (1st forward + quantizer init)', t_repq['calibrate']),
+             ('reparameterisation', t_repq['reparameterize']),
+             ('re-calibration (2nd forward)', t_repq['recalibrate'])]
+    quantized = copy.deepcopy(model) if args.compare_naive else None
+    t_qwt, _ = timed(device, lambda: qwt_compensate(model, qwt_imgs, batch_size=args.batch_size))
+    rows.append((f'QwT fit, {args.qwt_images} images (normal equations)', t_qwt))
+
+    def eval_pass():
+        with torch.no_grad():
+            for x in eval_imgs.split(args.batch_size):
+                set_compensation(model, False)
+                model(x)
+                set_compensation(model, True)
+                model(x)
+    t_eval, _ = timed(device, eval_pass)
+    rows.append(('eval, both models per batch (s)', t_eval))
+
+    naive = {}
+    if args.compare_naive:
+        ref = copy.deepcopy(fp_model)
+        t_ref = {}
+        timed(device, lambda: repq_vit(ref, calib, args.w_bits, args.a_bits, per_channel_loop=True, timings=t_ref))
+        naive['calibration'] = (t_ref['calibrate'], t_repq['calibrate'], same_quantizers(model, ref))
+        del ref
+        t_concat, _ = timed(device, lambda: qwt_compensate(quantized, qwt_imgs, batch_size=args.batch_size,
+                                                          accumulate='concat'))
+        naive['qwt'] = (t_concat, t_qwt, compensation_gap(model, quantized))
+        rows.append(('naive calibration (one channel at a time)', t_ref['calibrate']))
+        rows.append(('naive QwT fit (concatenate then invert)', t_concat))
+
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()
+    print(f'# {args.model} W{args.w_bits}/A{args.a_bits} on {device} ({name}, {torch.get_num_threads()} threads), '
+          f'torch {torch.__version__}')
+    print(f'| stage | seconds |\n|---|---|')
+    for label, sec in rows:
+        print(f'| {label} | {sec:.2f} |')
+    print(f'| eval rate, both models per batch | {args.eval_images / t_eval:.1f} images/s |')
+    print(f'| peak memory | {peak_memory_mb(device):.0f} MB |')
+    if naive:
+        slow, fast, diff = naive['calibration']
+        print(f'calibration speed-up: {slow / fast:.1f}x ({slow:.2f} s -> {fast:.2f} s); '
+              f'quantizer parameters {"identical" if not diff else "DIFFER: " + ", ".join(diff[:5])}')
+        slow, fast, gap = naive['qwt']
+        print(f'QwT fit speed-up: {slow / fast:.1f}x ({slow:.2f} s -> {fast:.2f} s); '
+              f'max relative difference of W, b: {gap:.2e}')
+    return rows, naive
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,58 @@
+"""Shared test setup: the repository root on sys.path, and tiny random timm models (nothing is
+downloaded) prepared like the real ones."""
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def randomize_layernorms(model, seed=0):
+    """Random LayerNorm gamma/beta. A random-init LayerNorm (gamma=1, beta=0) makes the features
+    exactly collinear with the bias column, which makes the float32 inverse meaningless."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.copy_(1.0 + 0.3 * torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g))
+    return model
+
+
+def make_tiny_vit(seed=0, distilled=False, prepare=True):
+    from timm.models.vision_transformer import VisionTransformer
+    import models
+    torch.manual_seed(seed)
+    m = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=10,
+                          distilled=distilled, drop_path_rate=0.0)
+    randomize_layernorms(m, seed)
+    return models.prepare_model(m) if prepare else m.eval()
+
+
+def make_tiny_swin(seed=0, prepare=True):
+    from timm.models.swin_transformer import SwinTransformer
+    import models
+    torch.manual_seed(seed)
+    m = SwinTransformer(img_size=32, patch_size=2, embed_dim=24, depths=(2, 2), num_heads=(2, 4), window_size=4,
+                        num_classes=10, drop_path_rate=0.0)
+    randomize_layernorms(m, seed)
+    return models.prepare_model(m) if prepare else m.eval()
+
+
+@pytest.fixture
+def tiny_vit():
+    return make_tiny_vit()
+
+
+@pytest.fixture
+def tiny_deit_distilled():
+    return make_tiny_vit(distilled=True)
+
+
+@pytest.fixture
+def tiny_swin():
+    return make_tiny_swin()

@@ -1,0 +1,207 @@
+"""Data pieces of SPEC §1 (utils/data.py) and top-k counting (utils/evaluate.py)."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, auto_augment
+from torch.utils.data import TensorDataset
+from torchvision import transforms as T
+
+from utils import data
+from utils.distributed import DistInfo
+from utils.evaluate import evaluate, topk_correct
+
+POSTERIZE_NAMES = ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal')
+
+
+@pytest.fixture
+def name_to_op(monkeypatch):
+    """A private copy of timm's op table, restored after the test (fix_posterize edits it in place)."""
+    table = dict(auto_augment.NAME_TO_OP)
+    monkeypatch.setattr(auto_augment, 'NAME_TO_OP', table)
+    return table
+
+
+def _rgb(w=37, h=29, seed=0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), 'RGB')
+
+
+def _pillow_rejects_zero_bits():
+    try:
+        ImageOps.posterize(_rgb(4, 4), 0)
+    except ValueError:
+        return True
+    return False
+
+
+def test_posterize_increasing_magnitude_10_gives_black_image(name_to_op):
+    data.fix_posterize()
+    op = auto_augment.AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=10)
+    assert auto_augment.LEVEL_TO_ARG['PosterizeIncreasing'](10, {}) == (0,)  # this really asks for 0 bits
+    img = _rgb()
+    out = op(img)
+    assert out.size == img.size and out.mode == 'RGB'
+    assert np.asarray(out).max() == 0
+    assert np.asarray(img).max() > 0  # the input is untouched
+    gray = img.convert('L')
+    out_l = op(gray)
+    assert out_l.mode == 'L' and out_l.size == gray.size and np.asarray(out_l).max() == 0
+
+
+def test_unfixed_posterize_zero_bits_raises_on_this_pillow(name_to_op):
+    if not _pillow_rejects_zero_bits():
+        pytest.skip('this Pillow posterizes to 0 bits without complaint')
+    with pytest.raises(ValueError, match='bits'):
+        auto_augment.posterize(_rgb(), 0)
+    op = auto_augment.AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=10)  # built before the fix
+    with pytest.raises(ValueError, match='bits'):
+        op(_rgb())
+
+
+def test_fix_routes_every_posterize_op(name_to_op):
+    original = auto_augment.posterize
+    assert all(name_to_op[n] is original for n in POSTERIZE_NAMES)
+    data.fix_posterize()
+    data.fix_posterize()  # idempotent
+    fixed = {name_to_op[n] for n in POSTERIZE_NAMES}
+    assert len(fixed) == 1 and original not in fixed
+    untouched = {k: v for k, v in name_to_op.items() if k not in POSTERIZE_NAMES}
+    assert all(v is not next(iter(fixed)) for v in untouched.values())
+    assert auto_augment.posterize is original  # timm's module function itself is not replaced
+    # 'Posterize' asks for 0 bits at magnitude 0.
+    out = auto_augment.AugmentOp('Posterize', prob=1.0, magnitude=0)(_rgb())
+    assert np.asarray(out).max() == 0
+
+
+@pytest.mark.parametrize('bits', range(1, 9))
+def test_fixed_posterize_matches_timm_for_1_to_8_bits(name_to_op, bits):
+    data.fix_posterize()
+    fixed = name_to_op['PosterizeIncreasing']
+    img = _rgb(seed=bits)
+    got = fixed(img, bits, fillcolor=(1, 2, 3), resample=3)
+    want = auto_augment.posterize(img, bits)
+    assert got.size == want.size and got.mode == want.mode
+    assert np.array_equal(np.asarray(got), np.asarray(want))
+    if bits == 8:
+        assert np.array_equal(np.asarray(got), np.asarray(img))
+    else:
+        assert not np.array_equal(np.asarray(got), np.asarray(img))
+
+
+def test_train_transform_uses_fixed_posterize(name_to_op):
+    mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    tf = data.train_transform(mean, std)
+    kinds = [type(t).__name__ for t in tf.transforms]
+    assert kinds == ['RandomResizedCropAndInterpolation', 'RandomHorizontalFlip', 'RandAugment', 'ToTensor',
+                     'Normalize']
+    rrc = tf.transforms[0]
+    assert tuple(rrc.size) == (224, 224) and rrc.interpolation == Image.BICUBIC
+    ra = tf.transforms[2]
+    assert ra.num_layers == 2 and len(ra.ops) == len(auto_augment._RAND_INCREASING_TRANSFORMS)
+    post = [op for op in ra.ops if op.level_fn is auto_augment._posterize_increasing_level_to_arg]
+    assert len(post) == 1
+    op = post[0]
+    assert op.aug_fn is not auto_augment.posterize
+    assert op.aug_fn is name_to_op['PosterizeIncreasing']
+    img_mean = tuple(round(255 * m) for m in mean)
+    for o in ra.ops:
+        assert o.magnitude == 9 and o.magnitude_std == 0.5 and o.prob == 0.5
+        assert o.hparams['translate_const'] == int(224 * 0.45)
+        assert o.kwargs['fillcolor'] == img_mean and o.kwargs['resample'] == Image.BICUBIC
+    # The op as RandAugment holds it, at the worst magnitude: a black image, no exception.
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0
+    assert np.asarray(op(_rgb())).max() == 0
+    torch.testing.assert_close(tf.transforms[4].mean, torch.tensor(mean))
+    torch.manual_seed(0)
+    np.random.seed(0)
+    for seed in range(3):
+        out = tf(_rgb(40, 30, seed=seed))
+        assert out.shape == (3, 224, 224) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize('crop_pct,resize', [(0.875, 256), (0.9, 248)])
+def test_eval_transform(crop_pct, resize):
+    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    tf = data.eval_transform(mean, std, crop_pct)
+    assert [type(t) for t in tf.transforms] == [T.Resize, T.CenterCrop, T.ToTensor, T.Normalize]
+    r, c = tf.transforms[0], tf.transforms[1]
+    assert (r.size == resize) or (list(r.size) == [resize])
+    assert r.interpolation == T.InterpolationMode.BICUBIC
+    assert tuple(c.size) == (224, 224)
+    torch.testing.assert_close(torch.as_tensor(tf.transforms[3].mean, dtype=torch.float32), torch.tensor(mean))
+    out = tf(_rgb(300, 200))
+    assert out.shape == (3, 224, 224)
+
+
+def test_image_folder_missing_split(tmp_path):
+    (tmp_path / 'train' / 'a').mkdir(parents=True)
+    with pytest.raises(FileNotFoundError) as info:
+        data.image_folder(str(tmp_path), 'val', None)
+    msg = str(info.value)
+    assert 'val/ not found under' in msg
+    assert str(tmp_path) in msg
+    assert f'{tmp_path}/val/<class>/*' in msg
+
+
+def test_image_folder_classes_sorted(tmp_path):
+    for cls, n in (('zebra', 1), ('ant', 2)):
+        d = tmp_path / 'val' / cls
+        d.mkdir(parents=True)
+        for i in range(n):
+            _rgb(8, 8, seed=i).save(d / f'{i}.png')
+    ds = data.image_folder(str(tmp_path), 'val', None)
+    assert ds.classes == ['ant', 'zebra']
+    assert [t for _, t in ds.samples] == [0, 0, 1]
+    assert len(ds) == 3
+
+
+def _loader_indices(n, rank, world_size, batch_size=4):
+    ds = TensorDataset(torch.arange(n))
+    loader = data.eval_loader(ds, batch_size, 0, DistInfo(rank=rank, world_size=world_size))
+    batches = [b[0] for b in loader]
+    assert all(len(b) <= batch_size for b in batches)
+    return torch.cat(batches).tolist() if batches else []
+
+
+@pytest.mark.parametrize('n', [11, 12, 1])
+def test_eval_loader_shards_cover_every_index_once(n):
+    shards = [_loader_indices(n, r, 2) for r in range(2)]
+    assert sorted(shards[0] + shards[1]) == list(range(n))
+    assert not set(shards[0]) & set(shards[1])
+    assert len(shards[0]) == (n + 1) // 2 and len(shards[1]) == n // 2
+    assert _loader_indices(n, 0, 1) == list(range(n))  # one process: everything, in order
+    three = [_loader_indices(n, r, 3) for r in range(3)]
+    assert sorted(sum(three, [])) == list(range(n))
+
+
+def _counts(values):
+    """topk_correct's counts as Python ints (it may return a list or a tensor)."""
+    return [int(v) for v in values]
+
+
+def test_topk_correct_hand_values():
+    logits = torch.tensor([
+        [9., 1., 2., 3., 4., 5.],   # target 0: top-1
+        [0., 9., 8., 7., 6., 5.],   # target 5: 5th largest -> top-5 only
+        [6., 5., 4., 3., 2., 1.],   # target 5: smallest -> neither
+        [1., 2., 3., 4., 9., 5.],   # target 5: 2nd largest -> top-5 (and top-2)
+    ])
+    target = torch.tensor([0, 5, 5, 5])
+    assert _counts(topk_correct(logits, target)) == [1, 3]
+    assert _counts(topk_correct(logits, target, ks=(1, 2, 6))) == [1, 2, 4]
+    assert _counts(topk_correct(logits, torch.tensor([1, 2, 0, 4]))) == [2, 3]  # row 0: target is the smallest
+
+
+def test_evaluate_counts_one_process():
+    logits = torch.tensor([[3., 0., 0., 0., 0., 1.], [0., 3., 0., 0., 1., 0.], [0., 0., 0., 0., 0., 3.]])
+    target = torch.tensor([0, 4, 0])
+    ds = TensorDataset(torch.arange(3), target)
+    loader = data.eval_loader(ds, 2, 0, DistInfo())
+    table = logits.clone()
+    res = evaluate({'a': lambda idx: table[idx], 'b': lambda idx: -table[idx]}, loader, torch.device('cpu'))
+    assert res['a']['correct1'] == 1 and res['a']['correct5'] == 3 and res['a']['count'] == 3
+    assert res['a']['top1'] == pytest.approx(100 / 3) and res['a']['top5'] == pytest.approx(100.0)
+    # Negated: row 0 -> 0 is the smallest logit (missed by top-5); row 1 -> 4 ties with zeros, row 2 -> 0 ties.
+    want = _counts(topk_correct(-logits, target))
+    assert res['b']['count'] == 3 and [res['b']['correct1'], res['b']['correct5']] == want

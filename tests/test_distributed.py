@@ -1,0 +1,158 @@
+"""Two gloo processes on the CPU give the same QwT compensation and the same evaluation counts as
+one process (SPEC §3, §4)."""
+import copy
+import datetime
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils.data import TensorDataset
+
+import quant
+from conftest import make_tiny_vit
+from quant.qwt import compensated_blocks, qwt_compensate
+from utils import data, distributed
+from utils.distributed import DistInfo
+from utils.evaluate import evaluate
+
+WORLD = 2
+N_QWT = 16
+QWT_BATCH = 4
+N_EVAL = 13  # odd: the two shards differ in size
+MODES = ('normal', 'concat')
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _comp_state(model):
+    return [(c.comp_weight.detach().clone(), c.comp_bias.detach().clone()) for c in compensated_blocks(model)]
+
+
+def _run_all(model, qwt_images, eval_images, eval_targets, dist_info):
+    """What each process does (also run by the parent as the one-process reference)."""
+    out = {}
+    for mode in MODES:
+        m = copy.deepcopy(model)
+        stats = []
+        qwt_compensate(m, qwt_images, batch_size=QWT_BATCH, accumulate=mode, stats=stats)
+        out[mode] = {'comp': _comp_state(m), 'stats': stats}
+        if mode == 'normal':
+            compensated = m
+    loader = data.eval_loader(TensorDataset(eval_images, eval_targets), 4, 0, dist_info)
+    out['seen'] = sum(len(t) for _, t in loader)
+    out['eval'] = evaluate({'repq': model, 'qwt': compensated}, loader, torch.device('cpu'))
+    return out
+
+
+def _worker(rank, port, setup_path, out_path):
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        setup = torch.load(setup_path, weights_only=False)
+        per_rank = N_QWT // WORLD
+        mine = setup['qwt_images'][rank * per_rank:(rank + 1) * per_rank]
+        info = DistInfo(rank=distributed.rank(), world_size=distributed.world_size())
+        res = _run_all(setup['model'], mine, setup['eval_images'], setup['eval_targets'], info)
+        res['rank'], res['world_size'] = info.rank, info.world_size
+        torch.save(res, out_path.format(rank=rank))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('dist')
+    torch.manual_seed(0)
+    model = make_tiny_vit(seed=0)
+    g = torch.Generator().manual_seed(42)
+    calib = torch.randn(8, 3, 32, 32, generator=g)
+    qwt_images = torch.randn(N_QWT, 3, 32, 32, generator=g)
+    eval_images = torch.randn(N_EVAL, 3, 32, 32, generator=g)
+    quant.repq_vit(model, calib, 4, 4)
+    with torch.no_grad():
+        pred = model(eval_images).argmax(1)
+    # Some targets the model gets right, the rest random: non-trivial top-1 / top-5 counts.
+    eval_targets = torch.where(torch.arange(N_EVAL) % 2 == 0, pred, torch.randint(0, 10, (N_EVAL,), generator=g))
+    setup_path = str(tmp / 'setup.pt')
+    torch.save({'model': model, 'qwt_images': qwt_images, 'eval_images': eval_images,
+                'eval_targets': eval_targets}, setup_path)
+
+    single = _run_all(model, qwt_images, eval_images, eval_targets, DistInfo())
+    half = copy.deepcopy(model)
+    qwt_compensate(half, qwt_images[:N_QWT // WORLD], batch_size=QWT_BATCH)
+    single['half_only'] = _comp_state(half)
+
+    out_path = str(tmp / 'rank{rank}.pt')
+    env_keys = ('MASTER_ADDR', 'MASTER_PORT', 'RANK', 'WORLD_SIZE', 'LOCAL_RANK')
+    saved_env = {k: os.environ.get(k) for k in env_keys}
+    os.environ['MASTER_ADDR'] = '127.0.0.1'
+    port = _free_port()
+    os.environ['MASTER_PORT'] = str(port)
+    try:
+        mp.spawn(_worker, args=(port, setup_path, out_path), nprocs=WORLD, join=True)
+    finally:
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    multi = [torch.load(out_path.format(rank=r), weights_only=False) for r in range(WORLD)]
+    return single, multi
+
+
+def test_workers_ran_as_a_group(runs):
+    single, multi = runs
+    assert [m['rank'] for m in multi] == [0, 1]
+    assert all(m['world_size'] == WORLD for m in multi)
+    assert not distributed.is_initialized()  # the parent stayed a single process
+
+
+@pytest.mark.parametrize('mode', MODES)
+def test_two_processes_give_the_same_compensation(runs, mode):
+    single, multi = runs
+    ref = single[mode]['comp']
+    assert len(ref) == 3
+    assert all(s['used'] for s in single[mode]['stats'])
+    for m in multi:
+        assert [s['used'] for s in m[mode]['stats']] == [s['used'] for s in single[mode]['stats']]
+        for i, ((w, b), (w_ref, b_ref)) in enumerate(zip(m[mode]['comp'], ref)):
+            scale = float(w_ref.abs().max())
+            assert scale > 0
+            torch.testing.assert_close(w, w_ref, rtol=0, atol=1e-4 * scale, msg=f'{mode} block {i} W, rank {m["rank"]}')
+            torch.testing.assert_close(b, b_ref, rtol=0, atol=1e-4 * scale, msg=f'{mode} block {i} b, rank {m["rank"]}')
+        for s, s_ref in zip(m[mode]['stats'], single[mode]['stats']):
+            assert s['r2'] == pytest.approx(s_ref['r2'], abs=1e-4)
+    # Both ranks solve the same all-reduced / gathered system.
+    for (w0, b0), (w1, b1) in zip(multi[0][mode]['comp'], multi[1][mode]['comp']):
+        torch.testing.assert_close(w0, w1, rtol=0, atol=1e-6 * float(w0.abs().max()))
+        torch.testing.assert_close(b0, b1, rtol=0, atol=1e-6 * float(w0.abs().max()))
+
+
+def test_half_the_images_alone_give_a_different_fit(runs):
+    """Guards the comparison above: a rank that fitted on its own 8 images would not match."""
+    single, _ = runs
+    for (w_half, _), (w_all, _) in zip(single['half_only'], single['normal']['comp']):
+        assert float((w_half - w_all).abs().max()) > 1e-2 * float(w_all.abs().max())
+
+
+def test_sharded_evaluation_counts_equal_one_process(runs):
+    single, multi = runs
+    assert single['seen'] == N_EVAL
+    assert [m['seen'] for m in multi] == [(N_EVAL + 1) // 2, N_EVAL // 2]
+    for name in ('repq', 'qwt'):
+        ref = single['eval'][name]
+        assert ref['count'] == N_EVAL
+        assert 0 < ref['correct1'] <= ref['correct5'] <= N_EVAL
+        for m in multi:
+            got = m['eval'][name]
+            for key in ('correct1', 'correct5', 'count'):
+                assert got[key] == ref[key], (name, key, got[key], ref[key])
+            assert got['top1'] == pytest.approx(ref['top1']) and got['top5'] == pytest.approx(ref['top5'])

@@ -1,0 +1,104 @@
+"""QwT least squares (quant/regression.py): planted linear maps, streamed normal equations, r²."""
+import pytest
+import torch
+
+from quant.regression import SOLVERS, NormalEquations, fit_concat, r2_score, solve_normal, with_ones
+
+SOLVER_NAMES = ('inverse', 'lstsq')
+
+
+def _planted(n=3000, c_in=16, c_out=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c_in, generator=g) * 0.7 + 0.2  # well conditioned, not centred
+    w = torch.randn(c_in, c_out, generator=g)
+    b = torch.randn(c_out, generator=g) * 2.0
+    return x, x @ w + b, w, b
+
+
+def _rel_err(got, want):
+    return float((got - want).abs().max() / want.abs().max())
+
+
+def test_solver_names():
+    assert tuple(SOLVERS) == SOLVER_NAMES
+
+
+@pytest.mark.parametrize('solver', SOLVER_NAMES)
+def test_fit_concat_recovers_planted_map(solver):
+    x, y, w, b = _planted()
+    w_hat, b_hat = fit_concat(x, y, solver)
+    assert w_hat.shape == (16, 8) and b_hat.shape == (8,)
+    assert w_hat.dtype == torch.float32 and b_hat.dtype == torch.float32
+    assert _rel_err(w_hat, w) < 1e-4
+    assert _rel_err(b_hat, b) < 1e-4
+
+
+@pytest.mark.parametrize('solver', SOLVER_NAMES)
+def test_streamed_normal_equations_recover_planted_map(solver):
+    x, y, w, b = _planted(seed=1)
+    neq = NormalEquations(16, 8, torch.device('cpu'))
+    for xs, ys in zip(x.split(700), y.split(700)):  # 5 batches, the last one smaller
+        neq.add(xs, ys)
+    w_hat, b_hat = solve_normal(neq.gram, neq.rhs, solver)
+    assert w_hat.shape == (16, 8) and b_hat.shape == (8,)
+    assert w_hat.dtype == torch.float32
+    assert _rel_err(w_hat, w) < 1e-4
+    assert _rel_err(b_hat, b) < 1e-4
+
+
+def test_streamed_gram_and_rhs_equal_one_shot():
+    x, y, _, _ = _planted(n=1000, c_in=12, c_out=5, seed=2)
+    neq = NormalEquations(12, 5, torch.device('cpu'))
+    sizes = [1, 99, 400, 500]
+    for xs, ys in zip(x.split(sizes), y.split(sizes)):
+        neq.add(xs, ys)
+    x1 = torch.cat([x, torch.ones(len(x), 1)], dim=1).double()
+    gram = x1.t() @ x1
+    rhs = x1.t() @ y.double()
+    assert neq.gram.shape == (13, 13) and neq.rhs.shape == (13, 5)
+    torch.testing.assert_close(neq.gram.double(), gram, rtol=1e-5, atol=1e-5 * float(gram.abs().max()))
+    torch.testing.assert_close(neq.rhs.double(), rhs, rtol=1e-5, atol=1e-5 * float(rhs.abs().max()))
+    assert float(neq.count) == 1000.0
+    torch.testing.assert_close(neq.y_sum.double(), y.double().sum(0), rtol=1e-5, atol=1e-3)
+
+
+def test_with_ones_appends_bias_column():
+    x = torch.arange(6.).reshape(3, 2)
+    assert torch.equal(with_ones(x), torch.tensor([[0., 1., 1.], [2., 3., 1.], [4., 5., 1.]]))
+
+
+def test_lstsq_handles_exactly_collinear_features():
+    """A duplicated feature column: the rank-deficient system still predicts Y exactly."""
+    x, y, _, _ = _planted(n=500, c_in=6, c_out=3, seed=3)
+    x = torch.cat([x, x[:, :1]], dim=1)
+    neq = NormalEquations(7, 3, torch.device('cpu'))
+    neq.add(x, y)
+    w_hat, b_hat = solve_normal(neq.gram, neq.rhs, 'lstsq')
+    assert torch.isfinite(w_hat).all()
+    assert _rel_err(x @ w_hat + b_hat, y) < 1e-4
+
+
+def test_r2_score_hand_values():
+    y = torch.tensor([[1.], [2.], [3.]])
+    assert float(r2_score(y, y.clone())) == 1.0
+    assert float(r2_score(y, torch.full_like(y, 2.0))) == 0.0        # the mean: SS_res = SS_tot
+    assert float(r2_score(y, torch.tensor([[3.], [2.], [1.]]))) == pytest.approx(-3.0)  # 8 / 2
+    assert float(r2_score(y, torch.tensor([[1.], [2.], [4.]]))) == pytest.approx(0.5)   # 1 / 2
+
+
+def test_r2_score_uses_per_column_mean():
+    y = torch.tensor([[0., 10.], [2., 12.]])  # column means 1, 11: SS_tot = 4 (36 around the global mean)
+    assert float(r2_score(y, torch.tensor([[1., 11.], [1., 11.]]))) == pytest.approx(0.0, abs=1e-7)
+    assert float(r2_score(y, torch.tensor([[0., 10.], [2., 13.]]))) == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize('call', ['fit_concat', 'solve_normal'])
+def test_unknown_solver_raises(call):
+    x, y, _, _ = _planted(n=50, c_in=3, c_out=2)
+    with pytest.raises(ValueError, match="'cholesky'") as info:
+        if call == 'fit_concat':
+            fit_concat(x, y, 'cholesky')
+        else:
+            x1 = with_ones(x)
+            solve_normal(x1.t() @ x1, x1.t() @ y, 'cholesky')
+    assert 'inverse' in str(info.value) and 'lstsq' in str(info.value)

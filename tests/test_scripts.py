@@ -1,0 +1,140 @@
+"""Both entry scripts end to end on a synthetic ImageNet-layout folder with --checkpoint (random
+weights of the real architectures; nothing is downloaded)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT
+
+RESULT_KEYS = {'model', 'timm_name', 'w_bits', 'a_bits', 'seed', 'world_size', 'num_val', 'repq_top1', 'repq_top5',
+               'qwt_top1', 'qwt_top5', 'repq_size_mb', 'qwt_size_mb', 'timings', 'versions'}
+
+
+def make_image_folder(root, classes=3, train_per_class=4, val_per_class=2, seed=0):
+    rng = np.random.RandomState(seed)
+    for split, n in (('train', train_per_class), ('val', val_per_class)):
+        for c in range(classes):
+            d = os.path.join(root, split, f'n{c:08d}')
+            os.makedirs(d, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(rng.randint(0, 255, (40, 56, 3), dtype=np.uint8)).save(os.path.join(d, f'{i}.JPEG'))
+    return root
+
+
+@pytest.fixture(scope='module')
+def image_root(tmp_path_factory):
+    return make_image_folder(str(tmp_path_factory.mktemp('imagenet')))
+
+
+def save_random_checkpoint(timm_name, path, wrap=False):
+    import timm
+    torch.manual_seed(0)
+    model = timm.create_model(timm_name, pretrained=False)
+    with torch.no_grad():  # trained-like LayerNorms: avoids exactly collinear QwT features
+        for m in model.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+    state = model.state_dict()
+    torch.save({'model': state} if wrap else state, path)
+    return path
+
+
+def run_script(script, *args):
+    env = dict(os.environ, PYTHONWARNINGS='ignore')
+    for var in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
+        env.pop(var, None)
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def check_result(out_dir, model, timm_name, proc):
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(out_dir, 'result.json')) as f:
+        result = json.load(f)
+    assert RESULT_KEYS <= set(result), RESULT_KEYS - set(result)
+    assert result['model'] == model and result['timm_name'] == timm_name
+    assert (result['w_bits'], result['a_bits'], result['seed'], result['world_size']) == (4, 4, 0, 1)
+    assert result['num_val'] == 6
+    for key in ('repq_top1', 'repq_top5', 'qwt_top1', 'qwt_top5'):
+        assert 0.0 <= result[key] <= 100.0
+    assert result['repq_top5'] >= result['repq_top1']
+    assert 0 < result['repq_size_mb'] < result['qwt_size_mb']
+    assert {'repq', 'qwt', 'eval'} <= set(result['timings'])
+    assert result['versions']['timm'] == '0.4.12'
+    log = open(os.path.join(out_dir, 'log.txt')).read()
+    assert 'RepQ-ViT + QwT top-1' in log and 'QwT block 0' in log
+    assert 'RepQ-ViT + QwT top-1' in proc.stdout
+    return result
+
+
+def test_vit_script_end_to_end(image_root, tmp_path):
+    ckpt = save_random_checkpoint('deit_tiny_distilled_patch16_224', str(tmp_path / 'deit.pth'))
+    out = str(tmp_path / 'out')
+    proc = run_script('qwt_vit_and_deit.py', '--model', 'deit_tiny_distilled', '--data_dir', image_root,
+                      '--w_bit', '4', '--a_bit', '4', '--checkpoint', ckpt, '--batch_size', '4',
+                      '--qwt_samples', '8', '--num_workers', '0', '--output_dir', out, '--device', 'cpu')
+    result = check_result(out, 'deit_tiny_distilled', 'deit_tiny_distilled_patch16_224', proc)
+    assert len(result['qwt_blocks']) == 12
+
+
+def test_swin_script_end_to_end(image_root, tmp_path):
+    ckpt = save_random_checkpoint('swin_tiny_patch4_window7_224', str(tmp_path / 'swin.pth'), wrap=True)
+    out = str(tmp_path / 'out')
+    proc = run_script('qwt_swin.py', '--model', 'swin_tiny', '--data_dir', image_root, '--w_bits', '4',
+                      '--a_bits', '4', '--checkpoint', ckpt, '--batch_size', '4', '--qwt_samples', '4',
+                      '--num_workers', '0', '--output_dir', out)
+    result = check_result(out, 'swin_tiny', 'swin_tiny_patch4_window7_224', proc)
+    assert len(result['qwt_blocks']) == 2 + 2 + 6 + 2
+
+
+@pytest.mark.parametrize('family,args,message', [
+    ('swin', ['--model', 'deit_small'], 'run it with qwt_vit_and_deit.py'),
+    ('vit', ['--model', 'resnet50'], 'not a ViT, DeiT or Swin'),
+    ('vit', ['--model', 'no_such_model'], "unknown model 'no_such_model'"),
+    ('vit', ['--model', 'deit_tiny', '--w_bit', '9'], '--w_bits 9 not supported'),
+    ('vit', ['--model', 'deit_tiny', '--a_bits', '1'], '--a_bits 1 not supported'),
+    ('vit', ['--model', 'deit_tiny', '--checkpoint', '/nonexistent.pth'], '--checkpoint /nonexistent.pth not found'),
+    ('vit', ['--model', 'deit_tiny', '--start_block', '-1'], '--start_block must be >= 0'),
+])
+def test_bad_flags_are_one_line_errors(image_root, capsys, family, args, message):
+    from utils.pipeline import parse_args
+    with pytest.raises(SystemExit) as exc:
+        parse_args(family, ['--data_dir', image_root, *args])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_data_dir_is_a_clear_error(capsys):
+    from utils.pipeline import parse_args
+    with pytest.raises(SystemExit):
+        parse_args('vit', ['--model', 'deit_tiny', '--data_dir', '/no/such/dir'])
+    assert '--data_dir /no/such/dir is not a directory (expected DATA_DIR/train/<class>/*' in capsys.readouterr().err
+
+
+def test_flag_aliases_and_defaults(image_root):
+    from utils.pipeline import parse_args
+    a = parse_args('vit', ['--model', 'deit_small', '--data_dir', image_root, '--w_bits', '6', '--a_bit', '6',
+                           '--local-rank', '3'])
+    assert (a.w_bits, a.a_bits, a.local_rank) == (6, 6, 3)
+    assert (a.batch_size, a.seed, a.start_block, a.qwt_samples) == (32, 0, 0, 512)
+    assert (a.qwt_solver, a.qwt_accumulate, a.calib_search, a.eval) == ('inverse', 'normal', 'vectorized', 'both')
+    assert a.output_dir == os.path.join('output', 'deit_small_w6a6')
+    b = parse_args('swin', ['--model', 'swin_base_patch4_window7_224', '--data_dir', image_root, '--local_rank', '1'])
+    assert b.local_rank == 1 and (b.w_bits, b.a_bits) == (4, 4)
+
+
+def test_missing_split_is_a_clear_error(tmp_path):
+    os.makedirs(tmp_path / 'train' / 'n0')
+    Image.new('RGB', (32, 32)).save(tmp_path / 'train' / 'n0' / '0.JPEG')
+    ckpt = save_random_checkpoint('deit_tiny_patch16_224', str(tmp_path / 'deit.pth'))
+    proc = run_script('qwt_vit_and_deit.py', '--model', 'deit_tiny', '--data_dir', str(tmp_path), '--checkpoint', ckpt,
+                      '--output_dir', str(tmp_path / 'out'), '--num_workers', '0')
+    assert proc.returncode == 2
+    assert 'error: val/ not found under' in proc.stderr and 'Traceback' not in proc.stderr
