@@ -60,8 +60,8 @@ def quantiles_rows_fast(x2d, ps):
     lower = [r for p, r in zip(ps, ranks) if p <= 0.5]
     k_hi = min(length, length - min((r[0] for r in upper), default=length))
     k_lo = min(length, max((r[1] for r in lower), default=-1) + 1)
-    top = x2d.topk(k_hi, dim=1).values if k_hi > 0 else None                   # top[:, j] = sorted[:, -1 - j]
-    bottom = x2d.topk(k_lo, dim=1, largest=False).values if k_lo > 0 else None  # bottom[:, j] = sorted[:, j]
+    top = topk_values(x2d, k_hi, largest=True) if k_hi > 0 else None      # top[:, j] = sorted[:, -1 - j]
+    bottom = topk_values(x2d, k_lo, largest=False) if k_lo > 0 else None  # bottom[:, j] = sorted[:, j]
 
     def sorted_at(i, upper_tail):
         return top[:, length - 1 - i] if upper_tail else bottom[:, i]
@@ -72,6 +72,25 @@ def quantiles_rows_fast(x2d, ps):
         out.append(torch.lerp(sorted_at(below, hi_tail), sorted_at(above, hi_tail),
                               weight.to(device=x2d.device, dtype=x2d.dtype)))
     return out
+
+
+def topk_values(x2d, k, largest):
+    """``x2d.topk(k, dim=1, largest).values``, exactly, for a single long row in a few cheap passes.
+
+    A threshold from a strided subsample keeps a superset of the k extreme values (about 2k); topk
+    of that superset is the topk of the row. If the subsample misleads, the full topk is used."""
+    rows, n = x2d.shape
+    if rows > 1 or n < 2 ** 18 or k * 64 > n:
+        return x2d.topk(k, dim=1, largest=largest).values
+    flat = x2d[0]
+    stride = 16
+    sample = flat[::stride]
+    k_sample = min(sample.numel(), (2 * k) // stride + 8)
+    tau = sample.topk(k_sample, largest=largest).values[-1]
+    kept = flat[flat >= tau] if largest else flat[flat <= tau]
+    if kept.numel() < k:
+        return x2d.topk(k, dim=1, largest=largest).values
+    return kept.topk(k, largest=largest).values[None]
 
 
 _MATCHES_TORCH = {}
@@ -109,6 +128,15 @@ def uniform_fake_quant(x, delta, zero_point, n_bits):
     return x_int.sub_(zero_point).mul_(delta)
 
 
+def uniform_sq_error(x, delta, zero_point, n_bits, out):
+    """``(x - uniform_fake_quant(x))^2`` computed in the buffer ``out`` (same bits: the same float32
+    operations; (a - b)^2 == (b - a)^2 and e*e == e^2). Large CPU temporaries cost more than the
+    arithmetic, so the search reuses one buffer for every candidate."""
+    torch.div(x, delta, out=out)
+    out.round_().add_(zero_point).clamp_(0, 2 ** n_bits - 1).sub_(zero_point).mul_(delta).sub_(x)
+    return out.mul_(out)
+
+
 def uniform_candidate(hi, lo, n_bits):
     """(delta, zero_point) for clipping range [lo, hi]."""
     delta = (hi - lo) / (2 ** n_bits - 1)
@@ -128,9 +156,13 @@ def search_uniform(x, n_bits, fast=True):
     ``fast=False`` calls torch.quantile per candidate bound exactly as published."""
     best, delta, zero_point = _INIT_SCORE, None, None
     bounds = quantiles(x, [q for p in PERCENTILES for q in (p, 1.0 - p)], fast)
+    scratch = torch.empty_like(x, memory_format=torch.contiguous_format) if fast else None
     for hi, lo in zip(bounds[0::2], bounds[1::2]):
         d, z = uniform_candidate(hi, lo, n_bits)
-        score = (x - uniform_fake_quant(x, d, z, n_bits)).pow(2).mean()  # |e|^2 == e^2 bit for bit
+        if fast:
+            score = uniform_sq_error(x, d, z, n_bits, scratch).mean()
+        else:
+            score = (x - uniform_fake_quant(x, d, z, n_bits)).abs().pow(2).mean()
         if score < best:
             best, delta, zero_point = score, d, z
     if delta is None:
@@ -150,10 +182,10 @@ def search_uniform_rows(x2d, n_bits):
     delta = torch.zeros(rows, dtype=x2d.dtype, device=x2d.device)
     zero_point = torch.zeros_like(delta)
     found = torch.zeros(rows, dtype=torch.bool, device=x2d.device)
+    scratch = torch.empty(x2d.shape, dtype=x2d.dtype, device=x2d.device)
     for hi, lo in candidate_ranges(x2d):
         d, z = uniform_candidate(hi, lo, n_bits)
-        # |e|^2 == e^2 bit for bit, so the published abs() is dropped
-        score = (x2d - uniform_fake_quant(x2d, d[:, None], z[:, None], n_bits)).pow(2).mean(dim=1)
+        score = uniform_sq_error(x2d, d[:, None], z[:, None], n_bits, scratch).mean(dim=1)
         better = score < best
         best = torch.where(better, score, best)
         delta = torch.where(better, d, delta)
@@ -213,14 +245,16 @@ def log_sqrt2_dequant(q, delta):
     return 2 ** (-1 * torch.ceil(q / 2)) * odd * delta
 
 
-def log_sqrt2_index(x, delta, n_bits):
-    """``round(-2 * log2(max(x / delta, 1e-6)))``, before masking and clamping."""
-    return torch.round(-1 * (x / delta).clamp(min=1e-6).log2() * 2)
+def log_sqrt2_index(x, delta, n_bits, out=None):
+    """``round(-2 * log2(max(x / delta, 1e-6)))``, before masking and clamping (in ``out`` if given;
+    -1 * v * 2 == v * -2 bit for bit)."""
+    out = torch.div(x, delta, out=out)
+    return out.clamp_(min=1e-6).log2_().mul_(-2).round_()
 
 
 def log_sqrt2_fake_quant_reference(x, delta, n_bits):
     """The log-√2 quantizer written out as in SPEC §2 (reference for tests)."""
-    x_int = log_sqrt2_index(x, delta, n_bits)
+    x_int = torch.round(-1 * (x / delta).clamp(min=1e-6).log2() * 2)
     mask = x_int >= 2 ** n_bits
     x_quant = torch.clamp(x_int, 0, 2 ** n_bits - 1)
     x_float_q = log_sqrt2_dequant(x_quant, delta)
@@ -228,23 +262,31 @@ def log_sqrt2_fake_quant_reference(x, delta, n_bits):
     return x_float_q
 
 
-def log_sqrt2_fake_quant(x, delta, n_bits):
+def log_sqrt2_fake_quant(x, delta, n_bits, out=None, index=None):
     """Same values as the reference, through a table of the 2^n + 1 possible outputs.
 
     Each output is one of 2^n levels or 0, computed by the same float32 operations, so indexing a
     table gives identical bits with a third of the elementwise passes (attention maps are large).
+    ``out`` / ``index``: optional float / int64 buffers shaped like ``x`` to work in.
     """
-    idx = log_sqrt2_index(x, delta, n_bits).clamp_(0, 2 ** n_bits).long()
-    return log_sqrt2_levels(delta, n_bits)[idx]
+    values = log_sqrt2_index(x, delta, n_bits, out).clamp_(0, 2 ** n_bits)
+    idx = values.long() if index is None else index.copy_(values)
+    levels = log_sqrt2_levels(delta, n_bits)
+    if not values.is_contiguous():
+        return levels[idx]
+    return torch.index_select(levels, 0, idx.view(-1), out=values.view(-1)).view(values.shape)
 
 
 def search_log_sqrt2(x, n_bits):
     """Published delta search of the log-√2 quantizer: the quantile with the smallest MSE."""
     best, delta = _INIT_SCORE, None
+    scratch = torch.empty_like(x, memory_format=torch.contiguous_format)
+    index = torch.empty(x.shape, dtype=torch.long, device=x.device)
     for d in quantiles(x, PERCENTILES):
         if not bool(torch.isfinite(d)) or d <= 0:  # the published search scores such a delta NaN: never chosen
             continue
-        score = (x - log_sqrt2_fake_quant(x, d, n_bits)).pow(2).mean()
+        err = log_sqrt2_fake_quant(x, d, n_bits, out=scratch, index=index).sub_(x)
+        score = err.mul_(err).mean()  # (x̂ - x)^2 == (x - x̂)^2 bit for bit
         if score < best:
             best, delta = score, d
     if delta is None:

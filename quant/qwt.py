@@ -1,6 +1,8 @@
 """QwT compensation (SPEC §3): after each quantized block, a linear map of the block's input fitted
 by least squares to the error between the full-precision and the quantized block."""
 import logging
+import time
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -58,67 +60,93 @@ def _zeros_like_fit(c_in, c_out, ref):
     return torch.zeros(c_in, c_out, dtype=ref.dtype, device=ref.device), torch.zeros(c_out, dtype=ref.dtype, device=ref.device)
 
 
-def _fit_block_normal(block, xs, fit, solver):
-    """Two block passes per batch (full precision, quantized); normal equations on the device;
-    the next features reuse the quantized outputs instead of a third pass."""
+class StageClock:
+    """Seconds spent in block passes ('passes') and in the least-squares fit ('fit')."""
+
+    def __init__(self, device):
+        self.device, self.seconds = device, {'passes': 0.0, 'fit': 0.0}
+
+    @contextmanager
+    def __call__(self, stage):
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        yield
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+        self.seconds[stage] += time.perf_counter() - start
+
+
+def moment_r2(gram, rhs, y_sq, count, w1):
+    """r² and SS_res from the normal equations alone: SS_res = ΣY² - 2<W1, [X,1]ᵀY> + <W1, [X,1]ᵀ[X,1] W1>,
+    SS_tot = ΣY² - |ΣY|² / n, in float64 (no second pass over the tokens)."""
+    g, r, w = gram.double(), rhs.double(), w1.double()
+    ss_res = y_sq - 2 * (w * r).sum() + (w * (g @ w)).sum()
+    ss_tot = y_sq - r[-1].pow(2).sum() / count
+    return float(1 - ss_res / ss_tot), float(ss_res)
+
+
+def _fit_block_normal(block, xs, fit, solver, clock):
+    """Two block passes per batch (full precision, quantized) feeding normal equations on the
+    device; the next features reuse the quantized outputs instead of a third pass."""
     if not fit:
-        set_quant_state(block, True, True)
-        outs = [block(x) for x in xs]
+        with clock('passes'):
+            set_quant_state(block, True, True)
+            outs = [block(x) for x in xs]
         return outs, _zeros_like_fit(xs[0].shape[-1], outs[0].shape[-1], outs[0]), None
-    neq, q_outs, errors, tokens = None, [], [], 0
+    neq, q_outs = None, []
+    y_sq = torch.zeros((), dtype=torch.float64, device=xs[0].device)
     for x in xs:
-        fp, q = _fp_and_quant(block, x)
-        y = fp - q
-        if neq is None:
-            # float64 sums for the float64 solver, so its rank cut-off sees the features, not float32 sums
-            neq = NormalEquations(x.shape[-1], y.shape[-1], x.device,
-                                  torch.float64 if solver == 'lstsq' else torch.float32)
-        neq.add(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]))
+        with clock('passes'):
+            fp, q = _fp_and_quant(block, x)
+        with clock('fit'):
+            y = fp.sub_(q).reshape(-1, q.shape[-1])
+            if neq is None:
+                # float64 sums for the float64 solver, so its rank cut-off sees the features, not float32 sums
+                neq = NormalEquations(x.shape[-1], y.shape[-1], x.device,
+                                      torch.float64 if solver == 'lstsq' else torch.float32)
+            neq.add(x.reshape(-1, x.shape[-1]), y)
+            y_sq += torch.dot(y.reshape(-1), y.reshape(-1)).double()  # BLAS dot: no squared temporary
         q_outs.append(q)
-        errors.append(y)
-        tokens += y.numel() // y.shape[-1]
-    distributed.all_reduce_sum(neq.gram, neq.rhs)
-    count = torch.tensor([tokens], dtype=torch.float64, device=neq.gram.device)
-    distributed.all_reduce_sum(count)
-    tokens = int(count.item())
-    weight, bias = solve_normal(neq.gram, neq.rhs, solver)
-    y_mean = neq.y_sum / tokens
-    sums = torch.zeros(3, dtype=torch.float64, device=weight.device)  # SS_res, SS_tot, sum |residual|
-    for i, x in enumerate(xs):
-        xw = x @ weight
-        residual = errors[i] - (xw + bias)
-        sums += torch.stack([residual.pow(2).sum(), (errors[i] - y_mean).pow(2).sum(), residual.abs().sum()]).double()
-        errors[i] = xw  # keep x @ W for the next features
-    distributed.all_reduce_sum(sums)
-    r2 = float(1 - sums[0] / sums[1])
-    abs_err = float(sums[2] / (tokens * weight.shape[1]))
+    with clock('fit'):
+        count = torch.tensor(float(sum(x.numel() // x.shape[-1] for x in xs)), dtype=torch.float64, device=y_sq.device)
+        distributed.all_reduce_sum(neq.gram, neq.rhs, y_sq, count)
+        weight, bias = solve_normal(neq.gram, neq.rhs, solver)
+        r2, ss_res = moment_r2(neq.gram, neq.rhs, y_sq, count, torch.cat([weight, bias[None]]))
+    rms = (max(ss_res, 0.0) / (float(count) * weight.shape[1])) ** 0.5
     if r2 > 0:
-        outs = [q + xw + bias for q, xw in zip(q_outs, errors)]  # float32 form: block(x) + x @ W + b
+        with clock('passes'):
+            outs = [q.add_(x @ weight).add_(bias) for q, x in zip(q_outs, xs)]  # float32 form: (block(x) + x @ W) + b
     else:
         outs, (weight, bias) = q_outs, _zeros_like_fit(weight.shape[0], weight.shape[1], weight)
-    return outs, (weight, bias), (r2, abs_err)
+    return outs, (weight, bias), (r2, rms)
 
 
-def _fit_block_concat(block, xs, fit, solver):
-    """The published procedure: concatenate every token, solve, then a third pass through the
-    compensated block to get the next features."""
-    fps, qs = zip(*[_fp_and_quant(block, x) for x in xs])
-    x_all = torch.cat(xs).reshape(-1, xs[0].shape[-1])
-    y_all = (torch.cat(fps) - torch.cat(qs)).reshape(-1, fps[0].shape[-1])
-    del fps, qs
-    weight, bias = fit_concat(x_all, y_all, solver)
-    y_pred = x_all @ weight + bias
-    r2 = float(r2_score(y_all, y_pred))
-    abs_err = float((y_all - y_pred).abs().mean())
+def _fit_block_concat(block, xs, fit, solver, clock):
+    """The published procedure: concatenate every token, solve with the inverse formula, then a
+    third pass through the compensated block to get the next features."""
+    with clock('passes'):
+        fps, qs = zip(*[_fp_and_quant(block, x) for x in xs])
+    with clock('fit'):
+        x_all = torch.cat(xs).reshape(-1, xs[0].shape[-1])
+        y_all = (torch.cat(fps) - torch.cat(qs)).reshape(-1, fps[0].shape[-1])
+        del fps, qs
+        weight, bias = fit_concat(x_all, y_all, solver)
+        y_pred = x_all @ weight + bias
+        r2 = float(r2_score(y_all, y_pred))
+        rms = float((y_all - y_pred).pow(2).mean().sqrt())
+        del x_all, y_all, y_pred
     if not (fit and r2 > 0):
         weight, bias = _zeros_like_fit(weight.shape[0], weight.shape[1], weight)
     comp = CompensatedBlock(block, weight, bias)
-    return [comp.forward_fp32(x) for x in xs], (weight, bias), (r2, abs_err)
+    with clock('passes'):
+        outs = [comp.forward_fp32(x) for x in xs]
+    return outs, (weight, bias), (r2, rms)
 
 
 @torch.no_grad()
 def qwt_compensate(q_model, images, start_block=0, batch_size=32, solver='inverse', accumulate='normal',
-                   progress=False, stats=None):
+                   progress=False, stats=None, timings=None):
     """Fit and insert QwT compensation into the quantized ``q_model`` (in place); returns it.
 
     ``images``: this process's QwT images [N, 3, H, W]; inside a process group the fit uses every
@@ -126,7 +154,8 @@ def qwt_compensate(q_model, images, start_block=0, batch_size=32, solver='invers
     whose fit has r² <= 0 get zero compensation. ``solver``: 'inverse' (published float32 inverse)
     or 'lstsq' (float64 least squares). ``accumulate``: 'normal' (normal equations batch by batch,
     all-reduced) or 'concat' (the published concatenate-then-invert, features gathered from every
-    process). ``stats``: optional list that receives one dict per block.
+    process). ``stats``: optional list that receives one dict per block; ``timings``: optional dict
+    that receives the seconds spent in block passes ('passes') and least-squares fitting ('fit').
     """
     if accumulate not in ACCUMULATE:
         raise ValueError(f"unknown accumulate mode {accumulate!r}: use one of {', '.join(ACCUMULATE)}")
@@ -137,19 +166,23 @@ def qwt_compensate(q_model, images, start_block=0, batch_size=32, solver='invers
     if accumulate == 'concat' and distributed.is_initialized():
         xs = list(distributed.all_gather_cat(torch.cat(xs)).split(batch_size))
     fit_block = _fit_block_normal if accumulate == 'normal' else _fit_block_concat
+    clock = StageClock(device)
     block_id = 0
     for slot in tqdm(walk(q_model), desc='QwT', disable=not progress, leave=False):
         module = slot.module
         if slot.kind == 'merge':  # Swin PatchMerging: quantized, not compensated
-            xs = [module(x) for x in xs]
+            with clock('passes'):
+                xs = [module(x) for x in xs]
             continue
-        xs, (weight, bias), fit_info = fit_block(module, xs, block_id >= start_block, solver)
+        xs, (weight, bias), fit_info = fit_block(module, xs, block_id >= start_block, solver, clock)
         slot.replace(CompensatedBlock(module, weight, bias))
         used = bool(weight.any())
         if fit_info is not None:
-            _logger.info('QwT block %d: r2 %.4f, mean |residual| %.6f, %s', block_id, fit_info[0], fit_info[1],
+            _logger.info('QwT block %d: r2 %.4f, rms residual %.6f, %s', block_id, fit_info[0], fit_info[1],
                          'compensated' if used else 'zero compensation')
         if stats is not None:
             stats.append({'block': block_id, 'r2': None if fit_info is None else fit_info[0], 'used': used})
         block_id += 1
+    if timings is not None:
+        timings.update(clock.seconds)
     return q_model

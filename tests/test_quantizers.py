@@ -162,10 +162,10 @@ def test_tie_between_later_candidates_keeps_the_earlier(monkeypatch):
     x = t([0.0, 1.0, 2.0, 3.0, 10.0])
     calls = []
 
-    def fake(x, d, z, n):
+    def fake(x, d, z, n, out):  # squared error of x_hat = 0, then twice of x_hat = 1
         calls.append(d)
-        return torch.zeros_like(x * d) if len(calls) == 1 else x * 0 + 1  # 2nd and 3rd: same error
-    monkeypatch.setattr(qz, 'uniform_fake_quant', fake)
+        return x.pow(2) if len(calls) == 1 else (x - 1).pow(2)
+    monkeypatch.setattr(qz, 'uniform_sq_error', fake)
     delta, _ = search_uniform(x, 2)
     assert len(calls) == 3
     assert torch.equal(delta, calls[1])
@@ -174,7 +174,7 @@ def test_tie_between_later_candidates_keeps_the_earlier(monkeypatch):
 
 def test_log_sqrt2_tie_keeps_earliest_percentile(monkeypatch):
     x = torch.softmax(torch.randn(50, generator=torch.Generator().manual_seed(0)) * 3, dim=0)
-    monkeypatch.setattr(qz, 'log_sqrt2_fake_quant', lambda x, d, n: torch.zeros_like(x * d))
+    monkeypatch.setattr(qz, 'log_sqrt2_fake_quant', lambda x, d, n, out=None, index=None: torch.zeros_like(x * d))
     assert torch.equal(search_log_sqrt2(x, 4), quantile(x, 0.999))
 
 
