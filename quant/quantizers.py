@@ -277,8 +277,19 @@ def log_sqrt2_fake_quant(x, delta, n_bits, out=None, index=None):
     return torch.index_select(levels, 0, idx.view(-1), out=values.view(-1)).view(values.shape)
 
 
-def search_log_sqrt2(x, n_bits):
-    """Published delta search of the log-√2 quantizer: the quantile with the smallest MSE."""
+def search_log_sqrt2(x, n_bits, fast=True):
+    """Published delta search of the log-√2 quantizer: the quantile with the smallest MSE.
+    ``fast=False`` runs it literally as published (torch.quantile per candidate, the formula)."""
+    if not fast:
+        best, delta = _INIT_SCORE, None
+        for p in PERCENTILES:
+            d = quantile(x, p)
+            score = (x - log_sqrt2_fake_quant_reference(x, d, n_bits)).abs().pow(2).mean()
+            if score < best:
+                best, delta = score, d
+        if delta is None:
+            raise ValueError("log-sqrt2 quantizer calibration failed: no candidate gives a finite error")
+        return delta
     best, delta = _INIT_SCORE, None
     scratch = torch.empty_like(x, memory_format=torch.contiguous_format)
     index = torch.empty(x.shape, dtype=torch.long, device=x.device)
@@ -331,6 +342,7 @@ class LogSqrt2Quantizer(nn.Module):
         super().__init__()
         _check_bits(n_bits)
         self.n_bits = int(n_bits)
+        self.published_search = False  # True: the search exactly as published (reference, slow)
         self.delta = None
         self.inited = False
 
@@ -341,7 +353,7 @@ class LogSqrt2Quantizer(nn.Module):
 
     @torch.no_grad()
     def calibrate(self, x):
-        self.delta = search_log_sqrt2(x, self.n_bits)
+        self.delta = search_log_sqrt2(x, self.n_bits, fast=not self.published_search)
         self.inited = True
 
     def extra_repr(self):

@@ -5,7 +5,7 @@ import time
 import torch
 
 from quant.layers import QuantConv2d, QuantLinear, set_quant_state
-from quant.quantizers import UniformQuantizer
+from quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
 from quant.reparam import reparameterize
 from quant.wrap import quantize_model
 
@@ -24,7 +24,8 @@ def repq_vit(model, calib_images, w_bits, a_bits, per_channel_loop=False, timing
     """Quantize ``model`` in place with RepQ-ViT and return it (eval mode, quantization on).
 
     ``calib_images``: one batch, [32, 3, 224, 224] in the published setting, run in one forward pass.
-    ``per_channel_loop``: use the published one-channel-at-a-time quantizer search (same result, slow).
+    ``per_channel_loop``: run the calibration as published: the one-channel-at-a-time quantizer
+    search, torch.quantile per candidate and a second forward pass for step (3) (same result, slow).
     ``timings``: optional dict that receives seconds for 'calibrate', 'reparameterize', 'recalibrate'.
     """
     timings = {} if timings is None else timings
@@ -33,6 +34,8 @@ def repq_vit(model, calib_images, w_bits, a_bits, per_channel_loop=False, timing
     for m in model.modules():
         if isinstance(m, UniformQuantizer):
             m.per_channel_loop = per_channel_loop
+        elif isinstance(m, LogSqrt2Quantizer):
+            m.published_search = per_channel_loop
     device = _device_of(model)
     x = calib_images.to(device, non_blocking=True)
     set_quant_state(model, weight_quant=True, act_quant=True)
@@ -46,7 +49,8 @@ def repq_vit(model, calib_images, w_bits, a_bits, per_channel_loop=False, timing
     _sync(device)
     timed('calibrate', lambda: model(x))                      # (1) initialises every quantizer
     timed('reparameterize', lambda: reparameterize(model))    # (2) scale reparameterisation
-    timed('recalibrate', lambda: recalibrate_weights(model))  # (3) re-initialises the reset weight quantizers
+    # (3) re-initialises the reset weight quantizers (published: by a second forward pass)
+    timed('recalibrate', lambda: model(x) if per_channel_loop else recalibrate_weights(model))
     return model
 
 

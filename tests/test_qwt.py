@@ -358,3 +358,32 @@ def _check_block0_fit_half_inference(quantized, path, solver):
         err_q = float((fp - q).pow(2).sum())
         err_half = float((fp - comp(x)).pow(2).sum())
     assert err_half < err_q, f'r2 {r2:.3f}, max |W| {float(w.abs().max()):.1f}: half-precision error {err_half} vs quantized {err_q}'
+
+
+def test_one_pass_evaluation_equals_two_passes():
+    """Both models evaluated on each batch give the counts of two separate passes over the data."""
+    from torch.utils.data import DataLoader, TensorDataset
+    from quant import set_compensation
+    from utils.evaluate import evaluate
+    q = _quantized('vit')
+    model = copy.deepcopy(q['model'])
+    qwt_compensate(model, q['images'], batch_size=4)
+    g = torch.Generator().manual_seed(5)
+    data = TensorDataset(torch.randn(22, 3, 32, 32, generator=g), torch.randint(0, 10, (22,), generator=g))
+    loader = DataLoader(data, batch_size=4)
+
+    def variant(enabled):
+        def fn(x):
+            set_compensation(model, enabled)
+            return model(x)
+        return fn
+    both = evaluate({'repq': variant(False), 'qwt': variant(True)}, loader, torch.device('cpu'))
+    alone = {**evaluate({'repq': variant(False)}, loader, torch.device('cpu')),
+             **evaluate({'qwt': variant(True)}, loader, torch.device('cpu'))}
+    assert both == alone
+    assert both['repq']['count'] == 22
+    with torch.no_grad():  # and the counts are the models' own
+        x, y = data.tensors
+        set_compensation(model, True)
+        top1 = int((model(x).argmax(1) == y).sum())
+    assert both['qwt']['correct1'] == top1
