@@ -88,7 +88,7 @@ def main(argv=None):
     p.add_argument('--a_bits', type=int, default=4)
     p.add_argument('--calib_images', type=int, default=32, help='calibration batch size (published: 32)')
     p.add_argument('--qwt_images', type=int, default=512, help='QwT images (published: 512)')
-    p.add_argument('--eval_images', type=int, default=256, help='synthetic images for the evaluation rate')
+    p.add_argument('--eval_images', type=int, default=64, help='synthetic images for the evaluation rate')
     p.add_argument('--batch_size', type=int, default=32)
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch default)')
     p.add_argument('--seed', type=int, default=0)
@@ -112,8 +112,10 @@ def main(argv=None):
              ('reparameterisation', t_repq['reparameterize']),
              ('re-calibration (2nd forward)', t_repq['recalibrate'])]
     quantized = copy.deepcopy(model) if args.compare_naive else None
-    t_qwt, _ = timed(device, lambda: qwt_compensate(model, qwt_imgs, batch_size=args.batch_size))
-    rows.append((f'QwT fit, {args.qwt_images} images (normal equations)', t_qwt))
+    qwt_t = {}
+    t_qwt, _ = timed(device, lambda: qwt_compensate(model, qwt_imgs, batch_size=args.batch_size, timings=qwt_t))
+    rows += [(f'QwT, {args.qwt_images} images (normal equations), total', t_qwt),
+             ('  of which block passes', qwt_t['passes']), ('  of which least-squares fit', qwt_t['fit'])]
 
     def eval_pass():
         with torch.no_grad():
@@ -132,11 +134,21 @@ def main(argv=None):
         timed(device, lambda: repq_vit(ref, calib, args.w_bits, args.a_bits, per_channel_loop=True, timings=t_ref))
         naive['calibration'] = (t_ref['calibrate'], t_repq['calibrate'], same_quantizers(model, ref))
         del ref
+        concat_t = {}
         t_concat, _ = timed(device, lambda: qwt_compensate(quantized, qwt_imgs, batch_size=args.batch_size,
-                                                          accumulate='concat'))
+                                                          accumulate='concat', timings=concat_t))
         naive['qwt'] = (t_concat, t_qwt, compensation_gap(model, quantized))
-        rows.append(('naive calibration (one channel at a time)', t_ref['calibrate']))
-        rows.append(('naive QwT fit (concatenate then invert)', t_concat))
+        naive['fit'] = (concat_t['fit'], qwt_t['fit'])
+        naive['recal'] = (t_ref['recalibrate'], t_repq['recalibrate'])
+        with torch.no_grad():
+            x = eval_imgs[:args.batch_size]
+            a, b = model(x), quantized(x)
+        naive['logits'] = ((a - b).abs().max().item() / a.abs().max().item(),
+                           (a.argmax(1) == b.argmax(1)).float().mean().item())
+        rows += [('published calibration (one channel at a time)', t_ref['calibrate']),
+                 ('published re-calibration (2nd forward)', t_ref['recalibrate']),
+                 ('published QwT (concatenate then invert), total', t_concat),
+                 ('  of which block passes', concat_t['passes']), ('  of which least-squares fit', concat_t['fit'])]
 
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()
     print(f'# {args.model} W{args.w_bits}/A{args.a_bits} on {device} ({name}, {torch.get_num_threads()} threads), '
@@ -150,9 +162,16 @@ def main(argv=None):
         slow, fast, diff = naive['calibration']
         print(f'calibration speed-up: {slow / fast:.1f}x ({slow:.2f} s -> {fast:.2f} s); '
               f'quantizer parameters {"identical" if not diff else "DIFFER: " + ", ".join(diff[:5])}')
+        slow, fast = naive['recal']
+        print(f'calibration + re-calibration speed-up: {(naive["calibration"][0] + slow) / (naive["calibration"][1] + fast):.1f}x')
+        slow, fast = naive['fit']
+        print(f'QwT least-squares fit speed-up: {slow / fast:.1f}x ({slow:.2f} s -> {fast:.2f} s)')
         slow, fast, gap = naive['qwt']
-        print(f'QwT fit speed-up: {slow / fast:.1f}x ({slow:.2f} s -> {fast:.2f} s); '
+        print(f'QwT total speed-up: {slow / fast:.1f}x ({slow:.2f} s -> {fast:.2f} s); '
               f'max relative difference of W, b: {gap:.2e}')
+        rel, agree = naive['logits']
+        print(f'QwT model logits, normal equations vs published: max relative difference {rel:.2e}, '
+              f'top-1 agreement {100 * agree:.1f}%')
     return rows, naive
 
 

@@ -57,7 +57,14 @@ def build_model(name, pretrained=True, checkpoint=None):
     """
     import timm
     spec = resolve_model(name)
-    model = timm.create_model(spec.timm_name, pretrained=pretrained and checkpoint is None, drop_path_rate=0.0)
+    download = pretrained and checkpoint is None
+    try:
+        model = timm.create_model(spec.timm_name, pretrained=download, drop_path_rate=0.0)
+    except (OSError, RuntimeError) as e:
+        if not download:
+            raise
+        raise OSError(f"could not get timm's pretrained weights for {spec.timm_name} ({type(e).__name__}: {e}); "
+                      "without network, download the file elsewhere and pass --checkpoint PATH") from e
     if checkpoint is not None:
         load_weights(model, checkpoint)
     return prepare_model(model)

@@ -12,19 +12,19 @@ class MatMul(nn.Module):
         return a @ b
 
 
+def _share(new, old, names):
+    for name in names:
+        setattr(new, name, getattr(old, name))
+    new.matmul1 = MatMul()
+    new.matmul2 = MatMul()
+
+
 class Attention(nn.Module):
     """timm ``vision_transformer.Attention`` with ``matmul1(q, k^T)`` and ``matmul2(attn, v)``."""
 
     def __init__(self, attn):
         super().__init__()
-        self.num_heads = attn.num_heads
-        self.scale = attn.scale
-        self.qkv = attn.qkv
-        self.attn_drop = attn.attn_drop
-        self.proj = attn.proj
-        self.proj_drop = attn.proj_drop
-        self.matmul1 = MatMul()
-        self.matmul2 = MatMul()
+        _share(self, attn, ('num_heads', 'scale', 'qkv', 'attn_drop', 'proj', 'proj_drop'))
 
     def forward(self, x):
         B, N, C = x.shape
@@ -44,19 +44,9 @@ class WindowAttention(nn.Module):
 
     def __init__(self, attn):
         super().__init__()
-        self.dim = attn.dim
-        self.window_size = attn.window_size
-        self.num_heads = attn.num_heads
-        self.scale = attn.scale
-        self.relative_position_bias_table = attn.relative_position_bias_table
         self.register_buffer('relative_position_index', attn.relative_position_index)
-        self.qkv = attn.qkv
-        self.attn_drop = attn.attn_drop
-        self.proj = attn.proj
-        self.proj_drop = attn.proj_drop
-        self.softmax = attn.softmax
-        self.matmul1 = MatMul()
-        self.matmul2 = MatMul()
+        _share(self, attn, ('dim', 'window_size', 'num_heads', 'scale', 'relative_position_bias_table', 'qkv',
+                            'attn_drop', 'proj', 'proj_drop', 'softmax'))
 
     def forward(self, x, mask: Optional[torch.Tensor] = None):
         B_, N, C = x.shape

@@ -8,24 +8,35 @@ from models.attention import MatMul
 from quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
 
 
-class QuantLinear(nn.Linear):
-    def __init__(self, linear, weight_quantizer, input_quantizer):
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, self.bias = linear.weight, linear.bias
+class _QuantWeightLayer:
+    """What QuantLinear and QuantConv2d share: the original parameters and two quantizers."""
+
+    def _setup(self, layer, weight_quantizer, input_quantizer):
+        self.weight, self.bias = layer.weight, layer.bias
         self.weight_quantizer = weight_quantizer
         self.input_quantizer = input_quantizer
         self.use_weight_quant = False
         self.use_input_quant = False
 
-    def forward(self, x):
+    def _quantized(self, x):
+        """(input, weight), each fake-quantized when switched on."""
         if self.use_input_quant:
             x = self.input_quantizer(x)
-        w = self.weight_quantizer(self.weight) if self.use_weight_quant else self.weight
+        return x, self.weight_quantizer(self.weight) if self.use_weight_quant else self.weight
+
+
+class QuantLinear(_QuantWeightLayer, nn.Linear):
+    def __init__(self, linear, weight_quantizer, input_quantizer):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self._setup(linear, weight_quantizer, input_quantizer)
+
+    def forward(self, x):
+        x, w = self._quantized(x)
         return F.linear(x, w, self.bias)
 
 
-class QuantConv2d(nn.Conv2d):
+class QuantConv2d(_QuantWeightLayer, nn.Conv2d):
     _CONV_ATTRS = ('in_channels', 'out_channels', 'kernel_size', 'stride', 'padding', 'dilation',
                    'transposed', 'output_padding', 'groups', 'padding_mode', '_reversed_padding_repeated_twice')
 
@@ -33,16 +44,10 @@ class QuantConv2d(nn.Conv2d):
         nn.Module.__init__(self)
         for name in self._CONV_ATTRS:
             setattr(self, name, getattr(conv, name))
-        self.weight, self.bias = conv.weight, conv.bias
-        self.weight_quantizer = weight_quantizer
-        self.input_quantizer = input_quantizer
-        self.use_weight_quant = False
-        self.use_input_quant = False
+        self._setup(conv, weight_quantizer, input_quantizer)
 
     def forward(self, x):
-        if self.use_input_quant:
-            x = self.input_quantizer(x)
-        w = self.weight_quantizer(self.weight) if self.use_weight_quant else self.weight
+        x, w = self._quantized(x)
         return self._conv_forward(x, w, self.bias)
 
 

@@ -1,8 +1,6 @@
 """QwT compensation (SPEC §3): after each quantized block, a linear map of the block's input fitted
 by least squares to the error between the full-precision and the quantized block."""
 import logging
-import time
-from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -12,6 +10,7 @@ from models import stem, walk
 from quant.layers import set_quant_state
 from quant.regression import NormalEquations, fit_concat, r2_score, solve_normal
 from utils import distributed
+from utils.timing import Stopwatch
 
 _logger = logging.getLogger(__name__)
 ACCUMULATE = ('normal', 'concat')
@@ -60,30 +59,16 @@ def _zeros_like_fit(c_in, c_out, ref):
     return torch.zeros(c_in, c_out, dtype=ref.dtype, device=ref.device), torch.zeros(c_out, dtype=ref.dtype, device=ref.device)
 
 
-class StageClock:
-    """Seconds spent in block passes ('passes') and in the least-squares fit ('fit')."""
-
-    def __init__(self, device):
-        self.device, self.seconds = device, {'passes': 0.0, 'fit': 0.0}
-
-    @contextmanager
-    def __call__(self, stage):
-        if self.device.type == 'cuda':
-            torch.cuda.synchronize(self.device)
-        start = time.perf_counter()
-        yield
-        if self.device.type == 'cuda':
-            torch.cuda.synchronize(self.device)
-        self.seconds[stage] += time.perf_counter() - start
-
-
-def moment_r2(gram, rhs, y_sq, count, w1):
-    """r² and SS_res from the normal equations alone: SS_res = ΣY² - 2<W1, [X,1]ᵀY> + <W1, [X,1]ᵀ[X,1] W1>,
-    SS_tot = ΣY² - |ΣY|² / n, in float64 (no second pass over the tokens)."""
+def moment_ss_res(gram, rhs, y_sq, w1):
+    """SS_res from the normal equations alone, ΣY² - 2<W1, [X,1]ᵀY> + <W1, [X,1]ᵀ[X,1] W1>, in float64,
+    or None where the three terms cancel too much for float32 sums to be trusted (a huge W from a
+    near-singular system): then the caller measures it on the tokens."""
     g, r, w = gram.double(), rhs.double(), w1.double()
-    ss_res = y_sq - 2 * (w * r).sum() + (w * (g @ w)).sum()
-    ss_tot = y_sq - r[-1].pow(2).sum() / count
-    return float(1 - ss_res / ss_tot), float(ss_res)
+    cross, quad = (w * r).sum(), (w * (g @ w)).sum()
+    ss_res = y_sq - 2 * cross + quad
+    if ss_res < 1e-2 * (y_sq.abs() + 2 * cross.abs() + quad.abs()):
+        return None
+    return ss_res
 
 
 def _fit_block_normal(block, xs, fit, solver, clock):
@@ -94,7 +79,7 @@ def _fit_block_normal(block, xs, fit, solver, clock):
             set_quant_state(block, True, True)
             outs = [block(x) for x in xs]
         return outs, _zeros_like_fit(xs[0].shape[-1], outs[0].shape[-1], outs[0]), None
-    neq, q_outs = None, []
+    neq, q_outs, ys = None, [], []
     y_sq = torch.zeros((), dtype=torch.float64, device=xs[0].device)
     for x in xs:
         with clock('passes'):
@@ -108,15 +93,26 @@ def _fit_block_normal(block, xs, fit, solver, clock):
             neq.add(x.reshape(-1, x.shape[-1]), y)
             y_sq += torch.dot(y.reshape(-1), y.reshape(-1)).double()  # BLAS dot: no squared temporary
         q_outs.append(q)
+        ys.append(y.view_as(q))
+    xws = None
     with clock('fit'):
         count = torch.tensor(float(sum(x.numel() // x.shape[-1] for x in xs)), dtype=torch.float64, device=y_sq.device)
         distributed.all_reduce_sum(neq.gram, neq.rhs, y_sq, count)
         weight, bias = solve_normal(neq.gram, neq.rhs, solver)
-        r2, ss_res = moment_r2(neq.gram, neq.rhs, y_sq, count, torch.cat([weight, bias[None]]))
-    rms = (max(ss_res, 0.0) / (float(count) * weight.shape[1])) ** 0.5
+        ss_tot = y_sq - neq.rhs[-1].double().pow(2).sum() / count  # ΣY² - |ΣY|² / n
+        ss_res = moment_ss_res(neq.gram, neq.rhs, y_sq, torch.cat([weight, bias[None]]))
+        if ss_res is None:  # measure on the tokens, keeping x @ W for the next features
+            xws = [x @ weight for x in xs]
+            ss_res = sum(torch.dot(r.reshape(-1), r.reshape(-1)).double()
+                         for r in (y - (xw + bias) for y, xw in zip(ys, xws)))
+            distributed.all_reduce_sum(ss_res)
+        r2 = float(1 - ss_res / ss_tot)
+    del ys
+    rms = (max(float(ss_res), 0.0) / (float(count) * weight.shape[1])) ** 0.5
     if r2 > 0:
         with clock('passes'):
-            outs = [q.add_(x @ weight).add_(bias) for q, x in zip(q_outs, xs)]  # float32 form: (block(x) + x @ W) + b
+            xws = xws or [x @ weight for x in xs]
+            outs = [q.add_(xw).add_(bias) for q, xw in zip(q_outs, xws)]  # float32 form: (block(x) + x @ W) + b
     else:
         outs, (weight, bias) = q_outs, _zeros_like_fit(weight.shape[0], weight.shape[1], weight)
     return outs, (weight, bias), (r2, rms)
@@ -166,7 +162,7 @@ def qwt_compensate(q_model, images, start_block=0, batch_size=32, solver='invers
     if accumulate == 'concat' and distributed.is_initialized():
         xs = list(distributed.all_gather_cat(torch.cat(xs)).split(batch_size))
     fit_block = _fit_block_normal if accumulate == 'normal' else _fit_block_concat
-    clock = StageClock(device)
+    clock = Stopwatch(device, ('passes', 'fit'))
     block_id = 0
     for slot in tqdm(walk(q_model), desc='QwT', disable=not progress, leave=False):
         module = slot.module

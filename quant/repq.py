@@ -1,22 +1,16 @@
 """RepQ-ViT post-training quantization (SPEC §2): wrap, calibrate on one batch, reparameterise,
 re-calibrate."""
-import time
-
 import torch
 
 from quant.layers import QuantConv2d, QuantLinear, set_quant_state
 from quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
 from quant.reparam import reparameterize
 from quant.wrap import quantize_model
+from utils.timing import Stopwatch
 
 
 def _device_of(model):
     return next(model.parameters()).device
-
-
-def _sync(device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
@@ -36,21 +30,19 @@ def repq_vit(model, calib_images, w_bits, a_bits, per_channel_loop=False, timing
             m.per_channel_loop = per_channel_loop
         elif isinstance(m, LogSqrt2Quantizer):
             m.published_search = per_channel_loop
-    device = _device_of(model)
-    x = calib_images.to(device, non_blocking=True)
+    x = calib_images.to(_device_of(model), non_blocking=True)
     set_quant_state(model, weight_quant=True, act_quant=True)
-
-    def timed(stage, fn):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        timings[stage] = time.perf_counter() - start
-
-    _sync(device)
-    timed('calibrate', lambda: model(x))                      # (1) initialises every quantizer
-    timed('reparameterize', lambda: reparameterize(model))    # (2) scale reparameterisation
-    # (3) re-initialises the reset weight quantizers (published: by a second forward pass)
-    timed('recalibrate', lambda: model(x) if per_channel_loop else recalibrate_weights(model))
+    watch = Stopwatch(x.device)
+    with watch('calibrate'):          # (1) initialises every quantizer
+        model(x)
+    with watch('reparameterize'):     # (2) scale reparameterisation
+        reparameterize(model)
+    with watch('recalibrate'):        # (3) re-initialises the reset weight quantizers
+        if per_channel_loop:
+            model(x)                  # as published: a second forward pass
+        else:
+            recalibrate_weights(model)
+    timings.update(watch.seconds)
     return model
 
 

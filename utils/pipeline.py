@@ -6,8 +6,6 @@ import logging
 import os
 import random
 import sys
-import time
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -19,6 +17,7 @@ from quant.qwt import ACCUMULATE
 from utils import distributed
 from utils.data import eval_loader, eval_transform, image_folder, train_loader, train_transform
 from utils.evaluate import evaluate
+from utils.timing import Stopwatch
 
 _logger = logging.getLogger('qwt')
 FAMILY_SCRIPTS = {'vit': 'qwt_vit_and_deit.py', 'swin': 'qwt_swin.py'}
@@ -114,21 +113,6 @@ def setup_logging(output_dir, is_main):
         logging.getLogger(name).propagate = False
 
 
-class StageTimer:
-    def __init__(self, device):
-        self.device, self.seconds = device, {}
-
-    @contextmanager
-    def __call__(self, stage):
-        if self.device.type == 'cuda':
-            torch.cuda.synchronize(self.device)
-        start = time.perf_counter()
-        yield
-        if self.device.type == 'cuda':
-            torch.cuda.synchronize(self.device)
-        self.seconds[stage] = round(time.perf_counter() - start, 3)
-
-
 def calibration_batch(dataset, args, dist_info):
     """The first batch of the shuffled training loader on rank 0, broadcast to every process."""
     loader = train_loader(dataset, args.batch_size, args.num_workers, args.seed, dist_info, epoch=0)
@@ -164,7 +148,7 @@ def run(args):
     setup_logging(args.output_dir, dist_info.is_main)
     spec = resolve_model(args.model)
     seed_everything(args.seed + dist_info.rank)
-    timer = StageTimer(dist_info.device)
+    timer = Stopwatch(dist_info.device)
     _logger.info('%s (%s) W%d/A%d on %s x %d', args.model, spec.timm_name, args.w_bits, args.a_bits,
                  dist_info.device, dist_info.world_size)
 
@@ -223,7 +207,7 @@ def run(args):
         'repq_size_mb': round(model_size_mb(model, include_compensation=False), 4),
         'qwt_size_mb': round(model_size_mb(model, include_compensation=True), 4),
         'qwt_blocks': qwt_stats,
-        'timings': {**timer.seconds, **{f'repq_{k}': round(v, 3) for k, v in repq_times.items()}},
+        'timings': {**timer.rounded(), **{f'repq_{k}': round(v, 3) for k, v in repq_times.items()}},
         'versions': versions(),
     }
     if dist_info.is_main:
@@ -260,7 +244,7 @@ def main(family, argv=None):
     args = parse_args(family, argv)
     try:
         return run(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # bad data folder, checkpoint, weights or sizes: one line, no traceback
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
     finally:
