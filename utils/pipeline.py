@@ -172,11 +172,11 @@ def run(args):
 
     with timer('qwt_data'):
         images = qwt_images(train_set, args, dist_info)
-    qwt_stats = []
+    qwt_stats, qwt_times = [], {}
     with timer('qwt'):
         qwt_compensate(model, images, start_block=args.start_block, batch_size=args.batch_size,
                        solver=args.qwt_solver, accumulate=args.qwt_accumulate, progress=dist_info.is_main,
-                       stats=qwt_stats)
+                       stats=qwt_stats, timings=qwt_times)
     del images
     _logger.info('QwT compensation done in %.1f s (%d of %d blocks compensated)', timer.seconds['qwt'],
                  sum(s['used'] for s in qwt_stats), len(qwt_stats))
@@ -207,7 +207,8 @@ def run(args):
         'repq_size_mb': round(model_size_mb(model, include_compensation=False), 4),
         'qwt_size_mb': round(model_size_mb(model, include_compensation=True), 4),
         'qwt_blocks': qwt_stats,
-        'timings': {**timer.rounded(), **{f'repq_{k}': round(v, 3) for k, v in repq_times.items()}},
+        'timings': {**timer.rounded(), **{f'repq_{k}': round(v, 3) for k, v in repq_times.items()},
+                    **{f'qwt_{k}': round(v, 3) for k, v in qwt_times.items()}},
         'versions': versions(),
     }
     if dist_info.is_main:
