@@ -136,7 +136,8 @@ def main(argv=None):
     rows.append(('  quantizer initialisation (calibration minus a calibrated forward)', t_repq['calibrate'] - fwd_fast))
     quantized = copy.deepcopy(model) if args.compare_naive else None
     qwt_t, qwt_stats = {}, []
-    t_qwt, _ = timed(device, lambda: qwt_compensate(model, qwt_imgs, batch_size=args.batch_size, timings=qwt_t,
+    t_qwt, _ = timed(device, lambda: qwt_compensate(model, qwt_imgs, batch_size=args.batch_size, accumulate='normal',
+                                                   timings=qwt_t,
                                                    stats=qwt_stats))
     rows += [(f'QwT, {args.qwt_images} images (normal equations), total', t_qwt),
              ('  of which block passes', qwt_t['passes']), ('  of which least-squares fit', qwt_t['fit'])]

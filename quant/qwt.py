@@ -141,16 +141,18 @@ def _fit_block_concat(block, xs, fit, solver, clock):
 
 
 @torch.no_grad()
-def qwt_compensate(q_model, images, start_block=0, batch_size=32, solver='inverse', accumulate='normal',
+def qwt_compensate(q_model, images, start_block=0, batch_size=32, solver='inverse', accumulate='concat',
                    progress=False, stats=None, timings=None):
     """Fit and insert QwT compensation into the quantized ``q_model`` (in place); returns it.
 
     ``images``: this process's QwT images [N, 3, H, W]; inside a process group the fit uses every
     process's images. Blocks with index < ``start_block`` (Swin: counted across stages) and blocks
     whose fit has r² <= 0 get zero compensation. ``solver``: 'inverse' (published float32 inverse)
-    or 'lstsq' (float64 least squares). ``accumulate``: 'normal' (normal equations batch by batch,
-    all-reduced) or 'concat' (the published concatenate-then-invert, features gathered from every
-    process). ``stats``: optional list that receives one dict per block; ``timings``: optional dict
+    or 'lstsq' (float64 least squares). ``accumulate``: 'concat' (default: the published procedure,
+    every token concatenated, features gathered from every process, a third pass per block) or
+    'normal' (normal equations summed batch by batch on the device and all-reduced, two passes per
+    block: the same fit to float tolerance, several times faster; later blocks drift from the published
+    result as float differences flip the rounding of some fake-quantized activations). ``stats``: optional list that receives one dict per block; ``timings``: optional dict
     that receives the seconds spent in block passes ('passes') and least-squares fitting ('fit').
     """
     if accumulate not in ACCUMULATE:

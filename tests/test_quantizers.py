@@ -374,3 +374,16 @@ def test_bit_widths_outside_2_to_8_raise(bits):
 def test_bit_widths_2_and_8_accepted(bits):
     assert UniformQuantizer(bits).n_bits == bits
     assert LogSqrt2Quantizer(bits).n_bits == bits
+
+
+def test_fast_quantiles_equal_published_on_both_sides_of_the_numpy_limit(monkeypatch):
+    """The fast path (tails by topk, or one numpy call above the limit) gives the published values."""
+    x = torch.randn(5000, generator=torch.Generator().manual_seed(3)) ** 3
+    ps = [q for p in qz.PERCENTILES for q in (p, 1.0 - p)]
+    below = qz.quantiles(x, ps, fast=True)
+    assert all(torch.equal(a, torch.quantile(x, p)) for a, p in zip(below, ps))
+    monkeypatch.setattr(qz, 'QUANTILE_TORCH_LIMIT', 1000)
+    above = qz.quantiles(x, ps, fast=True)
+    for a, p in zip(above, ps):
+        assert torch.equal(a, qz.quantile(x, p))
+        assert a.item() == np.float32(np.percentile(x.numpy(), p * 100))

@@ -124,7 +124,7 @@ def test_flag_aliases_and_defaults(image_root):
                            '--local-rank', '3'])
     assert (a.w_bits, a.a_bits, a.local_rank) == (6, 6, 3)
     assert (a.batch_size, a.seed, a.start_block, a.qwt_samples) == (32, 0, 0, 512)
-    assert (a.qwt_solver, a.qwt_accumulate, a.calib_search, a.eval) == ('inverse', 'normal', 'vectorized', 'both')
+    assert (a.qwt_solver, a.qwt_accumulate, a.calib_search, a.eval) == ('inverse', 'concat', 'vectorized', 'both')
     assert a.output_dir == os.path.join('output', 'deit_small_w6a6')
     b = parse_args('swin', ['--model', 'swin_base_patch4_window7_224', '--data_dir', image_root, '--local_rank', '1'])
     assert b.local_rank == 1 and (b.w_bits, b.a_bits) == (4, 4)

@@ -52,9 +52,10 @@ def build_parser(family):
     p.add_argument('--qwt_solver', choices=SOLVERS, default='inverse',
                    help="QwT least squares: 'inverse' = published float32 inverse of [X,1]^T[X,1] (default); "
                         "'lstsq' = float64 least squares, better conditioned")
-    p.add_argument('--qwt_accumulate', choices=ACCUMULATE, default='normal',
-                   help="'normal' = accumulate normal equations batch by batch on the device, all-reduced across "
-                        "processes (default); 'concat' = the published concatenate-every-token-then-invert")
+    p.add_argument('--qwt_accumulate', choices=ACCUMULATE, default='concat',
+                   help="'concat' = the published concatenate-every-token-then-invert (default); 'normal' = normal "
+                        "equations summed batch by batch on the device and all-reduced across processes: the same "
+                        "fit to float tolerance, faster, less memory")
     p.add_argument('--calib_search', choices=('vectorized', 'per_channel'), default='vectorized',
                    help="quantizer initialisation: all channels at once (default) or the published one-channel-"
                         "at-a-time loop; both give identical parameters")
