@@ -71,6 +71,14 @@ def moment_ss_res(gram, rhs, y_sq, w1):
     return ss_res
 
 
+def _singular(block_tokens, c_in, error):
+    """A singular [X,1]^T[X,1] (fewer tokens than C + 1, or collinear features) makes the published
+    float32 inverse fail: the block then gets zero compensation, with a warning, instead of a crash."""
+    _logger.warning('QwT: the least-squares system of a block is singular (%d tokens for %d unknowns per '
+                    'output: %s); that block gets zero compensation. More --qwt_samples or --qwt_solver '
+                    'lstsq avoid this.', block_tokens, c_in + 1, str(error).split(':')[0])
+
+
 def _fit_block_normal(block, xs, fit, solver, clock):
     """Two block passes per batch (full precision, quantized) feeding normal equations on the
     device; the next features reuse the quantized outputs instead of a third pass."""
@@ -98,7 +106,11 @@ def _fit_block_normal(block, xs, fit, solver, clock):
     with clock('fit'):
         count = torch.tensor(float(sum(x.numel() // x.shape[-1] for x in xs)), dtype=torch.float64, device=y_sq.device)
         distributed.all_reduce_sum(neq.gram, neq.rhs, y_sq, count)
-        weight, bias = solve_normal(neq.gram, neq.rhs, solver)
+        try:
+            weight, bias = solve_normal(neq.gram, neq.rhs, solver)
+        except torch.linalg.LinAlgError as e:
+            _singular(int(count), xs[0].shape[-1], e)
+            return q_outs, _zeros_like_fit(xs[0].shape[-1], q_outs[0].shape[-1], q_outs[0]), None
         ss_tot = y_sq - neq.rhs[-1].double().pow(2).sum() / count  # ΣY² - |ΣY|² / n
         ss_res = moment_ss_res(neq.gram, neq.rhs, y_sq, torch.cat([weight, bias[None]]))
         if ss_res is None:  # measure on the tokens, keeping x @ W for the next features
@@ -126,8 +138,13 @@ def _fit_block_concat(block, xs, fit, solver, clock):
     with clock('fit'):
         x_all = torch.cat(xs).reshape(-1, xs[0].shape[-1])
         y_all = (torch.cat(fps) - torch.cat(qs)).reshape(-1, fps[0].shape[-1])
-        del fps, qs
-        weight, bias = fit_concat(x_all, y_all, solver)
+        del fps
+        try:
+            weight, bias = fit_concat(x_all, y_all, solver)
+        except torch.linalg.LinAlgError as e:
+            _singular(x_all.shape[0], x_all.shape[1], e)
+            return list(qs), _zeros_like_fit(x_all.shape[1], y_all.shape[1], y_all), None
+        del qs
         y_pred = x_all @ weight + bias
         r2 = float(r2_score(y_all, y_pred))
         rms = float((y_all - y_pred).pow(2).mean().sqrt())

@@ -387,3 +387,26 @@ def test_one_pass_evaluation_equals_two_passes():
         set_compensation(model, True)
         top1 = int((model(x).argmax(1) == y).sum())
     assert both['qwt']['correct1'] == top1
+
+
+@pytest.mark.parametrize('accumulate,patched', [('normal', 'solve_normal'), ('concat', 'fit_concat')])
+def test_singular_system_gives_zero_compensation_not_a_crash(accumulate, patched, monkeypatch, caplog):
+    """Where the published float32 inverse fails (an exactly singular [X,1]^T[X,1]), the block gets
+    zero compensation and a warning naming the fix, instead of a crash."""
+    import quant.qwt as qwt_module
+
+    def singular(*args, **kwargs):
+        raise torch.linalg.LinAlgError('linalg.inv: The diagonal element 3 is zero')
+    monkeypatch.setattr(qwt_module, patched, singular)
+    q = _quantized('vit')
+    model = copy.deepcopy(q['model'])
+    stats = []
+    with caplog.at_level('WARNING', logger='quant.qwt'):
+        qwt_compensate(model, q['images'], batch_size=4, accumulate=accumulate, stats=stats)
+    comps = compensated_blocks(model)
+    assert len(comps) == len(stats) == 3
+    assert all(not s['used'] and s['r2'] is None for s in stats)
+    assert all(float(c.comp_weight.abs().sum()) == 0 for c in comps)
+    assert 'singular' in caplog.text and '--qwt_samples' in caplog.text
+    with torch.no_grad():
+        assert torch.equal(model(q['eval_images']), q['repq_out'])
