@@ -12,8 +12,9 @@ from torch import nn
 # Candidate clipping percentiles, tried in this order; a later one must be strictly better to win.
 PERCENTILES = (0.999, 0.9999, 0.99999)
 # Older torch.quantile refused inputs above 2**24 elements and the published code fell back to
-# numpy.percentile there. numpy interpolates in float64; torch ranks in float32, which is off by up
-# to one rank at that size. Reproduce the fallback explicitly so every torch version agrees.
+# numpy.percentile there. numpy interpolates at p in float64; torch takes p in float32, which at that
+# size moves the interpolation point by a fraction of a rank or more. Current torch accepts such inputs,
+# so the fallback is reproduced explicitly: every torch version then gives the published values.
 QUANTILE_TORCH_LIMIT = 2 ** 24
 _INIT_SCORE = 1e10  # the published "best_score" start value
 
