@@ -129,6 +129,13 @@ def uniform_fake_quant(x, delta, zero_point, n_bits):
     return x_int.sub_(zero_point).mul_(delta)
 
 
+def uniform_fake_quant_integer_zp(x, delta, zero_point, n_bits):
+    """``uniform_fake_quant`` for an integer-valued zero point, in two passes fewer:
+    clamp(r + zp, 0, L) - zp == clamp(r, -zp, L - zp) for integers (exact below 2^24, and both
+    saturate above). The values are equal; only a zero may come out as -0.0 instead of +0.0."""
+    return torch.round(x / delta).clamp_(-zero_point, 2 ** n_bits - 1 - zero_point).mul_(delta)
+
+
 def uniform_sq_error(x, delta, zero_point, n_bits, out):
     """``(x - uniform_fake_quant(x))^2`` computed in the buffer ``out`` (same bits: the same float32
     operations; (a - b)^2 == (b - a)^2 and e*e == e^2). Large CPU temporaries cost more than the
@@ -321,10 +328,16 @@ class UniformQuantizer(nn.Module):
         self.delta = None
         self.zero_point = None
         self.inited = False
+        self._zp_seen = None  # the zero_point tensor _integer_zp was computed for
 
     def forward(self, x):
         if not self.inited:
             self.calibrate(x.detach())
+        if self._zp_seen is not self.zero_point:  # once per calibration / reparameterisation
+            self._integer_zp = bool(torch.equal(self.zero_point, self.zero_point.round()))
+            self._zp_seen = self.zero_point
+        if self._integer_zp:
+            return uniform_fake_quant_integer_zp(x, self.delta, self.zero_point, self.n_bits)
         return uniform_fake_quant(x, self.delta, self.zero_point, self.n_bits)
 
     @torch.no_grad()

@@ -387,3 +387,29 @@ def test_fast_quantiles_equal_published_on_both_sides_of_the_numpy_limit(monkeyp
     for a, p in zip(above, ps):
         assert torch.equal(a, qz.quantile(x, p))
         assert a.item() == np.float32(np.percentile(x.numpy(), p * 100))
+
+
+@pytest.mark.parametrize('n_bits', [2, 4, 6, 8])
+def test_integer_zero_point_shortcut_equals_published_form(n_bits):
+    """The two-passes-shorter form used for integer zero points gives equal values, saturation included."""
+    from quant.quantizers import uniform_fake_quant_integer_zp
+    g = torch.Generator().manual_seed(n_bits)
+    for _ in range(20):
+        x = torch.randn(500, generator=g) * 5 + float(torch.randn(1, generator=g))
+        x[:6] = t([0.0, 1e30, -1e30, 3e7, -3e7, 0.5])
+        delta = torch.rand((), generator=g) * 0.5 + 1e-3
+        zp = torch.randint(-10, 2 ** n_bits + 10, (), generator=g).float()
+        assert torch.equal(uniform_fake_quant_integer_zp(x, delta, zp, n_bits), uniform_fake_quant(x, delta, zp, n_bits))
+
+
+def test_quantizer_uses_the_published_form_for_a_fractional_zero_point(monkeypatch):
+    """After reparameterisation zp* is a mean, not an integer: the shortcut would be wrong there."""
+    q = UniformQuantizer(4)
+    q.delta, q.zero_point, q.inited = t(0.1), t(2.5), True
+    x = torch.linspace(-1, 2, 101)
+    assert torch.equal(q(x), uniform_fake_quant(x, t(0.1), t(2.5), 4))
+    q.zero_point = t(3.0)
+    calls = []
+    monkeypatch.setattr(qz, 'uniform_fake_quant_integer_zp', lambda *a: calls.append(1) or uniform_fake_quant(*a))
+    q(x)
+    assert calls == [1]
