@@ -23,7 +23,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models import build_model  # noqa: E402
 from quant import qwt_compensate, repq_vit, set_compensation  # noqa: E402
 from quant.layers import quantizers  # noqa: E402
-from quant.qwt import compensated_blocks  # noqa: E402
 
 
 def sync(device):
@@ -182,7 +181,7 @@ def main(argv=None):
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()
     print(f'# {args.model} W{args.w_bits}/A{args.a_bits} on {device} ({name}, {torch.get_num_threads()} threads), '
           f'torch {torch.__version__}')
-    print(f'| stage | seconds |\n|---|---|')
+    print('| stage | seconds |\n|---|---|')
     for label, sec in rows:
         print(f'| {label} | {sec:.2f} |')
     print(f'| eval rate, both models per batch | {args.eval_images / t_eval:.1f} images/s |')

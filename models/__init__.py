@@ -3,7 +3,6 @@ model-specific pieces QwT needs (stem and block walk)."""
 import os
 
 import torch
-from torch import nn
 from timm.models.swin_transformer import SwinTransformer, WindowAttention as TimmWindowAttention
 from timm.models.vision_transformer import Attention as TimmAttention, VisionTransformer
 

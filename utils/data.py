@@ -2,8 +2,6 @@
 loaders for one or many processes, and the Pillow posterize fix RandAugment needs."""
 import os
 
-import torch
-from PIL import Image, ImageOps
 from timm.data import auto_augment, create_transform
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.datasets import ImageFolder
