@@ -201,12 +201,17 @@ def test_compensation_lowers_every_block_error(compensated):
     assert i == len(stats)
 
 
-def test_block0_compensation_lowers_error(compensated):
+def _first_block_and_input(compensated, images_key):
+    """The first CompensatedBlock (quantization on) and its input X0 on ``compensated[images_key]``."""
     model = compensated['model']
     set_quant_state(model, True, True)
-    comp = _block_slots(model)[0].module
     with torch.no_grad():
-        x0 = models.stem(model, compensated['images'])
+        return _block_slots(model)[0].module, models.stem(model, compensated[images_key])
+
+
+def test_block0_compensation_lowers_error(compensated):
+    comp, x0 = _first_block_and_input(compensated, 'images')
+    with torch.no_grad():
         fp, q = _fp_q(comp.block, x0)
         err_q = (fp - q).pow(2).sum()
         err_c = (fp - (q + x0 @ comp.comp_weight + comp.comp_bias)).pow(2).sum()
@@ -254,11 +259,8 @@ def test_unknown_accumulate_raises():
 
 
 def test_compensated_block_forward_is_half_precision_form(compensated):
-    model = compensated['model']
-    set_quant_state(model, True, True)
-    comp = _block_slots(model)[0].module
+    comp, x = _first_block_and_input(compensated, 'eval_images')
     with torch.no_grad():
-        x = models.stem(model, compensated['eval_images'])
         want = comp.block(x) + (x.half() @ comp.comp_weight.half()).float() + comp.comp_bias
         got = comp(x)
         fp32 = comp.forward_fp32(x)

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from models import build_model, resolve_model
 from quant import model_size_mb, qwt_compensate, repq_vit, set_compensation
@@ -133,7 +134,6 @@ def qwt_images(dataset, args, dist_info):
     if len(loader) < n_batches:
         raise ValueError(f"the training split gives {len(loader)} batches per process, fewer than the "
                          f"{n_batches} that --qwt_samples {args.qwt_samples} needs")
-    from tqdm import tqdm
     batches = []
     for i, (images, _) in enumerate(tqdm(loader, total=n_batches, desc='QwT samples', disable=not dist_info.is_main,
                                          leave=False)):
