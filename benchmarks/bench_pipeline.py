@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models import build_model  # noqa: E402
+from models import build_model, randomize_layernorms  # noqa: E402
 from quant import qwt_compensate, repq_vit, set_compensation  # noqa: E402
 from quant.layers import quantizers  # noqa: E402
 
@@ -39,17 +39,9 @@ def timed(device, fn):
 
 
 def random_model(name, device, seed):
-    """timm's random initialisation, with LayerNorm affine parameters drawn at random: with the
-    initial gamma = 1, beta = 0 the normalised features are exactly collinear with the bias column,
-    which no trained model has."""
+    """timm's random initialisation with trained-like LayerNorms."""
     torch.manual_seed(seed)
-    model = build_model(name, pretrained=False)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.LayerNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
-    return model.to(device)
+    return randomize_layernorms(build_model(name, pretrained=False)).to(device)
 
 
 def peak_memory_mb(device):

@@ -1,6 +1,7 @@
 """Model construction: timm 0.4.12 ViT / DeiT / Swin with attention products as modules, and the
 model-specific pieces QwT needs (stem and block walk)."""
 import os
+from urllib.parse import urlparse
 
 import torch
 from timm.models.swin_transformer import SwinTransformer, WindowAttention as TimmWindowAttention
@@ -10,8 +11,9 @@ from models import swin, vit
 from models.attention import Attention, MatMul, WindowAttention
 from models.registry import MODELS, ModelSpec, resolve_model
 from models.walk import Slot
+from utils.errors import UserError
 
-__all__ = ['build_model', 'prepare_model', 'load_weights', 'resolve_model', 'family_of', 'stem', 'walk',
+__all__ = ['build_model', 'prepare_model', 'load_weights', 'pretrained_cached', 'randomize_layernorms', 'resolve_model', 'family_of', 'stem', 'walk',
            'MODELS', 'ModelSpec', 'MatMul', 'Slot']
 
 
@@ -26,26 +28,81 @@ def prepare_model(model):
     return model.eval()
 
 
-def load_weights(model, checkpoint):
+def _read_state_dict(checkpoint):
+    """The tensors of a ``.pth`` file: a state dict, or one under 'model' / 'state_dict'."""
+    try:
+        state = torch.load(checkpoint, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {checkpoint} ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
+                        "expected a .pth state dict saved with torch.save") from None
+    if isinstance(state, dict) and 'quantizers' in state and 'format' in state:
+        raise UserError(f"checkpoint {checkpoint} is a quantized model written by --save: evaluate it with --load")
+    for key in ('model', 'state_dict'):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f"checkpoint {checkpoint} holds no state dict of tensors (found {type(state).__name__}): "
+                        "expected the output of torch.save(model.state_dict(), PATH)")
+    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
+
+
+def _first(names, n=3):
+    return ', '.join(names[:n]) + (f' and {len(names) - n} more' if len(names) > n else '')
+
+
+def state_dict_mismatches(expected, state):
+    """What keeps ``state`` from loading into a model whose state dict is ``expected`` (empty: fits)."""
+    problems = []
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in state and state[k].shape != v.shape]
+    if missing:
+        problems.append(f"missing keys {_first(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_first(unexpected)}")
+    if shapes:
+        problems.append(f"shapes (checkpoint vs model) {_first(shapes)}")
+    return problems
+
+
+def load_weights(model, checkpoint, model_name=None):
     """Load a local checkpoint: a ``.pth`` state dict (optionally under 'model' / 'state_dict'), or a
-    timm ``.npz`` (vit_*) through the model's own loader."""
+    timm ``.npz`` (vit_*) through the model's own loader. A file that does not fit is an error naming
+    the first mismatching keys."""
+    name = model_name or type(model).__name__
     if not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"checkpoint {checkpoint!r} not found: pass the path of a local .pth or .npz file")
+        raise UserError(f"checkpoint {checkpoint} not found: pass the path of a local .pth or .npz file")
     if checkpoint.endswith('.npz'):
         if not hasattr(model, 'load_pretrained'):
-            raise ValueError(f"{type(model).__name__} cannot read .npz checkpoints: convert {checkpoint} to a .pth state dict")
-        model.load_pretrained(checkpoint)
+            raise UserError(f"{name} cannot read .npz checkpoints: convert {checkpoint} to a .pth state dict")
+        try:
+            model.load_pretrained(checkpoint)
+        except Exception as e:
+            raise UserError(f"cannot load {checkpoint} into {name} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200]}): is it the .npz of this model?") from None
         return model
-    state = torch.load(checkpoint, map_location='cpu')
-    for key in ('model', 'state_dict'):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {checkpoint!r} does not fit {type(model).__name__}: "
-                         f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    state = _read_state_dict(checkpoint)
+    problems = state_dict_mismatches(model.state_dict(), state)
+    if problems:
+        raise UserError(f"checkpoint {checkpoint} does not fit {name}: {'; '.join(problems)}. "
+                        "Pass the checkpoint of this model, or the --model it was trained as")
+    model.load_state_dict(state)
     return model
+
+
+def pretrained_location(model):
+    """(url, file name, folder) of timm's pretrained download for ``model``: where to place the file
+    so that timm finds it without network."""
+    url = model.default_cfg.get('url', '')
+    return url, os.path.basename(urlparse(url).path), os.path.join(torch.hub.get_dir(), 'checkpoints')
+
+
+def pretrained_cached(timm_name):
+    """Whether timm's pretrained weights for ``timm_name`` are already in the local cache."""
+    import timm
+    _, filename, folder = pretrained_location(timm.create_model(timm_name, pretrained=False))
+    return bool(filename) and os.path.isfile(os.path.join(folder, filename))
 
 
 def build_model(name, pretrained=True, checkpoint=None):
@@ -59,14 +116,33 @@ def build_model(name, pretrained=True, checkpoint=None):
     download = pretrained and checkpoint is None
     try:
         model = timm.create_model(spec.timm_name, pretrained=download, drop_path_rate=0.0)
-    except (OSError, RuntimeError) as e:
+    except Exception as e:
         if not download:
             raise
-        raise OSError(f"could not get timm's pretrained weights for {spec.timm_name} ({type(e).__name__}: {e}); "
-                      "without network, download the file elsewhere and pass --checkpoint PATH") from e
+        url, filename, folder = pretrained_location(timm.create_model(spec.timm_name, pretrained=False))
+        cached = os.path.join(folder, filename)
+        if os.path.isfile(cached):
+            raise UserError(f"cannot read the cached weights {cached} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200]}): delete the file and run again to download "
+                            "it anew, or pass --checkpoint PATH") from None
+        raise UserError(f"could not get the pretrained weights of {spec.timm_name} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]}). Offline: download {url} on a machine with network and "
+                        f"either place {filename} in {folder}/ or pass --checkpoint PATH/{filename}") from None
     if checkpoint is not None:
-        load_weights(model, checkpoint)
+        load_weights(model, checkpoint, spec.timm_name)
     return prepare_model(model)
+
+
+@torch.no_grad()
+def randomize_layernorms(model):
+    """Trained-like LayerNorm affine parameters for a random-weight model (torch's global RNG): with
+    the initial gamma = 1, beta = 0 the normalised features are exactly collinear with the bias
+    column of the QwT regression, which no trained model has."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.normal_(0, 0.1)
+    return model
 
 
 def family_of(model):

@@ -3,6 +3,8 @@ from dataclasses import dataclass
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from utils.errors import UserError
+
 _HALF = (0.5, 0.5, 0.5)
 
 
@@ -40,7 +42,7 @@ def resolve_model(name):
         return _BY_TIMM_NAME[name]
     import timm
     if name not in timm.list_models():
-        raise ValueError(f"unknown model {name!r}: use one of {', '.join(MODELS)} "
+        raise UserError(f"unknown model {name!r}: use one of {', '.join(MODELS)} "
                          "or a timm 0.4.12 ViT/DeiT/Swin name such as deit_tiny_patch16_224")
     if name.startswith('swin_'):
         return ModelSpec(name, name, 'swin')
@@ -48,5 +50,5 @@ def resolve_model(name):
         return ModelSpec(name, name, 'vit', tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD), 0.875)
     if name.startswith('vit_') and 'hybrid' not in name and 'resnet' not in name:
         return ModelSpec(name, name, 'vit')
-    raise ValueError(f"model {name!r} is not a ViT, DeiT or Swin transformer: RepQ-ViT + QwT here supports "
+    raise UserError(f"model {name!r} is not a ViT, DeiT or Swin transformer: RepQ-ViT + QwT here supports "
                      "vit_*, deit_* and swin_* models")

@@ -1,6 +1,7 @@
 """Shared test setup: the repository root on sys.path, and tiny random timm models (nothing is
 downloaded) prepared like the real ones."""
 import os
+import subprocess
 import sys
 
 import pytest
@@ -56,3 +57,23 @@ def tiny_deit_distilled():
 @pytest.fixture
 def tiny_swin():
     return make_tiny_swin()
+
+
+def save_random_checkpoint(timm_name, path, wrap=False):
+    """A random-weight checkpoint of a real timm architecture (trained-like LayerNorms)."""
+    import timm
+    from models import randomize_layernorms
+    torch.manual_seed(0)
+    state = randomize_layernorms(timm.create_model(timm_name, pretrained=False)).state_dict()
+    torch.save({'model': state} if wrap else state, path)
+    return path
+
+
+def run_script(script, *args, env=None):
+    """Run an entry script as a user would, outside any launcher (``env`` adds variables); returns the
+    CompletedProcess."""
+    base = {k: v for k, v in os.environ.items()
+            if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')}
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT,
+                          env={**base, 'PYTHONWARNINGS': 'ignore', **(env or {})},
+                          capture_output=True, text=True, timeout=600)

@@ -9,6 +9,7 @@ from torchvision import transforms as T
 
 from utils import data
 from utils.distributed import DistInfo
+from utils.errors import UserError
 from utils.evaluate import evaluate, topk_correct
 
 POSTERIZE_NAMES = ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal')
@@ -136,7 +137,7 @@ def test_eval_transform(crop_pct, resize):
 
 def test_image_folder_missing_split(tmp_path):
     (tmp_path / 'train' / 'a').mkdir(parents=True)
-    with pytest.raises(FileNotFoundError) as info:
+    with pytest.raises(UserError) as info:
         data.image_folder(str(tmp_path), 'val', None)
     msg = str(info.value)
     assert 'val/ not found under' in msg

@@ -2,56 +2,20 @@
 weights of the real architectures; nothing is downloaded)."""
 import json
 import os
-import subprocess
-import sys
 
-import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from conftest import ROOT
+from conftest import run_script, save_random_checkpoint
+from utils.demo import make_image_folder
 
 RESULT_KEYS = {'model', 'timm_name', 'w_bits', 'a_bits', 'seed', 'world_size', 'num_val', 'repq_top1', 'repq_top5',
                'qwt_top1', 'qwt_top5', 'repq_size_mb', 'qwt_size_mb', 'timings', 'versions'}
 
 
-def make_image_folder(root, classes=3, train_per_class=4, val_per_class=2, seed=0):
-    rng = np.random.RandomState(seed)
-    for split, n in (('train', train_per_class), ('val', val_per_class)):
-        for c in range(classes):
-            d = os.path.join(root, split, f'n{c:08d}')
-            os.makedirs(d, exist_ok=True)
-            for i in range(n):
-                Image.fromarray(rng.randint(0, 255, (40, 56, 3), dtype=np.uint8)).save(os.path.join(d, f'{i}.JPEG'))
-    return root
-
-
 @pytest.fixture(scope='module')
 def image_root(tmp_path_factory):
     return make_image_folder(str(tmp_path_factory.mktemp('imagenet')))
-
-
-def save_random_checkpoint(timm_name, path, wrap=False):
-    import timm
-    torch.manual_seed(0)
-    model = timm.create_model(timm_name, pretrained=False)
-    with torch.no_grad():  # trained-like LayerNorms: avoids exactly collinear QwT features
-        for m in model.modules():
-            if isinstance(m, torch.nn.LayerNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
-    state = model.state_dict()
-    torch.save({'model': state} if wrap else state, path)
-    return path
-
-
-def run_script(script, *args):
-    env = dict(os.environ, PYTHONWARNINGS='ignore')
-    for var in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
-        env.pop(var, None)
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
 
 
 def check_result(out_dir, model, timm_name, proc):
@@ -79,9 +43,11 @@ def test_vit_script_end_to_end(image_root, tmp_path):
     out = str(tmp_path / 'out')
     proc = run_script('qwt_vit_and_deit.py', '--model', 'deit_tiny_distilled', '--data_dir', image_root,
                       '--w_bit', '4', '--a_bit', '4', '--checkpoint', ckpt, '--batch_size', '4',
-                      '--qwt_samples', '8', '--num_workers', '0', '--output_dir', out, '--device', 'cpu')
+                      '--qwt_samples', '8', '--num_workers', '0', '--output_dir', out, '--device', 'cpu',
+                      '--save', str(tmp_path / 'saved.pth'))
     result = check_result(out, 'deit_tiny_distilled', 'deit_tiny_distilled_patch16_224', proc)
     assert len(result['qwt_blocks']) == 12
+    check_save_load('qwt_vit_and_deit.py', result, str(tmp_path / 'saved.pth'), image_root, tmp_path)
 
 
 def test_swin_script_end_to_end(image_root, tmp_path):
@@ -89,9 +55,33 @@ def test_swin_script_end_to_end(image_root, tmp_path):
     out = str(tmp_path / 'out')
     proc = run_script('qwt_swin.py', '--model', 'swin_tiny', '--data_dir', image_root, '--w_bits', '4',
                       '--a_bits', '4', '--checkpoint', ckpt, '--batch_size', '4', '--qwt_samples', '4',
-                      '--num_workers', '0', '--output_dir', out)
+                      '--num_workers', '0', '--output_dir', out, '--save', str(tmp_path / 'saved.pth'))
     result = check_result(out, 'swin_tiny', 'swin_tiny_patch4_window7_224', proc)
     assert len(result['qwt_blocks']) == 2 + 2 + 6 + 2
+    check_save_load('qwt_swin.py', result, str(tmp_path / 'saved.pth'), image_root, tmp_path)
+
+
+def check_save_load(script, result, saved, image_root, tmp_path):
+    """--load evaluates the --save file with no calibration: the same top-1 / top-5 on the same data,
+    then a fixed --num_val subset."""
+    assert result['weights'] == 'checkpoint' and result['saved_to'] == saved and os.path.isfile(saved)
+    assert [f for f in os.listdir(os.path.dirname(saved)) if f.endswith('.tmp')] == []
+    out = str(tmp_path / 'loaded')
+    proc = run_script(script, '--load', saved, '--data_dir', image_root, '--batch_size', '4', '--num_workers', '0',
+                      '--output_dir', out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loaded = json.load(open(os.path.join(out, 'result.json')))
+    assert loaded['weights'] == 'loaded' and loaded['loaded_from'] == saved
+    for key in ('model', 'timm_name', 'w_bits', 'a_bits', 'repq_top1', 'repq_top5', 'qwt_top1', 'qwt_top5',
+                'repq_size_mb', 'qwt_size_mb', 'qwt_blocks', 'num_calib', 'num_qwt', 'num_val'):
+        assert loaded[key] == result[key], key
+    assert 'repq' not in loaded['timings'] and 'qwt' not in loaded['timings']
+    proc = run_script(script, '--load', saved, '--data_dir', image_root, '--batch_size', '4', '--num_workers', '0',
+                      '--output_dir', out, '--num_val', '4', '--eval', 'repq')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    subset = json.load(open(os.path.join(out, 'result.json')))
+    assert (subset['num_val'], subset['val_total'], subset['qwt_top1']) == (4, 6, None)
+    assert subset['repq_top1'] in (0.0, 25.0, 50.0, 75.0, 100.0)
 
 
 @pytest.mark.parametrize('family,args,message', [

@@ -2,9 +2,14 @@
 loaders for one or many processes, and the Pillow posterize fix RandAugment needs."""
 import os
 
+import torch
+from PIL import Image
 from timm.data import auto_augment, create_transform
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from utils.errors import ImageDecodeError, UserError
 
 IMG_SIZE = 224
 RAND_AUGMENT = 'rand-m9-mstd0.5-inc1'
@@ -41,15 +46,41 @@ def train_transform(mean, std):
                             mean=mean, std=std, re_prob=0.)
 
 
+def load_image(path):
+    """An RGB image, or an error naming the file (the default loader's error names only the cause)."""
+    try:
+        with open(path, 'rb') as f:
+            return Image.open(f).convert('RGB')
+    except Exception as e:  # truncated, not an image, unreadable: all the same to the user
+        raise ImageDecodeError(f"cannot decode image {path} ({type(e).__name__}: {e}): "
+                               "replace or remove the file") from None
+
+
 def image_folder(data_dir, split, transform):
     """``DATA_DIR/<split>/<class>/*`` as a torchvision ImageFolder (classes sorted, files sorted)."""
     root = os.path.join(data_dir, split)
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"{split}/ not found under {data_dir} (expected {data_dir}/{split}/<class>/*)")
+        raise UserError(f"{split}/ not found under {data_dir} (expected {data_dir}/{split}/<class>/*)")
     try:
-        return ImageFolder(root, transform=transform)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"no images under {root} (expected {root}/<class>/*.JPEG): {e}") from None
+        return ImageFolder(root, transform=transform, loader=load_image)
+    except FileNotFoundError as e:  # torchvision: no class folder, or a class folder without images
+        msg = str(e)
+        if 'class folder' in msg:
+            raise UserError(f"no class folders in {root} (expected {root}/<class>/*.JPEG)") from None
+        empty = msg.split('classes ', 1)[-1].split('. Supported', 1)[0]
+        raise UserError(f"no images in class folder(s) {empty} of {root} (expected {root}/<class>/*.JPEG; "
+                        f"extensions {' '.join(IMG_EXTENSIONS)})") from None
+
+
+def val_subset(dataset, num):
+    """A fixed subset of ``num`` images for quick checks: the same for every seed, process count and
+    run (a permutation from its own generator, seed 0), spread over the classes, in file order."""
+    if not 1 <= num <= len(dataset):
+        raise UserError(f"--num_val {num} is outside 1..{len(dataset)}, the size of the val split")
+    if num == len(dataset):
+        return dataset
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:num]
+    return Subset(dataset, order.sort().values.tolist())
 
 
 def train_loader(dataset, batch_size, num_workers, seed, dist_info, epoch=0):

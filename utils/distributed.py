@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from utils.errors import UserError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -39,12 +41,20 @@ def resolve_device(requested, local_rank=0):
     """'cuda' / 'cpu' / 'cuda:N' or None (cuda if available). Under a launcher, cuda means cuda:LOCAL_RANK."""
     if requested is None:
         requested = 'cuda' if torch.cuda.is_available() else 'cpu'
-    device = torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise UserError(f"--device {requested} is not a device: use cuda, cuda:N or cpu") from None
+    if device.type not in ('cuda', 'cpu'):
+        raise UserError(f"--device {requested} is not supported: use cuda, cuda:N or cpu")
     if device.type == 'cuda':
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {requested} asked for, but no CUDA device is visible: use --device cpu")
+            raise UserError(f"--device {requested} asked for, but no CUDA device is visible: use --device cpu")
         if device.index is None:
             device = torch.device('cuda', local_rank)
+        if device.index >= torch.cuda.device_count():
+            raise UserError(f"{device} asked for, but {torch.cuda.device_count()} CUDA device(s) are visible: "
+                            "use fewer processes per node or check CUDA_VISIBLE_DEVICES")
         torch.cuda.set_device(device)
     return device
 
@@ -59,7 +69,14 @@ def init_distributed(device=None, local_rank=None):
     local_rank = int(os.environ.get('LOCAL_RANK', local_rank if local_rank is not None else 0))
     dev = resolve_device(device, local_rank)
     if env_world > 1 and not is_initialized():
-        dist.init_process_group(backend='nccl' if dev.type == 'cuda' else 'gloo')
+        backend = 'nccl' if dev.type == 'cuda' else 'gloo'
+        try:
+            dist.init_process_group(backend=backend)
+        except Exception as e:  # no rendezvous address, port taken, peers unreachable, no backend
+            where = ', '.join(f"{k}={os.environ.get(k, '(unset)')}" for k in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'))
+            raise UserError(f"could not form the {backend} process group ({where}): {type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200]}. Start every process with torchrun --nproc_per_node N "
+                            "(or python -m torch.distributed.launch), and pick a free --master_port") from None
     return DistInfo(rank(), world_size(), local_rank, dev)
 
 
