@@ -1,6 +1,7 @@
 """QwT compensation (SPEC §3): after each quantized block, a linear map of the block's input fitted
 by least squares to the error between the full-precision and the quantized block."""
 import logging
+import math
 
 import torch
 from torch import nn
@@ -8,7 +9,7 @@ from tqdm import tqdm
 
 from models import stem, walk
 from quant.layers import set_quant_state
-from quant.regression import NormalEquations, fit_concat, r2_score, solve_normal
+from quant.regression import NonFiniteSystem, NormalEquations, fit_concat, r2_score, solve_normal
 from utils import distributed
 from utils.timing import Stopwatch
 
@@ -71,22 +72,51 @@ def moment_ss_res(gram, rhs, y_sq, w1):
     return ss_res
 
 
-def _singular(block_tokens, c_in, error):
-    """A singular [X,1]^T[X,1] (fewer tokens than C + 1, or collinear features) makes the published
-    float32 inverse fail: the block then gets zero compensation, with a warning, instead of a crash."""
-    _logger.warning('QwT: the least-squares system of a block is singular (%d tokens for %d unknowns per '
-                    'output: %s); that block gets zero compensation. More --qwt_samples or --qwt_solver '
-                    'lstsq avoid this.', block_tokens, c_in + 1, str(error).split(':')[0])
+REASONS = {
+    'singular': 'the least-squares matrix [X,1]^T[X,1] is singular',
+    'non-finite matrix': 'the least-squares system holds inf or NaN',
+    'non-finite solution': 'the solved W, b hold inf or NaN',
+}
+
+
+def _attempt(solve, *args):
+    """((W, b), None) from ``solve(*args)``, or (None, reason) where it fails: a singular matrix
+    (the inverse raises), inf/NaN in the system, or a non-finite solution."""
+    try:
+        weight, bias = solve(*args)
+    except torch.linalg.LinAlgError:
+        return None, 'singular'
+    except NonFiniteSystem:
+        return None, 'non-finite matrix'
+    if not (bool(torch.isfinite(weight).all()) and bool(torch.isfinite(bias).all())):
+        return None, 'non-finite solution'
+    return (weight, bias), None
+
+
+def _warn_fallback(block_id, fallback, solver):
+    """One warning line per block whose primary solve failed (see ``_fit_block_*``'s fallback)."""
+    kind, reason, tokens, unknowns, why_not = fallback
+    used = ('fitted with float64 least squares instead' if kind == 'lstsq' else
+            'the block gets zero compensation' + (f' (float64 least squares: {REASONS[why_not]})' if why_not else ''))
+    hint = 'more --qwt_samples' + ('' if solver == 'lstsq' else ' or --qwt_solver lstsq')
+    _logger.warning('QwT block %d: %s (%d tokens for %d unknowns per output); %s. Hint: %s.',
+                    block_id, REASONS[reason], tokens, unknowns, used, hint)
 
 
 def _fit_block_normal(block, xs, fit, solver, clock):
     """Two block passes per batch (full precision, quantized) feeding normal equations on the
-    device; the next features reuse the quantized outputs instead of a third pass."""
+    device; the next features reuse the quantized outputs instead of a third pass.
+
+    Where the ``solver`` fit fails (singular, inf/NaN in the normal equations or the solution), the
+    float64 least-squares fit of the same tokens replaces it (normal equations summed again in float64
+    from this process's features and targets and all-reduced, so every process takes the same
+    decision), and r² is computed for that fit; where that fails too, zero compensation."""
+    c_in = xs[0].shape[-1]
     if not fit:
         with clock('passes'):
             set_quant_state(block, True, True)
             outs = [block(x) for x in xs]
-        return outs, _zeros_like_fit(xs[0].shape[-1], outs[0].shape[-1], outs[0]), None
+        return outs, _zeros_like_fit(c_in, outs[0].shape[-1], outs[0]), None, None
     neq, q_outs, ys = None, [], []
     y_sq = torch.zeros((), dtype=torch.float64, device=xs[0].device)
     for x in xs:
@@ -102,15 +132,27 @@ def _fit_block_normal(block, xs, fit, solver, clock):
             y_sq += torch.dot(y.reshape(-1), y.reshape(-1)).double()  # BLAS dot: no squared temporary
         q_outs.append(q)
         ys.append(y.view_as(q))
-    xws = None
+    xws, fallback = None, None
     with clock('fit'):
         count = torch.tensor(float(sum(x.numel() // x.shape[-1] for x in xs)), dtype=torch.float64, device=y_sq.device)
         distributed.all_reduce_sum(neq.gram, neq.rhs, y_sq, count)
-        try:
-            weight, bias = solve_normal(neq.gram, neq.rhs, solver)
-        except torch.linalg.LinAlgError as e:
-            _singular(int(count), xs[0].shape[-1], e)
-            return q_outs, _zeros_like_fit(xs[0].shape[-1], q_outs[0].shape[-1], q_outs[0]), None
+        wb, reason = _attempt(solve_normal, neq.gram, neq.rhs, solver)
+        if reason is not None:
+            why_not = None  # why the float64 fallback failed too; not tried where it is what failed
+            if solver != 'lstsq':
+                c_out = q_outs[0].shape[-1]
+                neq = NormalEquations(c_in, c_out, xs[0].device, torch.float64)
+                y_sq = torch.zeros((), dtype=torch.float64, device=xs[0].device)
+                for x, y in zip(xs, ys):
+                    y = y.reshape(-1, c_out).double()
+                    neq.add(x.reshape(-1, c_in), y)
+                    y_sq += torch.dot(y.reshape(-1), y.reshape(-1))
+                distributed.all_reduce_sum(neq.gram, neq.rhs, y_sq)
+                wb, why_not = _attempt(solve_normal, neq.gram, neq.rhs, 'lstsq')
+            fallback = ('zero' if wb is None else 'lstsq', reason, int(count), c_in + 1, why_not)
+            if wb is None:
+                return q_outs, _zeros_like_fit(c_in, q_outs[0].shape[-1], q_outs[0]), None, fallback
+        weight, bias = wb
         ss_tot = y_sq - neq.rhs[-1].double().pow(2).sum() / count  # ΣY² - |ΣY|² / n
         ss_res = moment_ss_res(neq.gram, neq.rhs, y_sq, torch.cat([weight, bias[None]]))
         if ss_res is None:  # measure on the tokens, keeping x @ W for the next features
@@ -127,23 +169,31 @@ def _fit_block_normal(block, xs, fit, solver, clock):
             outs = [q.add_(xw).add_(bias) for q, xw in zip(q_outs, xws)]  # float32 form: (block(x) + x @ W) + b
     else:
         outs, (weight, bias) = q_outs, _zeros_like_fit(weight.shape[0], weight.shape[1], weight)
-    return outs, (weight, bias), (r2, rms)
+    return outs, (weight, bias), (r2, rms), fallback
 
 
 def _fit_block_concat(block, xs, fit, solver, clock):
     """The published procedure: concatenate every token, solve with the inverse formula, then a
-    third pass through the compensated block to get the next features."""
+    third pass through the compensated block to get the next features.
+
+    Where the ``solver`` fit fails (singular, inf/NaN in [X,1]^T[X,1] or in the solution), the float64
+    least-squares fit of the same tokens replaces it; where that fails too, zero compensation."""
     with clock('passes'):
         fps, qs = zip(*[_fp_and_quant(block, x) for x in xs])
+    fallback = None
     with clock('fit'):
         x_all = torch.cat(xs).reshape(-1, xs[0].shape[-1])
         y_all = (torch.cat(fps) - torch.cat(qs)).reshape(-1, fps[0].shape[-1])
         del fps
-        try:
-            weight, bias = fit_concat(x_all, y_all, solver)
-        except torch.linalg.LinAlgError as e:
-            _singular(x_all.shape[0], x_all.shape[1], e)
-            return list(qs), _zeros_like_fit(x_all.shape[1], y_all.shape[1], y_all), None
+        wb, reason = _attempt(fit_concat, x_all, y_all, solver)
+        if reason is not None:
+            why_not = None
+            if solver != 'lstsq':
+                wb, why_not = _attempt(fit_concat, x_all, y_all, 'lstsq')
+            fallback = ('zero' if wb is None else 'lstsq', reason, x_all.shape[0], x_all.shape[1] + 1, why_not)
+            if wb is None:
+                return list(qs), _zeros_like_fit(x_all.shape[1], y_all.shape[1], y_all), None, fallback
+        weight, bias = wb
         del qs
         y_pred = x_all @ weight + bias
         r2 = float(r2_score(y_all, y_pred))
@@ -154,7 +204,7 @@ def _fit_block_concat(block, xs, fit, solver, clock):
     comp = CompensatedBlock(block, weight, bias)
     with clock('passes'):
         outs = [comp.forward_fp32(x) for x in xs]
-    return outs, (weight, bias), (r2, rms)
+    return outs, (weight, bias), (r2, rms), fallback
 
 
 @torch.no_grad()
@@ -169,8 +219,18 @@ def qwt_compensate(q_model, images, start_block=0, batch_size=32, solver='invers
     every token concatenated, features gathered from every process, a third pass per block) or
     'normal' (normal equations summed batch by batch on the device and all-reduced, two passes per
     block: the same fit to float tolerance, several times faster; later blocks drift from the published
-    result as float differences flip the rounding of some fake-quantized activations). ``stats``: optional list that receives one dict per block; ``timings``: optional dict
-    that receives the seconds spent in block passes ('passes') and least-squares fitting ('fit').
+    result as float differences flip the rounding of some fake-quantized activations).
+
+    Where a block's ``solver`` fit fails ([X,1]^T[X,1] singular, inf/NaN in it or in the solution W, b),
+    a warning names the block and the block is fitted by float64 least squares ('lstsq') instead, with
+    its r² rule as usual; where even that has no finite solution (inf/NaN features or targets), the
+    block gets zero compensation.
+
+    ``stats``: optional list that receives one dict per block: 'block' (index), 'r2' (None where no
+    fit was made), 'used' (compensation non-zero), 'fallback' (None normally, 'lstsq' where the
+    float64 least-squares fallback replaced the failed fit, 'zero' where that failed too).
+    ``timings``: optional dict that receives the seconds spent in block passes ('passes') and
+    least-squares fitting ('fit').
     """
     if accumulate not in ACCUMULATE:
         raise ValueError(f"unknown accumulate mode {accumulate!r}: use one of {', '.join(ACCUMULATE)}")
@@ -189,14 +249,18 @@ def qwt_compensate(q_model, images, start_block=0, batch_size=32, solver='invers
             with clock('passes'):
                 xs = [module(x) for x in xs]
             continue
-        xs, (weight, bias), fit_info = fit_block(module, xs, block_id >= start_block, solver, clock)
+        xs, (weight, bias), fit_info, fallback = fit_block(module, xs, block_id >= start_block, solver, clock)
         slot.replace(CompensatedBlock(module, weight, bias))
         used = bool(weight.any())
+        if fallback is not None:
+            _warn_fallback(block_id, fallback, solver)
         if fit_info is not None:
             _logger.info('QwT block %d: r2 %.4f, rms residual %.6f, %s', block_id, fit_info[0], fit_info[1],
                          'compensated' if used else 'zero compensation')
         if stats is not None:
-            stats.append({'block': block_id, 'r2': None if fit_info is None else fit_info[0], 'used': used})
+            r2 = None if fit_info is None or not math.isfinite(fit_info[0]) else fit_info[0]  # JSON has no NaN
+            stats.append({'block': block_id, 'r2': r2, 'used': used,
+                          'fallback': None if fallback is None else fallback[0]})
         block_id += 1
     if timings is not None:
         timings.update(clock.seconds)

@@ -13,6 +13,16 @@ SOLVERS = ('inverse', 'lstsq')
 LSTSQ_RCOND_X = 1e-6
 
 
+class NonFiniteSystem(ValueError):
+    """inf or NaN in the system to solve: [X,1]^T[X,1] for the inverse, [X,1] or Y (or the normal
+    equations) for the least-squares driver, which would otherwise abort inside LAPACK."""
+
+
+def _require_finite(*tensors):
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        raise NonFiniteSystem('inf or NaN in the least-squares system')
+
+
 def with_ones(x):
     """[tokens, C] -> [tokens, C + 1] with a trailing column of ones (the bias term)."""
     return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=-1)
@@ -24,11 +34,17 @@ def split_wb(w1):
 
 
 def fit_concat(x, y, solver='inverse'):
-    """The published fit on all tokens at once: x [tokens, C_in], y [tokens, C_out] -> (W, b)."""
+    """The published fit on all tokens at once: x [tokens, C_in], y [tokens, C_out] -> (W, b).
+
+    Raises ``torch.linalg.LinAlgError`` where the inverse finds [X,1]^T[X,1] singular and
+    ``NonFiniteSystem`` where that matrix ('inverse') or x, y ('lstsq') hold inf or NaN.
+    """
     x1 = with_ones(x)
     if solver == 'inverse':
         x1_t = x1.t()
-        return split_wb(torch.inverse(x1_t @ x1) @ x1_t @ y)
+        gram = x1_t @ x1
+        _require_finite(gram)
+        return split_wb(torch.inverse(gram) @ x1_t @ y)
     if solver == 'lstsq':
         return _lstsq(x1.double(), y.double(), y.dtype, LSTSQ_RCOND_X)
     raise ValueError(f"unknown solver {solver!r}: use one of {', '.join(SOLVERS)}")
@@ -38,10 +54,13 @@ def solve_normal(gram, rhs, solver='inverse', dtype=torch.float32):
     """(W, b) from accumulated normal equations gram = [X,1]^T[X,1], rhs = [X,1]^T Y.
 
     'inverse' is the published float32 inverse; 'lstsq' solves in float64 with a rank-revealing
-    least-squares driver, which stays accurate when features are nearly collinear.
+    least-squares driver, which stays accurate when features are nearly collinear. Raises like
+    ``fit_concat``: ``NonFiniteSystem`` for inf or NaN in gram ('inverse') or in gram or rhs ('lstsq').
     """
     if solver == 'inverse':
-        return split_wb(torch.inverse(gram.to(dtype)) @ rhs.to(dtype))
+        gram = gram.to(dtype)
+        _require_finite(gram)
+        return split_wb(torch.inverse(gram) @ rhs.to(dtype))
     if solver == 'lstsq':
         return _lstsq(gram.double(), rhs.double(), dtype, LSTSQ_RCOND_X ** 2)
     raise ValueError(f"unknown solver {solver!r}: use one of {', '.join(SOLVERS)}")
@@ -49,6 +68,7 @@ def solve_normal(gram, rhs, solver='inverse', dtype=torch.float32):
 
 def _lstsq(a, b, dtype, rcond):
     device = a.device
+    _require_finite(a, b)  # gelsd fails with an internal assert, not an error, on inf or NaN
     # gelsd (SVD based, handles rank deficiency) exists only on the CPU; the systems are small.
     sol = torch.linalg.lstsq(a.cpu(), b.cpu(), rcond=rcond, driver='gelsd').solution
     return split_wb(sol.to(device=device, dtype=dtype))

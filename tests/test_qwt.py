@@ -89,6 +89,7 @@ def test_every_block_wrapped_in_walk_order(compensated):
         if slot.kind == 'merge':  # PatchMerging is run, not compensated
             assert not isinstance(slot.module, CompensatedBlock)
     assert all(s['used'] and s['r2'] > 0 for s in stats)
+    assert all(s['fallback'] is None for s in stats)
 
 
 @pytest.mark.parametrize('kind,accumulate', [('vit', 'normal'), ('vit', 'concat'), ('deit', 'normal'),
@@ -102,6 +103,7 @@ def test_start_block(kind, accumulate):
     qwt_compensate(model, quantized['images'], start_block=start, batch_size=8, accumulate=accumulate, stats=stats)
     comps = [s.module for s in _block_slots(model)]
     assert len(stats) == len(comps) == len(BLOCK_DIMS[kind])
+    assert [s['fallback'] for s in stats] == [None] * len(comps)
     for i, (comp, st) in enumerate(zip(comps, stats)):
         assert st['block'] == i
         if i < start:
@@ -143,6 +145,7 @@ def test_fit_with_nonpositive_r2_gets_zeros(monkeypatch, accumulate, patched):
     assert len(calls) == 3
     assert stats[1]['r2'] <= 0 and stats[1]['used'] is False
     assert stats[0]['used'] and stats[2]['used'] and stats[0]['r2'] > 0 and stats[2]['r2'] > 0
+    assert [s['fallback'] for s in stats] == [None] * 3  # a poor fit is no failed solve
     comps = compensated_blocks(model)
     assert not comps[1].comp_weight.any() and not comps[1].comp_bias.any()
     assert comps[0].comp_weight.any() and comps[2].comp_weight.any()
@@ -242,6 +245,7 @@ def test_normal_and_concat_agree(kind, solver):
         results[accumulate] = (compensated_blocks(model), stats)
     (normal, s_n), (concat, s_c) = results['normal'], results['concat']
     assert [s['used'] for s in s_n] == [s['used'] for s in s_c]
+    assert all(s['fallback'] is None for s in s_n + s_c)
     assert sum(s['used'] for s in s_n) == len(BLOCK_DIMS[kind]) - start
     tol = _solver_tol(kind, solver)
     for i, (a, b) in enumerate(zip(normal, concat)):
@@ -391,24 +395,169 @@ def test_one_pass_evaluation_equals_two_passes():
     assert both['qwt']['correct1'] == top1
 
 
-@pytest.mark.parametrize('accumulate,patched', [('normal', 'solve_normal'), ('concat', 'fit_concat')])
-def test_singular_system_gives_zero_compensation_not_a_crash(accumulate, patched, monkeypatch, caplog):
-    """Where the published float32 inverse fails (an exactly singular [X,1]^T[X,1]), the block gets
-    zero compensation and a warning naming the fix, instead of a crash."""
-    import quant.qwt as qwt_module
+# --------------------------------------------------------------------------- failed solves: fallback
+# A singular or non-finite system, or a non-finite solution, of one block: float64 least squares
+# instead, recorded in stats['fallback'], one warning; where that fails too (inf/NaN data), zeros.
 
-    def singular(*args, **kwargs):
-        raise torch.linalg.LinAlgError('linalg.inv: The diagonal element 3 is zero')
-    monkeypatch.setattr(qwt_module, patched, singular)
+FAILURES = ('singular', 'non-finite matrix', 'non-finite solution')
+WARNED_REASON = {'singular': 'is singular', 'non-finite matrix': 'system holds inf or NaN',
+                 'non-finite solution': 'W, b hold inf or NaN'}
+
+
+def _fail_block(monkeypatch, accumulate, failure, block=1):
+    """Make the 'inverse' solve of block ``block`` (its ``block``-th call) fail as ``failure``; the
+    'lstsq' fallback runs untouched. Returns the list of intercepted calls."""
+    calls = []
+    if failure == 'non-finite solution':  # the real solver path, with the inverse returning NaN
+        real_inv = torch.inverse
+
+        def inverse(a, *args, **kwargs):
+            calls.append(a.shape)
+            out = real_inv(a, *args, **kwargs)
+            return torch.full_like(out, float('nan')) if len(calls) == block + 1 else out
+        monkeypatch.setattr(torch, 'inverse', inverse)
+        return calls
+    name = 'solve_normal' if accumulate == 'normal' else 'fit_concat'
+    real = getattr(qwt_module, name)
+
+    def solve(a, b, solver='inverse'):
+        if solver != 'inverse':
+            return real(a, b, solver)
+        calls.append(a.shape)
+        if len(calls) != block + 1:
+            return real(a, b, solver)
+        if failure == 'singular':
+            raise torch.linalg.LinAlgError('linalg.inv: The diagonal element 3 is zero')
+        # the real check. concat: features ~1e20 overflow [X,1]^T[X,1] in float32. normal: the summed
+        # gram itself becomes inf/NaN (in place, as an overflow would), so r² must not come from it.
+        return real(a * 1e20, b, solver) if name == 'fit_concat' else real(a.mul_(float('inf')), b, solver)
+    monkeypatch.setattr(qwt_module, name, solve)
+    return calls
+
+
+def _block1_tokens(model, images):
+    """Block 1's input and target (fp - quantized), propagated by hand through compensated block 0."""
+    comps = compensated_blocks(model)
+    with torch.no_grad():
+        set_quant_state(model, True, True)
+        x = comps[0].forward_fp32(models.stem(model, images))
+        fp, q = _fp_q(comps[1].block, x)
+    return x.reshape(-1, x.shape[-1]), (fp - q).reshape(-1, fp.shape[-1])
+
+
+def _qwt_warnings(caplog):
+    return [r.getMessage() for r in caplog.records if r.name == 'quant.qwt' and r.levelname == 'WARNING']
+
+
+@pytest.mark.parametrize('failure', FAILURES)
+@pytest.mark.parametrize('accumulate', ('normal', 'concat'))
+def test_failed_solve_falls_back_to_float64_lstsq(accumulate, failure, monkeypatch, caplog):
+    """Block 1's published solve fails: it gets the fit --qwt_solver lstsq gives on the same tokens,
+    with its own r², 'fallback' = 'lstsq', and one warning; blocks 0 and 2 are untouched."""
     q = _quantized('vit')
+    calls = _fail_block(monkeypatch, accumulate, failure)
     model = copy.deepcopy(q['model'])
     stats = []
     with caplog.at_level('WARNING', logger='quant.qwt'):
-        qwt_compensate(model, q['images'], batch_size=4, accumulate=accumulate, stats=stats)
-    comps = compensated_blocks(model)
-    assert len(comps) == len(stats) == 3
-    assert all(not s['used'] and s['r2'] is None for s in stats)
-    assert all(float(c.comp_weight.abs().sum()) == 0 for c in comps)
-    assert 'singular' in caplog.text and '--qwt_samples' in caplog.text
+        qwt_compensate(model, q['images'], batch_size=8, accumulate=accumulate, stats=stats)
+    assert len(calls) == 3  # one primary solve per block
+    assert [s['fallback'] for s in stats] == [None, 'lstsq', None]
+    assert all(s['used'] and s['r2'] > 0 for s in stats)
+
+    x, y = _block1_tokens(model, q['images'])
+    if accumulate == 'concat':
+        w_ref, b_ref = fit_concat(x, y, 'lstsq')
+    else:  # what quant.qwt accumulates for --qwt_solver lstsq
+        neq = NormalEquations(x.shape[1], y.shape[1], x.device, torch.float64)
+        for xb, yb in zip(x.split(8 * 17), y.split(8 * 17)):  # 8 images of 17 tokens per batch
+            neq.add(xb, yb)
+        w_ref, b_ref = solve_normal(neq.gram, neq.rhs, 'lstsq')
+    comp = compensated_blocks(model)[1]
+    scale = float(w_ref.abs().max())
+    assert scale > 0
+    torch.testing.assert_close(comp.comp_weight, w_ref, rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(comp.comp_bias, b_ref, rtol=0, atol=1e-5 * scale)
+    assert stats[1]['r2'] == pytest.approx(float(r2_score(y, x @ w_ref + b_ref)), abs=1e-5)
+
+    warnings = _qwt_warnings(caplog)
+    assert len(warnings) == 1 and '\n' not in warnings[0]
+    msg = warnings[0]
+    assert msg.startswith('QwT block 1: ') and WARNED_REASON[failure] in msg
+    assert 'float64 least squares instead' in msg and 'zero compensation' not in msg
+    assert '--qwt_samples' in msg and '--qwt_solver lstsq' in msg
     with torch.no_grad():
-        assert torch.equal(model(q['eval_images']), q['repq_out'])
+        out = model(q['eval_images'])
+    assert torch.isfinite(out).all() and not torch.equal(out, q['repq_out'])
+
+
+@pytest.mark.parametrize('where', ('features', 'targets'))
+@pytest.mark.parametrize('accumulate,solver', [('normal', 'inverse'), ('concat', 'inverse'),
+                                               ('normal', 'lstsq'), ('concat', 'lstsq')])
+def test_non_finite_data_of_one_block_gives_it_zeros(accumulate, solver, where, monkeypatch, caplog):
+    """A NaN in block 1's features X (injected after its block passes: a NaN through the quantized
+    model itself is not what is tested here) or in its targets Y: no solver, the float64 fallback
+    included, has a finite fit (and gelsd is never handed a NaN), so block 1 alone gets zeros,
+    'zero' recorded, one warning; block 2 is fitted on block 1's plain quantized output and the
+    model output stays finite and compensated."""
+    q = _quantized('vit')
+    real, seen, hit = qwt_module._fp_and_quant, [], []
+
+    def fp_and_quant(block, x):
+        first_call = block not in seen
+        if first_call:
+            seen.append(block)
+        fp, out = real(block, x)
+        if first_call and len(seen) == 2:  # block 1's first batch: one element
+            (x if where == 'features' else fp)[0, 2, 3] = float('nan')
+            hit.append(x)
+        return fp, out
+    monkeypatch.setattr(qwt_module, '_fp_and_quant', fp_and_quant)
+    model = copy.deepcopy(q['model'])
+    stats = []
+    with caplog.at_level('WARNING', logger='quant.qwt'):
+        qwt_compensate(model, q['images'], batch_size=8, solver=solver, accumulate=accumulate, stats=stats)
+    assert len(seen) == 3 and len(hit) == 1
+    assert [s['fallback'] for s in stats] == [None, 'zero', None]
+    assert [s['used'] for s in stats] == [True, False, True] and stats[1]['r2'] is None
+    comps = compensated_blocks(model)
+    assert not comps[1].comp_weight.any() and not comps[1].comp_bias.any()
+    assert comps[0].comp_weight.any() and comps[2].comp_weight.any()
+    assert all(torch.isfinite(c.comp_weight).all() and torch.isfinite(c.comp_bias).all() for c in comps)
+
+    warnings = _qwt_warnings(caplog)
+    assert len(warnings) == 1 and '\n' not in warnings[0]
+    msg = warnings[0]
+    primary = 'non-finite solution' if (where == 'targets' and solver == 'inverse') else 'non-finite matrix'
+    assert msg.startswith(f'QwT block 1: {qwt_module.REASONS[primary]} (')
+    assert 'the block gets zero compensation' in msg and '--qwt_samples' in msg
+    if solver == 'inverse':
+        assert 'float64 least squares: the least-squares system holds inf or NaN' in msg
+        assert '--qwt_solver lstsq' in msg
+    else:  # the float64 solver is what failed: no second try, no hint to use it
+        assert 'float64 least squares' not in msg and '--qwt_solver' not in msg
+
+    # block 2 was fitted on block 1's plain quantized output (as in the r² <= 0 case)
+    with torch.no_grad():
+        set_quant_state(model, True, True)
+        x = comps[0].forward_fp32(models.stem(model, q['images']))
+        _, x = _fp_q(comps[1].block, x)
+        fp, qo = _fp_q(comps[2].block, x)
+        w_ref, _ = fit_concat(x.reshape(-1, 48), (fp - qo).reshape(-1, 48), 'lstsq')
+        out = model(q['eval_images'])
+    torch.testing.assert_close(comps[2].comp_weight, w_ref, rtol=0, atol=1e-4 * float(w_ref.abs().max()))
+    assert torch.isfinite(out).all() and not torch.equal(out, q['repq_out'])
+
+
+def test_fallback_before_start_block_still_gives_zeros(monkeypatch, caplog):
+    """concat fits blocks before --start_block too (for their r²): a failed solve there falls back
+    and is recorded, but the block keeps zero compensation."""
+    q = _quantized('vit')
+    _fail_block(monkeypatch, 'concat', 'singular', block=0)
+    model = copy.deepcopy(q['model'])
+    stats = []
+    with caplog.at_level('WARNING', logger='quant.qwt'):
+        qwt_compensate(model, q['images'], start_block=1, batch_size=8, stats=stats)
+    assert [s['fallback'] for s in stats] == ['lstsq', None, None]
+    assert [s['used'] for s in stats] == [False, True, True] and stats[0]['r2'] > 0
+    assert not compensated_blocks(model)[0].comp_weight.any()
+    assert len(_qwt_warnings(caplog)) == 1

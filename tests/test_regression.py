@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from quant.regression import SOLVERS, NormalEquations, fit_concat, r2_score, solve_normal, with_ones
+from quant.regression import (SOLVERS, NonFiniteSystem, NormalEquations, fit_concat, r2_score, solve_normal,
+                              with_ones)
 
 SOLVER_NAMES = ('inverse', 'lstsq')
 
@@ -102,3 +103,49 @@ def test_unknown_solver_raises(call):
             x1 = with_ones(x)
             solve_normal(x1.t() @ x1, x1.t() @ y, 'cholesky')
     assert 'inverse' in str(info.value) and 'lstsq' in str(info.value)
+
+
+@pytest.mark.parametrize('solver', SOLVER_NAMES)
+def test_inf_or_nan_features_raise_non_finite_system(solver):
+    """Both solvers refuse inf/NaN in the system with NonFiniteSystem (gelsd would otherwise fail
+    with an internal assert, a RuntimeError that is no LinAlgError)."""
+    x, y, _, _ = _planted(n=200, c_in=5, c_out=3, seed=4)
+    for bad in (float('inf'), float('nan')):
+        xb = x.clone()
+        xb[7, 2] = bad
+        with pytest.raises(NonFiniteSystem):
+            fit_concat(xb, y, solver)
+        neq = NormalEquations(5, 3, torch.device('cpu'), torch.float64 if solver == 'lstsq' else torch.float32)
+        neq.add(xb, y)
+        with pytest.raises(NonFiniteSystem):
+            solve_normal(neq.gram, neq.rhs, solver)
+
+
+def test_nan_targets():
+    """A NaN in Y: the inverse (finite gram) returns a non-finite solution for the caller to catch,
+    the least-squares driver raises NonFiniteSystem."""
+    x, y, _, _ = _planted(n=200, c_in=5, c_out=3, seed=5)
+    y[3, 1] = float('nan')
+    w, b = fit_concat(x, y, 'inverse')
+    assert not torch.isfinite(w[:, 1]).any() and torch.isfinite(w[:, 0]).all()
+    with pytest.raises(NonFiniteSystem):
+        fit_concat(x, y, 'lstsq')
+    neq = NormalEquations(5, 3, torch.device('cpu'), torch.float64)
+    neq.add(x, y)
+    with pytest.raises(NonFiniteSystem):
+        solve_normal(neq.gram, neq.rhs, 'lstsq')
+
+
+def test_float32_gram_overflow_raises_but_float64_lstsq_fits():
+    """Features ~1e20 are finite in float32 but overflow [X,1]^T[X,1]: the published inverse raises
+    NonFiniteSystem, the float64 least squares (the fallback in quant.qwt) still gives a finite fit.
+    (At this scale the ones column falls under LSTSQ_RCOND_X of the largest singular value, so the
+    driver drops the bias direction: a useful fit, not the exact one.)"""
+    x, y, _, _ = _planted(n=300, c_in=4, c_out=2, seed=6)
+    big = x * 1e20
+    assert torch.isfinite(big).all()
+    with pytest.raises(NonFiniteSystem):
+        fit_concat(big, y, 'inverse')
+    w, b = fit_concat(big, y, 'lstsq')
+    assert torch.isfinite(w).all() and torch.isfinite(b).all()
+    assert float(r2_score(y, big @ w + b)) > 0.2

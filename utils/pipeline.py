@@ -143,24 +143,32 @@ def seed_everything(seed):
 def setup_logging(output_dir, is_main):
     """Console on every process (warnings only off rank 0); rank 0 also appends to OUTPUT_DIR/log.txt,
     so the log of an earlier run in the same folder is kept."""
-    _logger.handlers.clear()
-    _logger.propagate = False
     level = logging.INFO if is_main else logging.WARNING
     fmt = logging.Formatter('%(asctime)s %(message)s', '%H:%M:%S')
     handlers = [logging.StreamHandler(sys.stdout)]
     if is_main:
         os.makedirs(output_dir, exist_ok=True)
         handlers.append(logging.FileHandler(os.path.join(output_dir, 'log.txt'), mode='a'))
+    teardown_logging()
     for name in ('qwt', 'quant'):
         log = logging.getLogger(name)
-        for h in list(log.handlers):
-            log.removeHandler(h)
-            h.close()
         for h in handlers:
             h.setFormatter(fmt)
             log.addHandler(h)
         log.setLevel(level)
         log.propagate = False
+
+
+def teardown_logging():
+    """Close the log file and give the loggers back their default state (the entry point may run
+    in-process, e.g. under pytest)."""
+    for name in ('qwt', 'quant'):
+        log = logging.getLogger(name)
+        for h in list(log.handlers):
+            log.removeHandler(h)
+            h.close()
+        log.setLevel(logging.NOTSET)
+        log.propagate = True
 
 
 def calibration_batch(dataset, args, dist_info):
@@ -377,3 +385,4 @@ def main(family, argv=None):
         sys.exit(2)
     finally:
         distributed.cleanup()
+        teardown_logging()
