@@ -100,6 +100,9 @@ def test_undecodable_image_is_named(capsys, tmp_path, deit_ckpt, workers):
     ('vit', ['--data_dir', '.'], '--model is required (vit_small, vit_base, deit_tiny'),
     ('vit', ['--model', 'deit_tiny', '--load', 'x.pth', '--checkpoint', 'y.pth'], '--checkpoint and --load exclude'),
     ('vit', ['--model', 'deit_tiny', '--load', '/no/saved.pth'], '--load /no/saved.pth not found'),
+    ('vit', ['--model', 'deit_tiny', '--seed', '-1'], "--seed -1 is outside 0..2^32-1 (numpy's range)"),
+    ('vit', ['--model', 'deit_tiny', '--save', '/etc/hostname/q/m.pth'], '--save /etc/hostname/q/m.pth: /etc/hostname is not a writable folder'),
+    ('vit', ['--model', 'deit_tiny', '--save', '/tmp'], '--save /tmp: is a directory; choose another path'),
 ])
 def test_bad_flag_values(capsys, image_root, family, args, message):
     argv = args if '--data_dir' in args else ['--data_dir', image_root, *args]

@@ -128,3 +128,17 @@ def test_missing_split_is_a_clear_error(tmp_path):
                       '--output_dir', str(tmp_path / 'out'), '--num_workers', '0')
     assert proc.returncode == 2
     assert 'error: val/ not found under' in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_demo_needs_no_data_and_no_weights(tmp_path):
+    """--demo: a generated image folder and a random-weight deit_tiny (nothing cached, nothing fetched),
+    the whole pipeline, then the comparison table."""
+    out = str(tmp_path / 'demo')
+    proc = run_script('qwt_vit_and_deit.py', '--demo', '--output_dir', out, env={'TORCH_HOME': str(tmp_path / 'torch')})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.load(open(os.path.join(out, 'result.json')))
+    assert (result['model'], result['demo'], result['weights']) == ('deit_tiny', True, 'random')
+    assert (result['num_val'], result['val_total'], result['num_calib'], result['num_qwt']) == (40, 40, 16, 32)
+    assert len(result['qwt_blocks']) == 12 and result['qwt_top1'] is not None
+    assert '| DeiT-T | 72.2 | W4/A4 | 58.2 | 61.4 |' in proc.stdout and 'random weights; demo |' in proc.stdout
+    assert not os.path.exists(tmp_path / 'torch')  # nothing was downloaded

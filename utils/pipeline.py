@@ -110,6 +110,13 @@ def parse_args(family, argv=None):
         parser.error(f"--num_workers must be >= 0, got {args.num_workers}")
     if args.start_block < 0:
         parser.error(f"--start_block must be >= 0, got {args.start_block}")
+    if not 0 <= args.seed < 2 ** 32:
+        parser.error(f"--seed {args.seed} is outside 0..2^32-1 (numpy's range)")
+    if args.save is not None:
+        problem = unwritable(args.save)
+        if problem:
+            parser.error(f"--save {args.save}: {problem}; choose another path (checked now, so that no "
+                         "calibration is lost)")
     world = int(os.environ.get('WORLD_SIZE', '1'))
     step = args.batch_size * world  # SPEC §3: qwt_samples // batch // world_size batches per process
     if args.load is None and args.qwt_samples % step:
@@ -132,6 +139,20 @@ def parse_args(family, argv=None):
             name = f"{'demo_' if args.demo else ''}{args.model}_w{args.w_bits}a{args.a_bits}"
             args.output_dir = os.path.join('output', name)
     return args
+
+
+def unwritable(path):
+    """Why a file cannot be written at ``path`` (None if it can): a folder there, or the nearest
+    existing parent folder not writable."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        return 'is a directory'
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        return f'{parent} is not a writable folder'
+    return None
 
 
 def seed_everything(seed):
@@ -377,10 +398,11 @@ def main(family, argv=None):
     except KeyboardInterrupt:
         print('error: interrupted', file=sys.stderr)
         sys.exit(130)
-    except (UserError, OSError, ValueError, torch.cuda.OutOfMemoryError) as e:
-        if os.environ.get('QWT_TRACEBACK'):
-            raise
-        hint = ': lower --batch_size' if isinstance(e, torch.cuda.OutOfMemoryError) else ''
+    except (UserError, OSError, ValueError, RuntimeError) as e:
+        out_of_memory = isinstance(e, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(e)
+        if os.environ.get('QWT_TRACEBACK') or (isinstance(e, RuntimeError) and not out_of_memory):
+            raise  # a RuntimeError other than memory is a bug: keep its traceback
+        hint = ': lower --batch_size' if out_of_memory else ''
         print(f'error: {one_line(e)}{hint}', file=sys.stderr)
         sys.exit(2)
     finally:
