@@ -1,6 +1,7 @@
 """Model construction: timm 0.4.12 ViT / DeiT / Swin with attention products as modules, and the
 model-specific pieces QwT needs (stem and block walk)."""
 import os
+import pickle
 from urllib.parse import urlparse
 
 import torch
@@ -31,7 +32,10 @@ def prepare_model(model):
 def _read_state_dict(checkpoint):
     """The tensors of a ``.pth`` file: a state dict, or one under 'model' / 'state_dict'."""
     try:
-        state = torch.load(checkpoint, map_location='cpu', weights_only=True)
+        try:
+            state = torch.load(checkpoint, map_location='cpu', weights_only=True)
+        except pickle.UnpicklingError:  # e.g. training args stored next to the weights: the user's own file
+            state = torch.load(checkpoint, map_location='cpu', weights_only=False)
     except Exception as e:
         raise UserError(f"cannot read checkpoint {checkpoint} ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
                         "expected a .pth state dict saved with torch.save") from None

@@ -49,8 +49,7 @@ def read_saved(path):
     try:
         payload = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise UserError(f"cannot read --load {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
-                        "pass a file written by --save") from None
+        raise UserError(f"cannot read --load {path} ({type(e).__name__}): pass a file written by --save") from None
     if not (isinstance(payload, dict) and payload.get('format') == FORMAT):
         raise UserError(f"--load {path} is not a quantized model written by --save (plain weights go to --checkpoint)")
     if payload.get('version') != VERSION:

@@ -103,6 +103,7 @@ def test_undecodable_image_is_named(capsys, tmp_path, deit_ckpt, workers):
     ('vit', ['--model', 'deit_tiny', '--seed', '-1'], "--seed -1 is outside 0..2^32-1 (numpy's range)"),
     ('vit', ['--model', 'deit_tiny', '--save', '/etc/hostname/q/m.pth'], '--save /etc/hostname/q/m.pth: /etc/hostname is not a writable folder'),
     ('vit', ['--model', 'deit_tiny', '--save', '/tmp'], '--save /tmp: is a directory; choose another path'),
+    ('vit', ['--model', 'deit_tiny', '--output_dir', '/etc/hostname'], '--output_dir /etc/hostname is a file, not a folder'),
 ])
 def test_bad_flag_values(capsys, image_root, family, args, message):
     argv = args if '--data_dir' in args else ['--data_dir', image_root, *args]
@@ -140,6 +141,16 @@ def test_checkpoint_missing_keys(capsys, image_root, tmp_path):
     torch.save(state, tmp_path / 'cut.pth')
     line = fails(capsys, 'vit', *quick(image_root, str(tmp_path / 'cut.pth'), tmp_path))
     assert 'missing keys blocks.0.norm1.bias, head.weight' in line
+
+
+def test_checkpoint_with_training_args_still_loads(tmp_path):
+    """Not an error: a state dict saved next to non-tensor objects (an argparse Namespace) loads."""
+    import argparse
+    from models import build_model
+    state = torch.load(save_random_checkpoint('deit_tiny_patch16_224', str(tmp_path / 'a.pth')))
+    torch.save({'model': state, 'args': argparse.Namespace(lr=5e-4), 'epoch': 299}, tmp_path / 'full.pth')
+    model = build_model('deit_tiny', checkpoint=str(tmp_path / 'full.pth'))
+    assert torch.equal(model.head.weight, state['head.weight'])
 
 
 def test_offline_download_names_file_url_and_cache(image_root, tmp_path):

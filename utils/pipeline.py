@@ -112,6 +112,8 @@ def parse_args(family, argv=None):
         parser.error(f"--start_block must be >= 0, got {args.start_block}")
     if not 0 <= args.seed < 2 ** 32:
         parser.error(f"--seed {args.seed} is outside 0..2^32-1 (numpy's range)")
+    if args.output_dir is not None and os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        parser.error(f"--output_dir {args.output_dir} is a file, not a folder: choose another path")
     if args.save is not None:
         problem = unwritable(args.save)
         if problem:
