@@ -71,7 +71,7 @@ def check_save_load(script, result, saved, image_root, tmp_path):
                       '--output_dir', out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     loaded = json.load(open(os.path.join(out, 'result.json')))
-    assert loaded['weights'] == 'loaded' and loaded['loaded_from'] == saved
+    assert (loaded['weights'], loaded['source_weights'], loaded['loaded_from']) == ('loaded', 'checkpoint', saved)
     for key in ('model', 'timm_name', 'w_bits', 'a_bits', 'repq_top1', 'repq_top5', 'qwt_top1', 'qwt_top5',
                 'repq_size_mb', 'qwt_size_mb', 'qwt_blocks', 'num_calib', 'num_qwt', 'num_val'):
         assert loaded[key] == result[key], key

@@ -95,8 +95,10 @@ def test_duplicate_last_wins_with_warning():
 def test_notes():
     rs = loaded(result(weights='random', num_val=1000, val_total=50000, demo=True),
                 result(w=6, a=6, weights='pretrained', num_val=50000, val_total=50000, demo=False),
-                result('deit_base_patch16_224', num_val=10, val_total=50000))
+                result('deit_base_patch16_224', num_val=10, val_total=50000),
+                result('deit_tiny_patch16_224', weights='loaded', source_weights='random'))
     rows, _ = table.build_rows(table.load_paper(), rs)
+    assert rows[0]['note'] == 'random weights'  # a --load run of a model quantized from random weights
     assert rows[2]['note'] == 'random weights; val subset 1000/50000; demo'
     assert rows[3]['note'] == ''
     assert rows[4]['note'] == 'val subset 10/50000'

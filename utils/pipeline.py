@@ -341,7 +341,8 @@ def run(args, family):
     result = {
         'model': spec.name, 'timm_name': spec.timm_name, 'w_bits': w_bits, 'a_bits': a_bits,
         'seed': meta.get('seed', args.seed), 'world_size': dist_info.world_size, 'device': str(dist_info.device),
-        'weights': weights, 'demo': bool(args.demo), 'loaded_from': args.load, 'saved_to': args.save,
+        'weights': weights, 'source_weights': meta.get('weights'), 'demo': bool(args.demo),
+        'loaded_from': args.load, 'saved_to': args.save,
         'num_val': len(val_data), 'val_total': val_total,
         **{k: meta.get(k) for k in ('num_calib', 'num_qwt', 'start_block', 'qwt_solver', 'qwt_accumulate',
                                     'calib_search')},

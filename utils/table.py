@@ -88,7 +88,7 @@ def _delta(ours, paper):
 def _note(r):
     """Why a result may not be comparable with the paper's figure."""
     notes = []
-    if r.get('weights') == 'random':
+    if 'random' in (r.get('weights'), r.get('source_weights')):  # source_weights: what a --load file was made from
         notes.append('random weights')
     if r.get('num_val') is not None and r.get('val_total') is not None and r['num_val'] < r['val_total']:
         notes.append(f"val subset {r['num_val']}/{r['val_total']}")
