@@ -103,8 +103,9 @@ def test_bad_flags_are_one_line_errors(image_root, capsys, family, args, message
 
 def test_missing_data_dir_is_a_clear_error(capsys):
     from utils.pipeline import parse_args
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exc:
         parse_args('vit', ['--model', 'deit_tiny', '--data_dir', '/no/such/dir'])
+    assert exc.value.code == 2
     assert '--data_dir /no/such/dir is not a directory (expected DATA_DIR/train/<class>/*' in capsys.readouterr().err
 
 
