@@ -217,4 +217,5 @@ def test_failed_run_keeps_earlier_result_and_log(capsys, image_root, deit_ckpt, 
     assert json.loads((out / 'result.json').read_text()) == {'finished': True}
     log = (out / 'log.txt').read_text()
     assert log.startswith('earlier run\n') and '====' in log
+    assert log.rstrip().endswith('error: --num_val 7 is outside 1..6, the size of the val split')
     assert sorted(os.listdir(out)) == ['log.txt', 'result.json']

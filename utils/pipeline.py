@@ -194,6 +194,13 @@ def teardown_logging():
         log.propagate = True
 
 
+def log_to_file(message):
+    """Append ``message`` to log.txt only (it is already on the console), if the log is open."""
+    for h in _logger.handlers:
+        if isinstance(h, logging.FileHandler):
+            h.emit(_logger.makeRecord(_logger.name, logging.ERROR, __file__, 0, message, None, None))
+
+
 def calibration_batch(dataset, args, dist_info):
     """The first batch of the shuffled training loader on rank 0, broadcast to every process."""
     loader = train_loader(dataset, args.batch_size, args.num_workers, args.seed, dist_info, epoch=0)
@@ -400,13 +407,16 @@ def main(family, argv=None):
         return run(args, family)
     except KeyboardInterrupt:
         print('error: interrupted', file=sys.stderr)
+        log_to_file('error: interrupted')
         sys.exit(130)
     except (UserError, OSError, ValueError, RuntimeError) as e:
         out_of_memory = isinstance(e, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(e)
         if os.environ.get('QWT_TRACEBACK') or (isinstance(e, RuntimeError) and not out_of_memory):
             raise  # a RuntimeError other than memory is a bug: keep its traceback
         hint = ': lower --batch_size' if out_of_memory else ''
-        print(f'error: {one_line(e)}{hint}', file=sys.stderr)
+        message = f'error: {one_line(e)}{hint}'
+        print(message, file=sys.stderr)
+        log_to_file(message)  # the run's log says why it stopped
         sys.exit(2)
     finally:
         distributed.cleanup()
