@@ -265,6 +265,39 @@ def build_float_model(args, spec, device):
     return model.to(device), weights
 
 
+def quantize(model, train_set, args, spec, w_bits, a_bits, weights, dist_info, timer):
+    """RepQ-ViT on one calibration batch, then QwT on ``--qwt_samples`` images, then ``--save``.
+    Returns (meta: how the model was made, also stored in the saved file; stage seconds)."""
+    with timer('calibration_data'):
+        calib = calibration_batch(train_set, args, dist_info)
+    repq_times = {}
+    with timer('repq'):
+        repq_vit(model, calib, w_bits, a_bits, per_channel_loop=args.calib_search == 'per_channel',
+                 timings=repq_times)
+    _logger.info('RepQ-ViT calibration done in %.1f s', timer.seconds['repq'])
+    with timer('qwt_data'):
+        images = qwt_images(train_set, args, dist_info)
+    qwt_stats, qwt_times = [], {}
+    with timer('qwt'):
+        qwt_compensate(model, images, start_block=args.start_block, batch_size=args.batch_size,
+                       solver=args.qwt_solver, accumulate=args.qwt_accumulate, progress=dist_info.is_main,
+                       stats=qwt_stats, timings=qwt_times)
+    del images
+    _logger.info('QwT compensation done in %.1f s (%d of %d blocks compensated)', timer.seconds['qwt'],
+                 sum(s['used'] for s in qwt_stats), len(qwt_stats))
+    meta = {'weights': weights, 'seed': args.seed, 'world_size': dist_info.world_size,
+            'num_calib': int(calib.shape[0]), 'num_qwt': args.qwt_samples, 'start_block': args.start_block,
+            'qwt_solver': args.qwt_solver, 'qwt_accumulate': args.qwt_accumulate,
+            'calib_search': args.calib_search, 'qwt_blocks': qwt_stats}
+    if args.save and dist_info.is_main:  # before evaluation: a finished fit is never lost
+        with timer('save'):
+            save_quantized(model, args.save, spec.name, spec.timm_name, w_bits, a_bits, meta)
+        _logger.info('saved the quantized model to %s', args.save)
+    stage_times = {**{f'repq_{k}': round(v, 3) for k, v in repq_times.items()},
+                   **{f'qwt_{k}': round(v, 3) for k, v in qwt_times.items()}}
+    return meta, stage_times
+
+
 def run(args, family):
     """Run the pipeline for parsed ``args``; returns the result dict (written on rank 0)."""
     if args.demo and args.data_dir is None:
@@ -305,45 +338,20 @@ def run(args, family):
     _logger.info('%s weights; train %s images, val %d images, %d classes', weights,
                  'n/a' if train_set is None else len(train_set), len(val_set), len(val_set.classes))
 
-    qwt_stats, stage_times = meta.get('qwt_blocks', []), {}
+    stage_times = {}
     if payload is None:
-        with timer('calibration_data'):
-            calib = calibration_batch(train_set, args, dist_info)
-        repq_times = {}
-        with timer('repq'):
-            repq_vit(model, calib, w_bits, a_bits, per_channel_loop=args.calib_search == 'per_channel',
-                     timings=repq_times)
-        _logger.info('RepQ-ViT calibration done in %.1f s', timer.seconds['repq'])
-        with timer('qwt_data'):
-            images = qwt_images(train_set, args, dist_info)
-        qwt_times = {}
-        with timer('qwt'):
-            qwt_compensate(model, images, start_block=args.start_block, batch_size=args.batch_size,
-                           solver=args.qwt_solver, accumulate=args.qwt_accumulate, progress=dist_info.is_main,
-                           stats=qwt_stats, timings=qwt_times)
-        del images
-        _logger.info('QwT compensation done in %.1f s (%d of %d blocks compensated)', timer.seconds['qwt'],
-                     sum(s['used'] for s in qwt_stats), len(qwt_stats))
-        stage_times = {**{f'repq_{k}': round(v, 3) for k, v in repq_times.items()},
-                       **{f'qwt_{k}': round(v, 3) for k, v in qwt_times.items()}}
-        meta = {'weights': weights, 'seed': args.seed, 'world_size': dist_info.world_size,
-                'num_calib': int(calib.shape[0]), 'num_qwt': args.qwt_samples, 'start_block': args.start_block,
-                'qwt_solver': args.qwt_solver, 'qwt_accumulate': args.qwt_accumulate,
-                'calib_search': args.calib_search, 'qwt_blocks': qwt_stats}
-        if args.save and dist_info.is_main:  # before evaluation: a finished fit is never lost
-            with timer('save'):
-                save_quantized(model, args.save, spec.name, spec.timm_name, w_bits, a_bits, meta)
-            _logger.info('saved the quantized model to %s', args.save)
-
-    compensated = bool(compensated_blocks(model))
-    wanted = {'both': ('repq', 'qwt'), 'repq': ('repq',), 'qwt': ('qwt',), 'none': ()}[args.eval]
+        meta, stage_times = quantize(model, train_set, args, spec, w_bits, a_bits, weights, dist_info, timer)
     accuracy = {}
+    wanted = {'both': ('repq', 'qwt'), 'repq': ('repq',), 'qwt': ('qwt',), 'none': ()}[args.eval]
+    if not compensated_blocks(model):  # a --load file saved without QwT
+        wanted = tuple(w for w in wanted if w == 'repq')
     if wanted:
         with timer('eval'):
             loader = eval_loader(val_data, args.batch_size, args.num_workers, dist_info)
-            accuracy = evaluate({name: _variant(model, name == 'qwt') for name in wanted if compensated or name == 'repq'},
-                                loader, dist_info.device, progress=dist_info.is_main)
+            accuracy = evaluate({name: _variant(model, name == 'qwt') for name in wanted}, loader,
+                                dist_info.device, progress=dist_info.is_main)
     set_compensation(model, True)
+    qwt_stats = meta.get('qwt_blocks', [])
 
     result = {
         'model': spec.name, 'timm_name': spec.timm_name, 'w_bits': w_bits, 'a_bits': a_bits,
