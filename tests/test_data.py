@@ -206,3 +206,16 @@ def test_evaluate_counts_one_process():
     # Negated: row 0 -> 0 is the smallest logit (missed by top-5); row 1 -> 4 ties with zeros, row 2 -> 0 ties.
     want = _counts(topk_correct(-logits, target))
     assert res['b']['count'] == 3 and [res['b']['correct1'], res['b']['correct5']] == want
+
+
+def test_val_subset_is_fixed_and_spread():
+    ds = TensorDataset(torch.arange(1000))
+    a, b = data.val_subset(ds, 100), data.val_subset(ds, 100)
+    assert a.indices == b.indices == sorted(a.indices) and len(set(a.indices)) == 100
+    torch.manual_seed(123)  # the global RNG (--seed) does not move it
+    assert data.val_subset(ds, 100).indices == a.indices
+    assert min(a.indices) < 100 and max(a.indices) >= 900  # spread over the split, not its first classes
+    assert data.val_subset(ds, 1000) is ds
+    for bad in (0, 1001):
+        with pytest.raises(UserError, match=f'--num_val {bad} is outside 1..1000, the size of the val split'):
+            data.val_subset(ds, bad)
