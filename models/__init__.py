@@ -12,10 +12,10 @@ from models import swin, vit
 from models.attention import Attention, MatMul, WindowAttention
 from models.registry import MODELS, ModelSpec, resolve_model
 from models.walk import Slot
-from utils.errors import UserError
+from utils.errors import UserError, cause
 
-__all__ = ['build_model', 'prepare_model', 'load_weights', 'pretrained_cached', 'randomize_layernorms', 'resolve_model', 'family_of', 'stem', 'walk',
-           'MODELS', 'ModelSpec', 'MatMul', 'Slot']
+__all__ = ['build_model', 'prepare_model', 'load_weights', 'pretrained_cached', 'randomize_layernorms',
+           'resolve_model', 'family_of', 'stem', 'walk', 'MODELS', 'ModelSpec', 'MatMul', 'Slot']
 
 
 def prepare_model(model):
@@ -37,7 +37,7 @@ def _read_state_dict(checkpoint):
         except pickle.UnpicklingError:  # e.g. training args stored next to the weights: the user's own file
             state = torch.load(checkpoint, map_location='cpu', weights_only=False)
     except Exception as e:
-        raise UserError(f"cannot read checkpoint {checkpoint} ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
+        raise UserError(f"cannot read checkpoint {checkpoint} ({cause(e)}): "
                         "expected a .pth state dict saved with torch.save") from None
     if isinstance(state, dict) and 'quantizers' in state and 'format' in state:
         raise UserError(f"checkpoint {checkpoint} is a quantized model written by --save: evaluate it with --load")
@@ -83,8 +83,8 @@ def load_weights(model, checkpoint, model_name=None):
         try:
             model.load_pretrained(checkpoint)
         except Exception as e:
-            raise UserError(f"cannot load {checkpoint} into {name} ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:200]}): is it the .npz of this model?") from None
+            raise UserError(f"cannot load {checkpoint} into {name} ({cause(e)}): "
+                            "is it the .npz of this model?") from None
         return model
     state = _read_state_dict(checkpoint)
     problems = state_dict_mismatches(model.state_dict(), state)
@@ -126,11 +126,11 @@ def build_model(name, pretrained=True, checkpoint=None):
         url, filename, folder = pretrained_location(timm.create_model(spec.timm_name, pretrained=False))
         cached = os.path.join(folder, filename)
         if os.path.isfile(cached):
-            raise UserError(f"cannot read the cached weights {cached} ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:200]}): delete the file and run again to download "
+            raise UserError(f"cannot read the cached weights {cached} ({cause(e)}): "
+                            "delete the file and run again to download "
                             "it anew, or pass --checkpoint PATH") from None
-        raise UserError(f"could not get the pretrained weights of {spec.timm_name} ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200]}). Offline: download {url} on a machine with network and "
+        raise UserError(f"could not get the pretrained weights of {spec.timm_name} ({cause(e)}). "
+                        f"Offline: download {url} on a machine with network and "
                         f"either place {filename} in {folder}/ or pass --checkpoint PATH/{filename}") from None
     if checkpoint is not None:
         load_weights(model, checkpoint, spec.timm_name)

@@ -168,6 +168,28 @@ def test_offline_download_names_file_url_and_cache(image_root, tmp_path):
     assert line.endswith('or pass --checkpoint PATH/deit_tiny_patch16_224-a1311bcf.pth')
 
 
+def test_corrupt_cached_weights_say_delete(tmp_path, monkeypatch):
+    from models import build_model
+    from utils.errors import UserError
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path))
+    cached = tmp_path / 'hub' / 'checkpoints' / 'deit_tiny_patch16_224-a1311bcf.pth'
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b'half a download')
+    with pytest.raises(UserError, match=f'cannot read the cached weights {cached} .*delete the file and run again'):
+        build_model('deit_tiny')
+
+
+def test_messages_are_one_line():
+    from utils.errors import ImageDecodeError, cause, one_line
+    wrapped = ImageDecodeError('Caught ImageDecodeError in DataLoader worker process 0.\nOriginal Traceback '
+                               '(most recent call last):\n  File "x.py", line 1\nutils.errors.ImageDecodeError: '
+                               'cannot decode image a.JPEG (OSError: truncated): replace or remove the file')
+    assert one_line(wrapped) == 'cannot decode image a.JPEG (OSError: truncated): replace or remove the file'
+    assert one_line(ValueError('two\n  lines')) == 'two lines'
+    assert cause(OSError('first\nsecond')) == 'OSError: first' and cause(KeyError()) == 'KeyError'
+    assert cause(ValueError('x' * 500)) == 'ValueError: ' + 'x' * 200
+
+
 # ---- device and processes ----------------------------------------------------------------------
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='needs a machine without a GPU')

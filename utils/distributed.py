@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from utils.errors import UserError
+from utils.errors import UserError, cause
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,8 @@ def init_distributed(device=None, local_rank=None):
             dist.init_process_group(backend=backend)
         except Exception as e:  # no rendezvous address, port taken, peers unreachable, no backend
             where = ', '.join(f"{k}={os.environ.get(k, '(unset)')}" for k in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'))
-            raise UserError(f"could not form the {backend} process group ({where}): {type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:200]}. Start every process with torchrun --nproc_per_node N "
+            raise UserError(f"could not form the {backend} process group ({where}): {cause(e)}. "
+                            "Start every process with torchrun --nproc_per_node N "
                             "(or python -m torch.distributed.launch), and pick a free --master_port") from None
     return DistInfo(rank(), world_size(), local_rank, dev)
 

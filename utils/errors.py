@@ -20,3 +20,10 @@ def one_line(exc):
             text = rest
     return ' '.join(text.split()) or type(exc).__name__
 
+
+
+def cause(exc, limit=200):
+    """'TypeName: first line of the message', cut to ``limit`` characters: the reason a library call
+    failed, to quote inside a one-line error."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:limit] if lines else ''}".rstrip(': ')
