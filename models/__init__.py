@@ -15,7 +15,8 @@ from models.walk import Slot
 from utils.errors import UserError, cause
 
 __all__ = ['build_model', 'prepare_model', 'load_weights', 'pretrained_cached', 'randomize_layernorms',
-           'resolve_model', 'family_of', 'stem', 'walk', 'MODELS', 'ModelSpec', 'MatMul', 'Slot']
+           'resolve_model', 'state_dict_mismatches', 'family_of', 'stem', 'walk', 'MODELS', 'ModelSpec', 'MatMul',
+           'Slot']
 
 
 def prepare_model(model):

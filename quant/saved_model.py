@@ -7,7 +7,7 @@ import os
 import torch
 from torch import nn
 
-from models import build_model, walk
+from models import build_model, state_dict_mismatches, walk
 from quant.layers import QuantLinear, quantizers, set_quant_state
 from quant.qwt import CompensatedBlock, compensated_blocks
 from quant.quantizers import UniformQuantizer
@@ -73,15 +73,16 @@ def load_quantized(path, device='cpu', payload=None, model=None):
                 slot.replace(CompensatedBlock(slot.module, torch.empty(0), torch.empty(0)))
     for name, m in model.named_modules():
         prefix = f'{name}.' if name else ''
-        if isinstance(m, CompensatedBlock):  # W, b shapes come from the file
-            m.comp_weight = nn.Parameter(torch.empty_like(state[prefix + 'comp_weight']), requires_grad=False)
-            m.comp_bias = nn.Parameter(torch.empty_like(state[prefix + 'comp_bias']), requires_grad=False)
+        if isinstance(m, CompensatedBlock):  # W, b shapes come from the file (absent: reported below)
+            for key in ('comp_weight', 'comp_bias'):
+                setattr(m, key, nn.Parameter(torch.empty_like(state.get(prefix + key, torch.empty(0))),
+                                             requires_grad=False))
         elif isinstance(m, QuantLinear) and m.bias is None and prefix + 'bias' in state:
             m.bias = nn.Parameter(torch.empty_like(state[prefix + 'bias']))  # reparameterisation added it
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise UserError(f"--load {path} does not fit {payload['timm_name']}: {str(e).splitlines()[1:2]}") from None
+    problems = state_dict_mismatches(model.state_dict(), state)
+    if problems:
+        raise UserError(f"--load {path} does not fit {payload['timm_name']}: {'; '.join(problems)}")
+    model.load_state_dict(state)
     saved_q = payload['quantizers']
     for name, q in quantizers(model):
         if name not in saved_q:

@@ -91,3 +91,10 @@ def test_load_conflicts(capsys, tmp_path, family, saved, flags, message):
         pipeline.main(family, ['--load', path, '--data_dir', root, '--output_dir', str(tmp_path / 'o'), *flags])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_file_for_another_architecture_names_mismatches(tmp_path):
+    path = str(tmp_path / 'q.pth')
+    save_quantized(quantized(make_tiny_vit), path, 'tiny', 'tiny', 4, 4)
+    with pytest.raises(UserError, match=r"--load .*q.pth does not fit tiny: missing keys layers\.0\."):
+        load_quantized(path, model=make_tiny_swin())
