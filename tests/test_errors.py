@@ -110,6 +110,13 @@ def test_bad_flag_values(capsys, image_root, family, args, message):
     assert message in fails(capsys, family, *argv)
 
 
+def test_launcher_variable_not_an_integer(capsys, image_root, monkeypatch):
+    monkeypatch.setenv('WORLD_SIZE', 'two')
+    line = fails(capsys, 'vit', '--model', 'deit_tiny', '--data_dir', image_root)
+    assert line.endswith("error: environment variable WORLD_SIZE='two' is not an integer: unset it, or start "
+                         "the run with torchrun, which sets it")
+
+
 def test_qwt_samples_must_divide_over_processes(capsys, image_root, monkeypatch):
     monkeypatch.setenv('WORLD_SIZE', '3')
     line = fails(capsys, 'vit', '--model', 'deit_tiny', '--data_dir', image_root, '--batch_size', '32')
@@ -226,6 +233,25 @@ def test_process_group_port_taken(image_root, deit_ckpt, tmp_path):
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith(f'error: could not form the gloo process group (RANK=0, WORLD_SIZE=2, '
                            f'MASTER_ADDR=127.0.0.1, MASTER_PORT={port}): ')
+
+
+@pytest.mark.parametrize('exc', [RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB"),
+                                 MemoryError()])
+def test_out_of_memory_suggests_a_smaller_batch(capsys, image_root, deit_ckpt, tmp_path, monkeypatch, exc):
+    def oom(*args, **kwargs):
+        raise exc
+    monkeypatch.setattr(pipeline, 'repq_vit', oom)
+    line = fails(capsys, 'vit', *quick(image_root, deit_ckpt, tmp_path))
+    assert line.startswith('error: ') and line.endswith(': lower --batch_size')
+
+
+def test_a_bug_keeps_its_traceback(image_root, deit_ckpt, tmp_path, monkeypatch):
+    """Only user errors are shortened: any other failure propagates with its traceback."""
+    def bug(*args, **kwargs):
+        raise RuntimeError('shape mismatch inside the library')
+    monkeypatch.setattr(pipeline, 'repq_vit', bug)
+    with pytest.raises(RuntimeError, match='shape mismatch inside the library'):
+        pipeline.main('vit', quick(image_root, deit_ckpt, tmp_path))
 
 
 # ---- nothing half-written ----------------------------------------------------------------------

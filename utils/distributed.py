@@ -37,6 +37,18 @@ def rank():
     return dist.get_rank() if is_initialized() else 0
 
 
+def env_int(name, default):
+    """An integer launcher variable (WORLD_SIZE, LOCAL_RANK, ...), or an error naming it."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"environment variable {name}={value!r} is not an integer: unset it, or start the run "
+                        "with torchrun, which sets it") from None
+
+
 def resolve_device(requested, local_rank=0):
     """'cuda' / 'cpu' / 'cuda:N' or None (cuda if available). Under a launcher, cuda means cuda:LOCAL_RANK."""
     if requested is None:
@@ -65,8 +77,8 @@ def init_distributed(device=None, local_rank=None):
     LOCAL_RANK from the environment wins over ``--local_rank``/``--local-rank``. NCCL on GPUs, gloo on
     the CPU (NCCL cannot put two processes on one GPU).
     """
-    env_world = int(os.environ.get('WORLD_SIZE', '1'))
-    local_rank = int(os.environ.get('LOCAL_RANK', local_rank if local_rank is not None else 0))
+    env_world = env_int('WORLD_SIZE', 1)
+    local_rank = env_int('LOCAL_RANK', local_rank if local_rank is not None else 0)
     dev = resolve_device(device, local_rank)
     if env_world > 1 and not is_initialized():
         backend = 'nccl' if dev.type == 'cuda' else 'gloo'

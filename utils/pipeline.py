@@ -119,7 +119,10 @@ def parse_args(family, argv=None):
         if problem:
             parser.error(f"--save {args.save}: {problem}; choose another path (checked now, so that no "
                          "calibration is lost)")
-    world = int(os.environ.get('WORLD_SIZE', '1'))
+    try:
+        world = distributed.env_int('WORLD_SIZE', 1)
+    except UserError as e:
+        parser.error(str(e))
     step = args.batch_size * world  # SPEC §3: qwt_samples // batch // world_size batches per process
     if args.load is None and args.qwt_samples % step:
         below, above = args.qwt_samples // step * step, (args.qwt_samples // step + 1) * step
@@ -417,8 +420,9 @@ def main(family, argv=None):
         print('error: interrupted', file=sys.stderr)
         log_to_file('error: interrupted')
         sys.exit(130)
-    except (UserError, OSError, ValueError, RuntimeError) as e:
-        out_of_memory = isinstance(e, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(e)
+    except (UserError, OSError, ValueError, RuntimeError, MemoryError) as e:
+        out_of_memory = (isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError))
+                         or "can't allocate memory" in str(e))
         if os.environ.get('QWT_TRACEBACK') or (isinstance(e, RuntimeError) and not out_of_memory):
             raise  # a RuntimeError other than memory is a bug: keep its traceback
         hint = ': lower --batch_size' if out_of_memory else ''
