@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models import build_model, randomize_layernorms  # noqa: E402
 from quant import qwt_compensate, repq_vit, set_compensation  # noqa: E402
 from quant.layers import quantizers  # noqa: E402
+from utils.allocator import keep_freed_memory  # noqa: E402
 
 
 def sync(device):
@@ -92,6 +93,22 @@ def quantized_forward_seconds(model, x, device):
         return timed(device, lambda: model(x))[0]
 
 
+def published_calibration(fp_model, model, calib, args, device, t_repq, fwd_fast, rows):
+    """With --compare-naive: time the published calibration on a copy of ``fp_model``, add its rows,
+    and return the comparison with this project's calibrated ``model`` (empty dict otherwise)."""
+    if not args.compare_naive:
+        return {}
+    ref = copy.deepcopy(fp_model)
+    t_ref = {}
+    timed(device, lambda: repq_vit(ref, calib, args.w_bits, args.a_bits, per_channel_loop=True, timings=t_ref))
+    fwd_ref = quantized_forward_seconds(ref, calib, device)
+    rows += [('published calibration (one channel at a time)', t_ref['calibrate']),
+             ('published re-calibration (2nd forward)', t_ref['recalibrate'])]
+    return {'calibration': (t_ref['calibrate'], t_repq['calibrate'], same_quantizers(model, ref)),
+            'init': (t_ref['calibrate'] - fwd_ref, t_repq['calibrate'] - fwd_fast),
+            'recal': (t_ref['recalibrate'], t_repq['recalibrate'])}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--model', required=True, help='table name (deit_small, vit_base, swin_tiny, ...) or timm name')
@@ -106,10 +123,16 @@ def main(argv=None):
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--compare-naive', dest='compare_naive', action='store_true',
                    help='also time the published per-channel search and concatenate-then-invert QwT')
+    p.add_argument('--calibration-only', dest='calibration_only', action='store_true',
+                   help='time RepQ-ViT calibration only (no QwT, no evaluation)')
+    p.add_argument('--system-malloc', dest='system_malloc', action='store_true',
+                   help="CPU: keep glibc's allocator defaults (the pipeline keeps freed memory, utils/allocator.py)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == 'cpu' and not args.system_malloc:
+        keep_freed_memory()
     gen = torch.Generator().manual_seed(args.seed)
     calib = torch.randn(args.calib_images, 3, 224, 224, generator=gen).to(device)
     qwt_imgs = torch.randn(args.qwt_images, 3, 224, 224, generator=gen).to(device)
@@ -118,13 +141,19 @@ def main(argv=None):
     fp_model = random_model(args.model, device, args.seed)
     rows = []
     model = copy.deepcopy(fp_model)
+    with torch.no_grad():  # the floor of calibration: its forward pass without any quantization
+        rows.append(('full-precision forward of the calibration batch', timed(device, lambda: fp_model(calib))[0]))
     t_repq = {}
     total, _ = timed(device, lambda: repq_vit(model, calib, args.w_bits, args.a_bits, timings=t_repq))
     rows += [('calibration (1st forward + quantizer init)', t_repq['calibrate']),
              ('reparameterisation', t_repq['reparameterize']),
-             ('re-calibration (2nd forward)', t_repq['recalibrate'])]
+             ('re-calibration (step 3: weight quantizers only)', t_repq['recalibrate'])]
     fwd_fast = quantized_forward_seconds(model, calib, device)
     rows.append(('  quantizer initialisation (calibration minus a calibrated forward)', t_repq['calibrate'] - fwd_fast))
+    if args.calibration_only:
+        naive = published_calibration(fp_model, model, calib, args, device, t_repq, fwd_fast, rows)
+        report(args, device, rows, naive)
+        return rows, naive
     quantized = copy.deepcopy(model) if args.compare_naive else None
     qwt_t, qwt_stats = {}, []
     t_qwt, _ = timed(device, lambda: qwt_compensate(model, qwt_imgs, batch_size=args.batch_size, accumulate='normal',
@@ -143,15 +172,8 @@ def main(argv=None):
     t_eval, _ = timed(device, eval_pass)
     rows.append(('eval, both models per batch (s)', t_eval))
 
-    naive = {}
+    naive = published_calibration(fp_model, model, calib, args, device, t_repq, fwd_fast, rows)
     if args.compare_naive:
-        ref = copy.deepcopy(fp_model)
-        t_ref = {}
-        timed(device, lambda: repq_vit(ref, calib, args.w_bits, args.a_bits, per_channel_loop=True, timings=t_ref))
-        naive['calibration'] = (t_ref['calibrate'], t_repq['calibrate'], same_quantizers(model, ref))
-        fwd_ref = quantized_forward_seconds(ref, calib, device)
-        naive['init'] = (t_ref['calibrate'] - fwd_ref, t_repq['calibrate'] - fwd_fast)
-        del ref
         same_gap = same_features_gap(quantized, qwt_imgs, args.batch_size)
         concat_t, concat_stats = {}, []
         t_concat, _ = timed(device, lambda: qwt_compensate(quantized, qwt_imgs, batch_size=args.batch_size,
@@ -159,24 +181,26 @@ def main(argv=None):
         r2_gap = max(abs(a['r2'] - b['r2']) for a, b in zip(qwt_stats, concat_stats))
         naive['qwt'] = (t_concat, t_qwt, same_gap, r2_gap)
         naive['fit'] = (concat_t['fit'], qwt_t['fit'])
-        naive['recal'] = (t_ref['recalibrate'], t_repq['recalibrate'])
         with torch.no_grad():
             x = eval_imgs[:args.batch_size]
             a, b = model(x), quantized(x)
         naive['logits'] = ((a - b).abs().max().item() / a.abs().max().item(),
                            (a.argmax(1) == b.argmax(1)).float().mean().item())
-        rows += [('published calibration (one channel at a time)', t_ref['calibrate']),
-                 ('published re-calibration (2nd forward)', t_ref['recalibrate']),
-                 ('published QwT (concatenate then invert), total', t_concat),
+        rows += [('published QwT (concatenate then invert), total', t_concat),
                  ('  of which block passes', concat_t['passes']), ('  of which least-squares fit', concat_t['fit'])]
 
+    rows.append(('eval rate, both models per batch (images/s)', args.eval_images / t_eval))
+    report(args, device, rows, naive)
+    return rows, naive
+
+
+def report(args, device, rows, naive):
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()
     print(f'# {args.model} W{args.w_bits}/A{args.a_bits} on {device} ({name}, {torch.get_num_threads()} threads), '
           f'torch {torch.__version__}')
     print('| stage | seconds |\n|---|---|')
     for label, sec in rows:
         print(f'| {label} | {sec:.2f} |')
-    print(f'| eval rate, both models per batch | {args.eval_images / t_eval:.1f} images/s |')
     print(f'| peak memory | {peak_memory_mb(device):.0f} MB |')
     if naive:
         slow, fast, diff = naive['calibration']
@@ -186,6 +210,7 @@ def main(argv=None):
         print(f'quantizer initialisation speed-up: {slow / fast:.1f}x ({slow:.2f} s -> {fast:.2f} s)')
         slow, fast = naive['recal']
         print(f'calibration + re-calibration speed-up: {(naive["calibration"][0] + slow) / (naive["calibration"][1] + fast):.1f}x')
+    if 'qwt' in naive:
         slow, fast = naive['fit']
         print(f'QwT least-squares fit speed-up: {slow / fast:.1f}x ({slow:.2f} s -> {fast:.2f} s)')
         slow, fast, gap, r2_gap = naive['qwt']
@@ -195,7 +220,6 @@ def main(argv=None):
         rel, agree = naive['logits']
         print(f'final logits, normal equations vs published (features drift through fake-quantization rounding '
               f'from block to block): max relative difference {rel:.2e}, top-1 agreement {100 * agree:.1f}%')
-    return rows, naive
 
 
 if __name__ == '__main__':

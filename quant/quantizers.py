@@ -76,22 +76,26 @@ def quantiles_rows_fast(x2d, ps):
 
 
 def topk_values(x2d, k, largest):
-    """``x2d.topk(k, dim=1, largest).values``, exactly, for a single long row in a few cheap passes.
-
-    A threshold from a strided subsample keeps a superset of the k extreme values (about 2k); topk
-    of that superset is the topk of the row. If the subsample misleads, the full topk is used."""
+    """``x2d.topk(k, dim=1, largest).values``, exactly, for a single long row in a few cheap passes."""
     rows, n = x2d.shape
-    if rows > 1 or n < 2 ** 18 or k * 64 > n:
-        return x2d.topk(k, dim=1, largest=largest).values
-    flat = x2d[0]
-    stride = 16
+    if rows == 1 and n >= 2 ** 18 and k * 64 <= n:
+        kept = tail_superset(x2d[0], k, largest)
+        if kept is not None:
+            return kept.topk(k, largest=largest).values[None]
+    return x2d.topk(k, dim=1, largest=largest).values
+
+
+def tail_superset(flat, k, largest, stride=17):
+    """The values of ``flat`` at or beyond a threshold taken from a strided subsample: a superset of
+    its k extreme values (about 2k of them), or None when the subsample misleads (fewer than k).
+
+    The stride is prime: a power of two would sample the same few channels of every token, and
+    ViT activations have outlier channels."""
     sample = flat[::stride]
     k_sample = min(sample.numel(), (2 * k) // stride + 8)
     tau = sample.topk(k_sample, largest=largest).values[-1]
     kept = flat[flat >= tau] if largest else flat[flat <= tau]
-    if kept.numel() < k:
-        return x2d.topk(k, dim=1, largest=largest).values
-    return kept.topk(k, largest=largest).values[None]
+    return kept if kept.numel() >= k else None
 
 
 _MATCHES_TORCH = {}
@@ -129,19 +133,24 @@ def uniform_fake_quant(x, delta, zero_point, n_bits):
     return x_int.sub_(zero_point).mul_(delta)
 
 
-def uniform_fake_quant_integer_zp(x, delta, zero_point, n_bits):
+def uniform_fake_quant_integer_zp(x, delta, zero_point, n_bits, out=None):
     """``uniform_fake_quant`` for an integer-valued zero point, in two passes fewer:
     clamp(r + zp, 0, L) - zp == clamp(r, -zp, L - zp) for integers (exact below 2^24, and both
-    saturate above). The values are equal; only a zero may come out as -0.0 instead of +0.0."""
-    return torch.round(x / delta).clamp_(-zero_point, 2 ** n_bits - 1 - zero_point).mul_(delta)
+    saturate above). The values are equal; only a zero may come out as -0.0 instead of +0.0.
+    Works in one new tensor (or ``out``): large CPU temporaries cost more than the arithmetic."""
+    return torch.div(x, delta, out=out).round_().clamp_(-zero_point, 2 ** n_bits - 1 - zero_point).mul_(delta)
 
 
 def uniform_sq_error(x, delta, zero_point, n_bits, out):
-    """``(x - uniform_fake_quant(x))^2`` computed in the buffer ``out`` (same bits: the same float32
-    operations; (a - b)^2 == (b - a)^2 and e*e == e^2). Large CPU temporaries cost more than the
-    arithmetic, so the search reuses one buffer for every candidate."""
-    torch.div(x, delta, out=out)
-    out.round_().add_(zero_point).clamp_(0, 2 ** n_bits - 1).sub_(zero_point).mul_(delta).sub_(x)
+    """``(x - uniform_fake_quant(x))^2`` computed in the buffer ``out``, bit for bit: the candidate
+    zero points are integers (rounded) or not finite, so the two-passes-shorter form gives the
+    same values up to the sign of a zero, which squaring removes; (a - b)^2 == (b - a)^2 and
+    e*e == e^2. The search reuses one buffer for every candidate."""
+    if bool(torch.isfinite(zero_point).all()):
+        uniform_fake_quant_integer_zp(x, delta, zero_point, n_bits, out=out).sub_(x)
+    else:  # the published formula's NaN / inf propagation, so such a candidate is never chosen
+        torch.div(x, delta, out=out)
+        out.round_().add_(zero_point).clamp_(0, 2 ** n_bits - 1).sub_(zero_point).mul_(delta).sub_(x)
     return out.mul_(out)
 
 
@@ -166,8 +175,10 @@ def search_uniform(x, n_bits, fast=True):
     """Published layer-wise search over all of ``x``: returns 0-dim (delta, zero_point).
     ``fast=False`` calls torch.quantile per candidate bound exactly as published."""
     best, delta, zero_point = _INIT_SCORE, None, None
+    if fast:  # one copy of a strided view (k^T, a channel) beats strided reads in every pass
+        x = x.contiguous()
     bounds = quantiles(x, [q for p in PERCENTILES for q in (p, 1.0 - p)], fast)
-    scratch = torch.empty_like(x, memory_format=torch.contiguous_format) if fast else None
+    scratch = torch.empty_like(x) if fast else None
     for hi, lo in zip(bounds[0::2], bounds[1::2]):
         d, z = uniform_candidate(hi, lo, n_bits)
         if fast:
@@ -237,7 +248,8 @@ def search_uniform_channelwise(x, n_bits, per_channel_loop=False):
         delta = torch.stack([d for d, _ in pairs])
         zero_point = torch.stack([z for _, z in pairs])
     else:
-        delta, zero_point = search_uniform_rows(channel_rows(x), n_bits)
+        # [B, N, C] activations give a strided [C, B*N] view: one copy, then contiguous passes
+        delta, zero_point = search_uniform_rows(channel_rows(x).contiguous(), n_bits)
     shape = channel_shape(x)
     return delta.reshape(shape), zero_point.reshape(shape)
 
@@ -278,10 +290,11 @@ def log_sqrt2_fake_quant(x, delta, n_bits, out=None, index=None):
 
     Each output is one of 2^n levels or 0, computed by the same float32 operations, so indexing a
     table gives identical bits with a third of the elementwise passes (attention maps are large).
-    ``out`` / ``index``: optional float / int64 buffers shaped like ``x`` to work in.
+    ``out`` / ``index``: optional float / int32 buffers shaped like ``x`` to work in (int32: the
+    CPU converts float32 to int32 several times faster than to int64; the levels are 0 .. 2^n).
     """
     values = log_sqrt2_index(x, delta, n_bits, out).clamp_(0, 2 ** n_bits)
-    idx = values.long() if index is None else index.copy_(values)
+    idx = values.int() if index is None else index.copy_(values)
     levels = log_sqrt2_levels(delta, n_bits)
     if not values.is_contiguous():
         return levels[idx]
@@ -302,8 +315,9 @@ def search_log_sqrt2(x, n_bits, fast=True):
             raise ValueError("log-sqrt2 quantizer calibration failed: no candidate gives a finite error")
         return delta
     best, delta = _INIT_SCORE, None
-    scratch = torch.empty_like(x, memory_format=torch.contiguous_format)
-    index = torch.empty(x.shape, dtype=torch.long, device=x.device)
+    x = x.contiguous()
+    scratch = torch.empty_like(x)
+    index = torch.empty(x.shape, dtype=torch.int32, device=x.device)
     for d in quantiles(x, PERCENTILES):
         if not bool(torch.isfinite(d)) or d <= 0:  # the published search scores such a delta NaN: never chosen
             continue

@@ -17,8 +17,10 @@ POSTERIZE_NAMES = ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal')
 
 @pytest.fixture
 def name_to_op(monkeypatch):
-    """A private copy of timm's op table, restored after the test (fix_posterize edits it in place)."""
-    table = dict(auto_augment.NAME_TO_OP)
+    """A private, unfixed copy of timm's op table, restored after the test (fix_posterize edits it in
+    place, and any in-process pipeline run before this test has already applied it)."""
+    table = {name: auto_augment.posterize if fn is data._posterize_zero_bits_black else fn
+             for name, fn in auto_augment.NAME_TO_OP.items()}
     monkeypatch.setattr(auto_augment, 'NAME_TO_OP', table)
     return table
 

@@ -148,7 +148,7 @@ def test_tie_keeps_earliest_percentile(monkeypatch):
     others = [uniform_candidate(quantile(x, p), quantile(x, 1 - p), 2)[0] for p in (0.9999, 0.99999)]
     assert all(o.item() != expected[0].item() for o in others)  # the candidates are distinguishable
     # every candidate's fake quantization returns zeros -> every score is mean(x^2), a three-way tie
-    monkeypatch.setattr(qz, 'uniform_fake_quant', lambda x, d, z, n: torch.zeros_like(x * d))
+    monkeypatch.setattr(qz, 'uniform_sq_error', lambda x, d, z, n, out: x.pow(2).expand_as(out))
     delta, zp = search_uniform(x, 2)
     assert torch.equal(delta, expected[0]) and torch.equal(zp, expected[1])
     rows = torch.stack([x, x * 2])
@@ -413,3 +413,57 @@ def test_quantizer_uses_the_published_form_for_a_fractional_zero_point(monkeypat
     monkeypatch.setattr(qz, 'uniform_fake_quant_integer_zp', lambda *a: calls.append(1) or uniform_fake_quant(*a))
     q(x)
     assert calls == [1]
+
+
+@pytest.mark.parametrize('n_bits', [2, 4, 8])
+def test_search_error_equals_published_squared_error_bit_for_bit(n_bits):
+    """The search's two-passes-shorter squared error equals (x - fake_quant(x))^2 bit for bit, for the
+    integer zero points candidates have, and keeps the published NaN / inf for non-finite ones."""
+    g = torch.Generator().manual_seed(n_bits)
+    x = torch.randn(3, 400, generator=g) * 4
+    x[:, :4] = t([0.0, 1e30, -1e30, -0.0])
+    delta = torch.rand(3, 1, generator=g) * 0.5 + 1e-3
+    for zp in (torch.randint(-5, 2 ** n_bits + 5, (3, 1), generator=g).float(),
+               t([[float('inf')], [float('nan')], [2.0]]), t([[-float('inf')], [0.0], [1.0]])):
+        published = (x - uniform_fake_quant(x, delta, zp, n_bits)).abs().pow(2)
+        fast = qz.uniform_sq_error(x, delta, zp, n_bits, torch.empty_like(x))
+        torch.testing.assert_close(fast, published, rtol=0, atol=0, equal_nan=True)
+
+
+def test_searches_on_strided_views_equal_published():
+    """k^T and channels are strided views: the fast searches copy them once and must give the
+    published parameters (the published code reads the view directly)."""
+    g = torch.Generator().manual_seed(7)
+    k = (torch.randn(2, 3, 40, 16, generator=g) * torch.linspace(0.2, 3, 16)).transpose(-2, -1)
+    assert not k.is_contiguous()
+    for n_bits in (3, 4):
+        fast, published = search_uniform(k, n_bits), search_uniform(k, n_bits, fast=False)
+        assert torch.equal(fast[0], published[0]) and torch.equal(fast[1], published[1])
+    attn = torch.softmax(torch.randn(2, 3, 40, 40, generator=g) * 3, dim=-1).transpose(-2, -1)
+    assert not attn.is_contiguous()
+    assert torch.equal(search_log_sqrt2(attn, 4), search_log_sqrt2(attn, 4, fast=False))
+
+
+def test_tail_superset_prime_stride_survives_outlier_channels():
+    """Four outlier channels in 64, at multiples of 16: a stride of 16 samples only them and misses
+    the tail (the full topk would then run); the prime stride does not, and the values are exact."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(2 ** 13, 64, generator=g)
+    tokens[:, ::16] *= 10
+    flat = tokens.reshape(-1)
+    k = flat.numel() // 1000
+    assert qz.tail_superset(flat, k, True, stride=16) is None
+    for largest in (True, False):
+        kept = qz.tail_superset(flat, k, largest)
+        assert kept is not None and k <= kept.numel() <= 4 * k
+        assert torch.equal(qz.topk_values(flat[None], k, largest), flat.topk(k, largest=largest).values[None])
+
+
+def test_log_sqrt2_int32_index_buffer_equals_reference():
+    g = torch.Generator().manual_seed(5)
+    x = torch.softmax(torch.randn(4, 50, 50, generator=g) * 4, dim=-1)
+    delta = quantile(x, 0.9999)
+    index = torch.empty(x.shape, dtype=torch.int32)
+    out = log_sqrt2_fake_quant(x, delta, 4, out=torch.empty_like(x), index=index)
+    assert torch.equal(out, log_sqrt2_fake_quant_reference(x, delta, 4))
+    assert index.min().item() >= 0 and index.max().item() == 16  # masked values use the extra level

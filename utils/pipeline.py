@@ -18,6 +18,7 @@ from quant.qwt import ACCUMULATE, compensated_blocks
 from quant.regression import SOLVERS
 from quant.saved_model import load_quantized, read_saved, save_quantized
 from utils import distributed, table
+from utils.allocator import keep_freed_memory
 from utils.data import eval_loader, eval_transform, image_folder, train_loader, train_transform, val_subset
 from utils.demo import DEMO_DEFAULTS, make_demo_data
 from utils.errors import UserError, one_line
@@ -313,6 +314,8 @@ def run(args, family):
         args = argparse.Namespace(**{**vars(args), 'output_dir': os.path.join(
             'output', f"{spec.name}_w{w_bits}a{a_bits}_loaded")})
     dist_info = distributed.init_distributed(args.device, args.local_rank)
+    if dist_info.device.type == 'cpu':
+        keep_freed_memory()
     setup_logging(args.output_dir, dist_info.is_main)
     seed_everything(args.seed + dist_info.rank)
     timer = Stopwatch(dist_info.device)

@@ -1,0 +1,66 @@
+"""The CPU allocator setting: which mallopt calls it makes, when it stays off, and that the pipeline
+applies it on the CPU only."""
+import ctypes
+
+import pytest
+
+from conftest import save_random_checkpoint
+from utils import allocator, pipeline
+from utils.demo import make_image_folder
+
+
+class FakeLibc:
+    def __init__(self, result=1):
+        self.calls, self.result = [], result
+
+    def mallopt(self, param, value):
+        self.calls.append((param, value))
+        return self.result
+
+
+def test_sets_mmap_max_zero_and_largest_trim_threshold():
+    libc = FakeLibc()
+    assert allocator.keep_freed_memory(libc) is True
+    assert libc.calls == [(-4, 0), (-1, 2 ** 31 - 1)]  # M_MMAP_MAX, M_TRIM_THRESHOLD
+
+
+def test_environment_variable_leaves_glibc_alone(monkeypatch):
+    monkeypatch.setenv('QWT_SYSTEM_MALLOC', '1')
+    libc = FakeLibc()
+    assert allocator.keep_freed_memory(libc) is False
+    assert libc.calls == []
+
+
+def test_refused_or_missing_mallopt_reports_false():
+    libc = FakeLibc(result=0)
+    assert allocator.keep_freed_memory(libc) is False
+    assert libc.calls == [(-4, 0)]
+    assert allocator.keep_freed_memory(object()) is False  # a C library without mallopt
+
+
+def test_real_glibc_accepts_the_setting(monkeypatch):
+    monkeypatch.delenv('QWT_SYSTEM_MALLOC', raising=False)
+    try:
+        ctypes.CDLL('libc.so.6').mallopt
+    except (OSError, AttributeError):
+        pytest.skip('no glibc here')
+    assert allocator.keep_freed_memory() is True
+
+
+def test_pipeline_applies_it_on_the_cpu(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(pipeline, 'keep_freed_memory', lambda: calls.append(1) or True)
+
+    class Stop(RuntimeError):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop()
+    monkeypatch.setattr(pipeline, 'repq_vit', stop)
+    root = make_image_folder(str(tmp_path / 'imagenet'))
+    ckpt = save_random_checkpoint('deit_tiny_patch16_224', str(tmp_path / 'deit_tiny.pth'))
+    with pytest.raises(Stop):
+        pipeline.main('vit', ['--model', 'deit_tiny', '--data_dir', root, '--checkpoint', ckpt, '--batch_size', '4',
+                              '--qwt_samples', '8', '--num_workers', '0', '--device', 'cpu',
+                              '--output_dir', str(tmp_path / 'out')])
+    assert calls == [1]
