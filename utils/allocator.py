@@ -3,7 +3,8 @@
 glibc maps every allocation above its mmap threshold (at most 32 MiB) on its own and unmaps it when
 freed, so each new large tensor pays its page faults again. At batch 32 the fc1 outputs (39 MB) and
 attention maps (30 MB) of DeiT-S are such tensors, thousands of them in calibration; on the 2-core
-development machine keeping the memory cut calibration by about a fifth (BENCHMARKS.md). PyTorch's
+development machine keeping the memory cut calibration by about a tenth and a calibrated forward
+pass by about a fifth (BENCHMARKS.md). PyTorch's
 CPU tuning guide gets the same effect by preloading jemalloc or tcmalloc. Values do not change.
 """
 import ctypes
