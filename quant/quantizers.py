@@ -148,9 +148,8 @@ def uniform_sq_error(x, delta, zero_point, n_bits, out):
     e*e == e^2. The search reuses one buffer for every candidate."""
     if bool(torch.isfinite(zero_point).all()):
         uniform_fake_quant_integer_zp(x, delta, zero_point, n_bits, out=out).sub_(x)
-    else:  # the published formula's NaN / inf propagation, so such a candidate is never chosen
-        torch.div(x, delta, out=out)
-        out.round_().add_(zero_point).clamp_(0, 2 ** n_bits - 1).sub_(zero_point).mul_(delta).sub_(x)
+    else:  # rare (a degenerate channel): the published formula's NaN / inf, so it is never chosen
+        out.copy_(uniform_fake_quant(x, delta, zero_point, n_bits)).sub_(x)
     return out.mul_(out)
 
 

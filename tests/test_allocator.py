@@ -1,5 +1,5 @@
 """The CPU allocator setting: which mallopt calls it makes, when it stays off, and that the pipeline
-applies it on the CPU only."""
+applies it on the CPU."""
 import ctypes
 
 import pytest
