@@ -10,12 +10,12 @@ from timm.models.vision_transformer import Attention as TimmAttention, VisionTra
 
 from models import swin, vit
 from models.attention import Attention, MatMul, WindowAttention
-from models.registry import MODELS, ModelSpec, resolve_model
+from models.registry import MODELS, ModelSpec, data_config, default_cfg, resolve_model
 from models.walk import Slot
 from utils.errors import UserError, cause
 
 __all__ = ['build_model', 'prepare_model', 'load_weights', 'pretrained_cached', 'randomize_layernorms',
-           'resolve_model', 'state_dict_mismatches', 'family_of', 'stem', 'walk', 'MODELS', 'ModelSpec', 'MatMul',
+           'resolve_model', 'data_config', 'default_cfg', 'state_dict_mismatches', 'family_of', 'stem', 'walk', 'MODELS', 'ModelSpec', 'MatMul',
            'Slot']
 
 
@@ -96,17 +96,16 @@ def load_weights(model, checkpoint, model_name=None):
     return model
 
 
-def pretrained_location(model):
-    """(url, file name, folder) of timm's pretrained download for ``model``: where to place the file
+def pretrained_location(timm_name):
+    """(url, file name, folder) of timm's pretrained download for ``timm_name``: where to place the file
     so that timm finds it without network."""
-    url = model.default_cfg.get('url', '')
+    url = default_cfg(timm_name).get('url', '')
     return url, os.path.basename(urlparse(url).path), os.path.join(torch.hub.get_dir(), 'checkpoints')
 
 
 def pretrained_cached(timm_name):
     """Whether timm's pretrained weights for ``timm_name`` are already in the local cache."""
-    import timm
-    _, filename, folder = pretrained_location(timm.create_model(timm_name, pretrained=False))
+    _, filename, folder = pretrained_location(timm_name)
     return bool(filename) and os.path.isfile(os.path.join(folder, filename))
 
 
@@ -124,7 +123,7 @@ def build_model(name, pretrained=True, checkpoint=None):
     except Exception as e:
         if not download:
             raise
-        url, filename, folder = pretrained_location(timm.create_model(spec.timm_name, pretrained=False))
+        url, filename, folder = pretrained_location(spec.timm_name)
         cached = os.path.join(folder, filename)
         if os.path.isfile(cached):
             raise UserError(f"cannot read the cached weights {cached} ({cause(e)}): "
@@ -139,14 +138,15 @@ def build_model(name, pretrained=True, checkpoint=None):
 
 
 @torch.no_grad()
-def randomize_layernorms(model):
-    """Trained-like LayerNorm affine parameters for a random-weight model (torch's global RNG): with
-    the initial gamma = 1, beta = 0 the normalised features are exactly collinear with the bias
-    column of the QwT regression, which no trained model has."""
+def randomize_layernorms(model, seed=0):
+    """Trained-like LayerNorm affine parameters for a random-weight model: with the initial gamma = 1,
+    beta = 0 the normalised features are exactly collinear with the bias column of the QwT regression,
+    which no trained model has. A generator of its own leaves the global one to the draws of SPEC §1b."""
+    gen = torch.Generator().manual_seed(seed)
     for m in model.modules():
         if isinstance(m, torch.nn.LayerNorm):
-            m.weight.uniform_(0.5, 1.5)
-            m.bias.normal_(0, 0.1)
+            m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+            m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
     return model
 
 

@@ -5,7 +5,7 @@ import torch
 from quant.layers import QuantConv2d, QuantLinear, set_quant_state
 from quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
 from quant.reparam import reparameterize
-from quant.wrap import quantize_model
+from quant.wrap import quantize_model, replay_wrap_draws
 from utils.timing import Stopwatch
 
 
@@ -23,6 +23,7 @@ def repq_vit(model, calib_images, w_bits, a_bits, per_channel_loop=False, timing
     ``timings``: optional dict that receives seconds for 'calibrate', 'reparameterize', 'recalibrate'.
     """
     timings = {} if timings is None else timings
+    replay_wrap_draws(model)
     quantize_model(model, w_bits, a_bits)
     model.eval()  # after wrapping, so the new quantized modules are in eval mode too
     for m in model.modules():

@@ -1,6 +1,7 @@
 """Replace a model's layers with their quantized versions, following the table of SPEC §2."""
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from models.attention import MatMul
@@ -68,3 +69,20 @@ def quantize_model(model, w_bits, a_bits):
             if plan is not None:
                 setattr(parent, child_name, make_quant_layer(child, plan))
     return model
+
+
+def replay_wrap_draws(model):
+    """Make the draws of the published wrapping (SPEC §1b step 4) on torch's global generator.
+
+    The published code builds a fresh ``nn.Linear(in, out)`` (always with a bias) for every Linear and a
+    fresh ``nn.Conv2d`` for the patch embedding, on the CPU, in ``named_modules()`` order, and then puts
+    the original weights in; their default initialisation consumes the generator that later draws the
+    QwT images. This project wraps the original layers instead, so it builds the same throw-away layers,
+    one at a time, only for their draws."""
+    with torch.device('cpu'):
+        for _, m in model.named_modules():
+            if isinstance(m, nn.Linear):
+                nn.Linear(m.in_features, m.out_features)
+            elif isinstance(m, nn.Conv2d):
+                nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
+                          m.groups, bias=m.bias is not None)

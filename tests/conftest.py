@@ -69,6 +69,13 @@ def save_random_checkpoint(timm_name, path, wrap=False):
     return path
 
 
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
 def run_script(script, *args, env=None):
     """Run an entry script as a user would, outside any launcher (``env`` adds variables); returns the
     CompletedProcess."""
@@ -77,3 +84,32 @@ def run_script(script, *args, env=None):
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT,
                           env={**base, 'PYTHONWARNINGS': 'ignore', **(env or {})},
                           capture_output=True, text=True, timeout=600)
+
+
+# Tiny timm models under timm names, so that whole runs of the pipeline take seconds: the pipeline
+# builds them through timm.create_model like any other name (in this process only, and its loader
+# workers). num_classes matches the folders of make_image_folder (3 classes).
+from timm.models.registry import register_model  # noqa: E402
+
+TINY_CLASSES = 3
+default_cfgs = {name: {'url': '', 'num_classes': TINY_CLASSES, 'input_size': (3, 32, 32), 'crop_pct': 0.9,
+                       'interpolation': 'bicubic', 'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225)}
+                for name in ('vit_test_tiny', 'swin_test_tiny')}
+
+
+@register_model
+def vit_test_tiny(pretrained=False, **kwargs):
+    from timm.models.vision_transformer import VisionTransformer
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3,
+                              num_classes=TINY_CLASSES, **kwargs)
+    model.default_cfg = default_cfgs['vit_test_tiny']
+    return model
+
+
+@register_model
+def swin_test_tiny(pretrained=False, **kwargs):
+    from timm.models.swin_transformer import SwinTransformer
+    model = SwinTransformer(img_size=32, patch_size=2, embed_dim=24, depths=(2, 2), num_heads=(2, 4), window_size=4,
+                            num_classes=TINY_CLASSES, **kwargs)
+    model.default_cfg = default_cfgs['swin_test_tiny']
+    return model

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from utils.environment import env_int
 from utils.errors import UserError, cause
 
 
@@ -35,18 +36,6 @@ def world_size():
 
 def rank():
     return dist.get_rank() if is_initialized() else 0
-
-
-def env_int(name, default):
-    """An integer launcher variable (WORLD_SIZE, LOCAL_RANK, ...), or an error naming it."""
-    value = os.environ.get(name)
-    if value is None:
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise UserError(f"environment variable {name}={value!r} is not an integer: unset it, or start the run "
-                        "with torchrun, which sets it") from None
 
 
 def resolve_device(requested, local_rank=0):
@@ -104,6 +93,24 @@ def broadcast(tensor, src=0):
     if is_initialized():
         dist.broadcast(tensor, src)
     return tensor
+
+
+def broadcast_object(obj, src=0):
+    """``src``'s picklable ``obj`` on every process."""
+    if not is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src)
+    return box[0]
+
+
+def all_gather_object(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every process ([obj] alone)."""
+    if not is_initialized():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def all_gather_cat(tensor):

@@ -14,14 +14,18 @@ def topk_correct(logits, target, ks=(1, 5)):
 
 
 @torch.no_grad()
-def evaluate(variants, loader, device, progress=False):
-    """Run every ``variants[name](images) -> logits`` on each batch (decoded once).
+def evaluate(variants, loader, device, progress=False, on_batch=None):
+    """Run every ``variants[name](images) -> logits`` on each batch ``(images, targets, ...)``, decoded
+    once; ``on_batch(batch)`` sees every batch first.
 
     Returns {name: {'top1': %, 'top5': %, 'correct1', 'correct5', 'count'}} with counts summed
     over all processes.
     """
     counts = torch.zeros(len(variants), 3, dtype=torch.float64, device=device)
-    for images, target in tqdm(loader, desc='eval', disable=not progress, leave=False):
+    for batch in tqdm(loader, desc='eval', disable=not progress, leave=False):
+        if on_batch is not None:
+            on_batch(batch)
+        images, target = batch[0], batch[1]
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
         for i, fn in enumerate(variants.values()):

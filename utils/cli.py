@@ -1,0 +1,202 @@
+"""Command line of both entry scripts. Parsing and every check that needs no data and no weights run
+before torch is imported, so a usage error answers at once."""
+import argparse
+import os
+import sys
+
+from models.registry import resolve_model, table_names
+from utils.demo import DEMO_DEFAULTS
+from utils.environment import env_int
+from utils.errors import UserError
+
+FAMILY_SCRIPTS = {'vit': 'qwt_vit_and_deit.py', 'swin': 'qwt_swin.py'}
+EVAL_CHOICES = ('both', 'repq', 'qwt', 'none', 'fp')
+SOLVER_CHOICES = ('inverse', 'lstsq')      # quant.regression.SOLVERS
+ACCUMULATE_CHOICES = ('concat', 'normal')  # quant.qwt.ACCUMULATE
+DEFAULT_BITS = 4
+TRAIN_WORKERS = 4   # utils.data.TRAIN_WORKERS: the published loaders' workers (SPEC §1b)
+EVAL_WORKERS = min(8, os.cpu_count() or 1)
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser that remembers which spelling of each option the user typed, so messages name
+    the flag as given (``--w_bit``, not ``--w_bits``)."""
+
+    def parse_args(self, args=None, namespace=None):
+        argv = sys.argv[1:] if args is None else list(args)
+        parsed = super().parse_args(argv, namespace)
+        typed = {}
+        for action in self._actions:
+            for s in action.option_strings:
+                if any(a == s or a.startswith(s + '=') for a in argv):
+                    typed[action.dest] = s
+        parsed._typed, parsed._argv = typed, argv
+        return parsed
+
+
+def flag(args, dest):
+    """The option string the user typed for ``dest`` (its first spelling if none was typed)."""
+    return getattr(args, '_typed', {}).get(dest, '--' + dest)
+
+
+def build_parser(family):
+    p = Parser(prog=FAMILY_SCRIPTS[family],
+               description='RepQ-ViT post-training quantization, then QwT compensation, evaluated on ImageNet.')
+    p.add_argument('--model', default=None, help=f"{', '.join(table_names(family))}, or a full timm 0.4.12 name")
+    p.add_argument('--data_dir', default=None, help='ImageNet root holding train/<class>/* and val/<class>/*')
+    p.add_argument('--w_bit', '--w_bits', dest='w_bits', type=int, default=None,
+                   help=f'weight bits, 2 to 8 (default {DEFAULT_BITS})')
+    p.add_argument('--a_bit', '--a_bits', dest='a_bits', type=int, default=None,
+                   help=f'activation bits, 2 to 8 (default {DEFAULT_BITS})')
+    p.add_argument('--batch_size', type=int, default=32,
+                   help='batch size of the calibration, QwT and val loaders (default 32; the calibration batch is one batch)')
+    p.add_argument('--num_workers', type=int, default=TRAIN_WORKERS,
+                   help=f'workers of the training-split loader (calibration and QwT images; default {TRAIN_WORKERS}, '
+                        "as published: each worker's seed decides its images' augmentation, so another value "
+                        'gives other augmented pixels)')
+    p.add_argument('--eval_workers', type=int, default=EVAL_WORKERS,
+                   help=f'workers of the val loader (deterministic; default {EVAL_WORKERS})')
+    p.add_argument('--seed', type=int, default=0, help='seed of python, numpy and torch (default 0)')
+    p.add_argument('--start_block', type=int, default=0,
+                   help='first block that gets QwT compensation; earlier blocks get zeros (default 0)')
+    p.add_argument('--qwt_samples', type=int, default=512,
+                   help='training images for QwT over all processes, a multiple of batch_size x processes (default 512)')
+    p.add_argument('--checkpoint', default=None,
+                   help='local weights (.pth state dict, or timm .npz for vit_*); nothing is downloaded')
+    p.add_argument('--trust_checkpoint', action='store_true',
+                   help='let --checkpoint / --load unpickle arbitrary Python objects (only for files you trust); '
+                        'without it only tensors and plain containers are read')
+    p.add_argument('--output_dir', default=None, help='where log.txt and result.json go (default output/<model>_w<W>a<A>)')
+    p.add_argument('--device', default=None, help='cuda, cuda:N or cpu (default: cuda if available, else cpu)')
+    p.add_argument('--local_rank', '--local-rank', dest='local_rank', type=int, default=None,
+                   help='set by torch.distributed.launch; LOCAL_RANK from the environment wins')
+    p.add_argument('--save', default=None, metavar='PATH',
+                   help='write the quantized and compensated model here as soon as it is fitted (atomic)')
+    p.add_argument('--load', default=None, metavar='PATH',
+                   help='evaluate a model written by --save: no calibration, no QwT, no train/ split needed')
+    p.add_argument('--num_val', type=int, default=None, metavar='N',
+                   help='evaluate on a fixed subset of N val images (the same for every run), for quick checks')
+    p.add_argument('--strict_images', action='store_true',
+                   help='stop at the first unreadable image instead of skipping it (timm, and the published runs, '
+                        'skip it and use the next image; skipped files are logged and listed in result.json)')
+    p.add_argument('--allow_class_subset', action='store_true',
+                   help="accept a train/ or val/ whose number of class folders differs from the model's classes "
+                        '(labels are folder indices: accuracy is then only meaningful if the folders are the '
+                        "model's first classes)")
+    p.add_argument('--dump_inputs', default=None, metavar='PATH',
+                   help="write the calibration batch and this process's QwT images (and their files) to PATH with "
+                        'torch.save after making every draw of the published run up to them, then exit '
+                        'without calibrating')
+    p.add_argument('--demo', action='store_true',
+                   help='run everything on a small generated image folder and a random-weight (or cached '
+                        'pretrained) model: no data set, no download; about half a minute on a CPU')
+    # Options beyond the published procedure (defaults are the published behaviour).
+    p.add_argument('--qwt_solver', choices=SOLVER_CHOICES, default='inverse',
+                   help="QwT least squares: 'inverse' = published float32 inverse of [X,1]^T[X,1] (default); "
+                        "'lstsq' = float64 least squares, better conditioned")
+    p.add_argument('--qwt_accumulate', choices=ACCUMULATE_CHOICES, default='concat',
+                   help="'concat' = the published concatenate-every-token-then-invert (default); 'normal' = normal "
+                        "equations summed batch by batch on the device and all-reduced across processes: the same "
+                        "fit to float tolerance, faster, less memory")
+    p.add_argument('--calib_search', choices=('vectorized', 'per_channel'), default='vectorized',
+                   help="quantizer initialisation: all channels at once (default) or the published one-channel-"
+                        "at-a-time loop; both give identical parameters")
+    p.add_argument('--eval', choices=EVAL_CHOICES, default='both',
+                   help="val evaluation: 'both' models in one pass after QwT (default), 'repq' alone, right after "
+                        "RepQ-ViT as published, 'qwt' alone, 'none', or 'fp': the full-precision model only (no "
+                        'calibration). The calibration and QwT images are the same in every case')
+    return p
+
+
+def parse_args(family, argv=None):
+    """Parsed, checked flags. Every problem visible without touching data or weights is a one-line
+    usage error (exit 2) here, before torch is imported."""
+    parser = build_parser(family)
+    if parser.parse_known_args(argv)[0].demo:
+        parser.set_defaults(**DEMO_DEFAULTS[family])
+    args = parser.parse_args(argv)
+    try:
+        check_args(args, family)
+    except UserError as e:
+        parser.error(str(e))
+    return args
+
+
+def check_args(args, family):
+    """Raise UserError for the first problem with the flags that needs no data and no weights."""
+    if args.model is None and args.load is None:
+        raise UserError(f"--model is required ({', '.join(table_names(family))}), unless --load PATH or --demo")
+    if args.data_dir is None and not args.demo:
+        raise UserError("--data_dir is required (ImageNet root with train/ and val/), unless --demo")
+    for dest in ('w_bits', 'a_bits'):
+        value = getattr(args, dest)
+        if value is not None and not 2 <= value <= 8:
+            raise UserError(f"{flag(args, dest)} {value} not supported: use 2 to 8")
+    for dest in ('batch_size', 'qwt_samples', 'num_val'):
+        value = getattr(args, dest)
+        if value is not None and value < 1:
+            raise UserError(f"--{dest} must be positive, got {value}")
+    for dest in ('num_workers', 'eval_workers', 'start_block'):
+        if getattr(args, dest) < 0:
+            raise UserError(f"--{dest} must be >= 0, got {getattr(args, dest)}")
+    if not 0 <= args.seed < 2 ** 32:
+        raise UserError(f"--seed {args.seed} is outside 0..2^32-1 (numpy's range)")
+    if args.output_dir is not None and os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise UserError(f"--output_dir {args.output_dir} is a file, not a folder: choose another path")
+    for dest in ('save', 'dump_inputs'):
+        path = getattr(args, dest)
+        problem = path is not None and unwritable(path)
+        if problem:
+            raise UserError(f"--{dest} {path}: {problem}; choose another path (checked now, so that no work is lost)")
+    world = env_int('WORLD_SIZE', 1)
+    step = args.batch_size * world  # SPEC §3: qwt_samples // batch // world_size batches per process
+    if args.load is None and args.eval != 'fp' and args.qwt_samples % step:
+        below, above = args.qwt_samples // step * step, (args.qwt_samples // step + 1) * step
+        raise UserError(f"--qwt_samples {args.qwt_samples} is not a multiple of --batch_size {args.batch_size} x "
+                        f"{world} process(es) = {step}: use {f'{below} or ' if below else ''}{above}")
+    if args.load is not None:
+        for dest in ('checkpoint', 'save', 'dump_inputs'):
+            if getattr(args, dest) is not None:
+                raise UserError(f"--{dest} and --load exclude each other: --load evaluates a model already quantized")
+        if args.eval == 'fp':
+            raise UserError("--eval fp and --load exclude each other: --load holds a quantized model")
+        if not os.path.isfile(args.load):
+            raise UserError(f"--load {args.load} not found: pass a file written by --save")
+    if args.eval == 'fp' and (args.save or args.dump_inputs):
+        raise UserError(f"--eval fp evaluates the full-precision model only: leave out "
+                        f"{'--save' if args.save else '--dump_inputs'}")
+    if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
+        raise UserError(f"--checkpoint {args.checkpoint} not found: pass the path of a local .pth or .npz file")
+    if args.data_dir is not None and not os.path.isdir(args.data_dir):
+        raise UserError(f"--data_dir {args.data_dir} is not a directory (expected DATA_DIR/train/<class>/* and "
+                        "DATA_DIR/val/<class>/*)")
+    if args.model is not None:  # last: a name outside the table imports timm
+        spec = resolve_model(args.model, family)
+        if spec.family != family:
+            raise UserError(f"--model {args.model} is a {spec.family} model: run it with {FAMILY_SCRIPTS[spec.family]}")
+    if args.load is None:  # with --load the file has the bits; flags given must agree with it
+        args.w_bits, args.a_bits = args.w_bits or DEFAULT_BITS, args.a_bits or DEFAULT_BITS
+        if args.output_dir is None:
+            bits = 'fp' if args.eval == 'fp' else f'w{args.w_bits}a{args.a_bits}'
+            args.output_dir = os.path.join('output', f"{'demo_' if args.demo else ''}{args.model}_{bits}")
+
+
+def unwritable(path):
+    """Why a file cannot be written at ``path`` (None if it can): a folder there, or the nearest
+    existing parent folder not writable."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        return 'is a directory'
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        return f'{parent} is not a writable folder'
+    return None
+
+
+def main(family, argv=None):
+    """Entry point of both scripts: flags first (no torch yet), then the run."""
+    args = parse_args(family, argv)
+    from utils import pipeline  # imports torch and timm
+    return pipeline.main(family, args)
