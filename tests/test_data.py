@@ -9,7 +9,7 @@ from torchvision import transforms as T
 
 from utils import data
 from utils.distributed import DistInfo
-from utils.errors import UserError
+from utils.errors import ImageDecodeError, UserError
 from utils.evaluate import evaluate, topk_correct
 
 POSTERIZE_NAMES = ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal')
@@ -137,26 +137,104 @@ def test_eval_transform(crop_pct, resize):
     assert out.shape == (3, 224, 224)
 
 
-def test_image_folder_missing_split(tmp_path):
+def test_image_dataset_missing_split(tmp_path):
     (tmp_path / 'train' / 'a').mkdir(parents=True)
     with pytest.raises(UserError) as info:
-        data.image_folder(str(tmp_path), 'val', None)
-    msg = str(info.value)
-    assert 'val/ not found under' in msg
-    assert str(tmp_path) in msg
-    assert f'{tmp_path}/val/<class>/*' in msg
+        data.image_dataset(str(tmp_path), 'val')
+    assert str(info.value) == f'val/ not found under {tmp_path} (expected {tmp_path}/val/<class>/*)'
 
 
-def test_image_folder_classes_sorted(tmp_path):
-    for cls, n in (('zebra', 1), ('ant', 2)):
-        d = tmp_path / 'val' / cls
-        d.mkdir(parents=True)
-        for i in range(n):
-            _rgb(8, 8, seed=i).save(d / f'{i}.png')
-    ds = data.image_folder(str(tmp_path), 'val', None)
-    assert ds.classes == ['ant', 'zebra']
-    assert [t for _, t in ds.samples] == [0, 0, 1]
-    assert len(ds) == 3
+def _save(path, seed=0, size=(8, 8)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _rgb(*size, seed=seed).save(path, format='PNG' if path.suffix.lower() == '.png' else 'JPEG')
+
+
+def test_natural_order_of_classes_and_files(tmp_path):
+    """timm's natural_key of the path, as the published runs list files: x_2 before x_10, and class c2
+    before c10 (torchvision's ImageFolder sorts both the other way)."""
+    for cls in ('c10', 'c2'):
+        for name in ('x_10.JPEG', 'x_2.JPEG', 'X_3.jpeg', 'x_1.png', 'x_20.JPG'):
+            _save(tmp_path / 'val' / cls / name)
+    ds = data.image_dataset(str(tmp_path), 'val')
+    assert ds.classes == ['c2', 'c10']
+    names = [ds.relpath(i) for i in range(len(ds))]
+    assert names == [f'val/{c}/{f}' for c in ('c2', 'c10')
+                     for f in ('x_1.png', 'x_2.JPEG', 'X_3.jpeg', 'x_10.JPEG', 'x_20.JPG')]
+    assert [ds.parser.samples[i][1] for i in range(len(ds))] == [0] * 5 + [1] * 5
+    img, target, used, note = ds[3]
+    assert (target, used, note) == (0, 3, '') and img.size == (8, 8)
+
+
+def test_only_timm_extensions_count(tmp_path):
+    """.png .jpg .jpeg in any case; other files are not images (a .gif, a .txt, a .JPEG.bak)."""
+    _save(tmp_path / 'val' / 'a' / 'ok.JPEG')
+    for name in ('anim.gif', 'notes.txt', 'old.JPEG.bak'):
+        (tmp_path / 'val' / 'a' / name).write_bytes(b'x')
+    (tmp_path / 'val' / 'b').mkdir()
+    (tmp_path / 'val' / 'b' / 'x.gif').write_bytes(b'x')
+    with pytest.raises(UserError, match=r'no images in class folder\(s\) b of .*extensions .png .jpg .jpeg'):
+        data.image_dataset(str(tmp_path), 'val')
+    (tmp_path / 'val' / 'b' / 'x.gif').unlink()
+    (tmp_path / 'val' / 'b').rmdir()
+    ds = data.image_dataset(str(tmp_path), 'val')
+    assert len(ds) == 1 and ds.relpath(0) == 'val/a/ok.JPEG'
+
+
+def test_unreadable_image_is_skipped_as_timm_does_and_reported(tmp_path):
+    for i in range(4):
+        _save(tmp_path / 'train' / 'a' / f'{i}.JPEG', seed=i)
+    (tmp_path / 'train' / 'a' / '1.JPEG').write_bytes(b'not a jpeg')
+    (tmp_path / 'train' / 'a' / '2.JPEG').write_bytes(b'')
+    ds = data.image_dataset(str(tmp_path), 'train')
+    img, target, used, note = ds[1]  # 1 and 2 unreadable: timm returns index 3
+    assert used == 3 and np.array_equal(np.asarray(img), np.asarray(Image.open(tmp_path / 'train' / 'a' / '3.JPEG')))
+    lines = note.split('\n')
+    assert [line.split('\t')[0] for line in lines] == ['train/a/1.JPEG', 'train/a/2.JPEG']
+    assert lines[0].split('\t')[1].startswith('UnidentifiedImageError')
+    assert ds[0][2:] == (0, '')
+    log = data.ImageLog()
+    batch = (None, None, torch.tensor([3, 0]), [note, ''])
+    assert log.files(ds, batch) == ['train/a/3.JPEG', 'train/a/0.JPEG']
+    log.note_skips([note])  # the same file skipped again is listed once
+    assert log.skipped == ['train/a/1.JPEG', 'train/a/2.JPEG']
+
+
+def test_unreadable_image_with_strict_images_is_an_error(tmp_path):
+    _save(tmp_path / 'val' / 'a' / '0.JPEG')
+    (tmp_path / 'val' / 'a' / '1.JPEG').write_bytes(b'not a jpeg')
+    ds = data.image_dataset(str(tmp_path), 'val', strict=True)
+    assert ds[0][2] == 0
+    with pytest.raises(ImageDecodeError, match=r'^cannot decode image .*/val/a/1.JPEG \(UnidentifiedImageError: '):
+        ds[1]
+
+
+def test_fifty_unreadable_images_in_a_row_stop(tmp_path):
+    for i in range(51):
+        (tmp_path / 'val' / 'a').mkdir(parents=True, exist_ok=True)
+        (tmp_path / 'val' / 'a' / f'{i}.JPEG').write_bytes(b'bad')
+    _save(tmp_path / 'val' / 'a' / '51.JPEG')
+    ds = data.image_dataset(str(tmp_path), 'val')
+    assert ds[2][2] == 51  # 49 skips still reach a readable image
+    with pytest.raises(ImageDecodeError, match='50 unreadable images in a row'):
+        ds[1]
+
+
+def test_train_loader_uses_distributed_sampler_defaults():
+    """SPEC §1b: DistributedSampler(dataset) as constructed with no arguments: seed 0, shuffled, no
+    set_epoch, so two iterations of the loader see one order."""
+    ds = TensorDataset(torch.arange(40))
+    for rank in (0, 1):
+        loader = data.train_loader(ds, 4, 0, DistInfo(rank=rank, world_size=2))
+        s = loader.sampler
+        assert (s.seed, s.shuffle, s.epoch, s.num_replicas, s.rank, loader.drop_last) == (0, True, 0, 2, rank, True)
+        first = [b[0].tolist() for b in loader]
+        torch.manual_seed(123)
+        assert [b[0].tolist() for b in loader] == first
+        g = torch.Generator().manual_seed(0)
+        order = torch.randperm(40, generator=g).tolist()[rank::2]
+        assert sum(first, []) == order
+    single = data.train_loader(ds, 4, 0, DistInfo())
+    assert isinstance(single.sampler, torch.utils.data.RandomSampler) and single.sampler.generator is None
 
 
 def _loader_indices(n, rank, world_size, batch_size=4):

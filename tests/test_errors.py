@@ -74,16 +74,21 @@ def test_fewer_training_images_than_calibration_plus_qwt(capsys, image_root, dei
 
 
 @pytest.mark.parametrize('workers', [0, 1])
-def test_undecodable_image_is_named(capsys, tmp_path, deit_ckpt, workers):
-    """The loader's error names the file, also when it comes back from a worker process."""
+def test_undecodable_image_is_named_with_strict_images(capsys, tmp_path, deit_ckpt, workers):
+    """--strict_images: the first unreadable file stops the run, named, also from a worker process."""
     root = make_image_folder(str(tmp_path / 'd'))
     for c in os.listdir(os.path.join(root, 'train')):
         for f in os.listdir(os.path.join(root, 'train', c)):
             with open(os.path.join(root, 'train', c, f), 'wb') as fh:
                 fh.write(b'not a jpeg')
-    line = fails(capsys, 'vit', *quick(root, deit_ckpt, tmp_path), '--num_workers', str(workers))
+    line = fails(capsys, 'vit', *quick(root, deit_ckpt, tmp_path), '--num_workers', str(workers), '--strict_images')
     assert line.startswith(f"error: cannot decode image {root}/train/n0000000")
-    assert '.JPEG (UnidentifiedImageError' in line and line.endswith('replace or remove the file')
+    assert '.JPEG (UnidentifiedImageError' in line
+    assert line.endswith('replace or remove the file, or leave out --strict_images to skip it as timm does')
+    # without the flag, timm's skip-and-retry gives up after 50 in a row
+    line = fails(capsys, 'vit', *quick(root, deit_ckpt, tmp_path), '--num_workers', str(workers))
+    assert line.startswith(f"error: 50 unreadable images in a row in {root}/train, the last train/n0000000")
+    assert '.JPEG (UnidentifiedImageError: cannot identify image file' in line and line.endswith('): check the folder')
 
 
 # ---- flags -------------------------------------------------------------------------------------
@@ -91,7 +96,7 @@ def test_undecodable_image_is_named(capsys, tmp_path, deit_ckpt, workers):
 @pytest.mark.parametrize('family,args,message', [
     ('vit', ['--model', 'deit_tiny', '--qwt_samples', '10', '--batch_size', '4'],
      '--qwt_samples 10 is not a multiple of --batch_size 4 x 1 process(es) = 4: use 8 or 12'),
-    ('vit', ['--model', 'deit_tiny', '--w_bit', '1'], '--w_bits 1 not supported: use 2 to 8'),
+    ('vit', ['--model', 'deit_tiny', '--w_bit', '1'], '--w_bit 1 not supported: use 2 to 8'),
     ('vit', ['--model', 'deit_tiny', '--a_bits', '9'], '--a_bits 9 not supported: use 2 to 8'),
     ('vit', ['--model', 'deit_tiny', '--num_val', '0'], '--num_val must be positive, got 0'),
     ('vit', ['--model', 'deit_smal'], "unknown model 'deit_smal': use one of vit_small, vit_base, deit_tiny,"),

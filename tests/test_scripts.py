@@ -88,13 +88,13 @@ def check_save_load(script, result, saved, image_root, tmp_path):
     ('swin', ['--model', 'deit_small'], 'run it with qwt_vit_and_deit.py'),
     ('vit', ['--model', 'resnet50'], 'not a ViT, DeiT or Swin'),
     ('vit', ['--model', 'no_such_model'], "unknown model 'no_such_model'"),
-    ('vit', ['--model', 'deit_tiny', '--w_bit', '9'], '--w_bits 9 not supported'),
+    ('vit', ['--model', 'deit_tiny', '--w_bit', '9'], '--w_bit 9 not supported'),
     ('vit', ['--model', 'deit_tiny', '--a_bits', '1'], '--a_bits 1 not supported'),
     ('vit', ['--model', 'deit_tiny', '--checkpoint', '/nonexistent.pth'], '--checkpoint /nonexistent.pth not found'),
     ('vit', ['--model', 'deit_tiny', '--start_block', '-1'], '--start_block must be >= 0'),
 ])
 def test_bad_flags_are_one_line_errors(image_root, capsys, family, args, message):
-    from utils.pipeline import parse_args
+    from utils.cli import parse_args
     with pytest.raises(SystemExit) as exc:
         parse_args(family, ['--data_dir', image_root, *args])
     assert exc.value.code == 2
@@ -102,7 +102,7 @@ def test_bad_flags_are_one_line_errors(image_root, capsys, family, args, message
 
 
 def test_missing_data_dir_is_a_clear_error(capsys):
-    from utils.pipeline import parse_args
+    from utils.cli import parse_args
     with pytest.raises(SystemExit) as exc:
         parse_args('vit', ['--model', 'deit_tiny', '--data_dir', '/no/such/dir'])
     assert exc.value.code == 2
@@ -110,7 +110,7 @@ def test_missing_data_dir_is_a_clear_error(capsys):
 
 
 def test_flag_aliases_and_defaults(image_root):
-    from utils.pipeline import parse_args
+    from utils.cli import parse_args
     a = parse_args('vit', ['--model', 'deit_small', '--data_dir', image_root, '--w_bits', '6', '--a_bit', '6',
                            '--local-rank', '3'])
     assert (a.w_bits, a.a_bits, a.local_rank) == (6, 6, 3)
