@@ -1,5 +1,5 @@
 """How QwT walks a Swin transformer: every block of every stage, then the stage's PatchMerging."""
-from models.walk import Slot
+from models.slot import Slot
 
 
 def stem(model, x):

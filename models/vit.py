@@ -1,7 +1,7 @@
 """How QwT walks a ViT / DeiT: the stem up to the first block, then ``model.blocks`` in order."""
 import torch
 
-from models.walk import Slot
+from models.slot import Slot
 
 
 def stem(model, x):

@@ -243,7 +243,10 @@ def qwt_compensate(q_model, images, start_block=0, batch_size=32, solver='invers
     fit_block = _fit_block_normal if accumulate == 'normal' else _fit_block_concat
     clock = Stopwatch(device, ('passes', 'fit'))
     block_id = 0
-    for slot in tqdm(walk(q_model), desc='QwT', disable=not progress, leave=False):
+    slots = walk(q_model)
+    bar = tqdm(total=sum(s.kind == 'block' for s in slots), desc='QwT', unit='block', disable=not progress,
+               leave=False)  # counts the blocks the log counts, not Swin's PatchMerging steps
+    for slot in slots:
         module = slot.module
         if slot.kind == 'merge':  # Swin PatchMerging: quantized, not compensated
             with clock('passes'):
@@ -262,6 +265,8 @@ def qwt_compensate(q_model, images, start_block=0, batch_size=32, solver='invers
             stats.append({'block': block_id, 'r2': r2, 'used': used,
                           'fallback': None if fallback is None else fallback[0]})
         block_id += 1
+        bar.update(1)
+    bar.close()
     if timings is not None:
         timings.update(clock.seconds)
     return q_model

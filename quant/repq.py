@@ -1,8 +1,11 @@
 """RepQ-ViT post-training quantization (SPEC §2): wrap, calibrate on one batch, reparameterise,
 re-calibrate."""
-import torch
+from contextlib import contextmanager
 
-from quant.layers import QuantConv2d, QuantLinear, set_quant_state
+import torch
+from tqdm import tqdm
+
+from quant.layers import QUANT_LAYERS, QuantConv2d, QuantLinear, set_quant_state
 from quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
 from quant.reparam import reparameterize
 from quant.wrap import quantize_model, replay_wrap_draws
@@ -14,13 +17,14 @@ def _device_of(model):
 
 
 @torch.no_grad()
-def repq_vit(model, calib_images, w_bits, a_bits, per_channel_loop=False, timings=None):
+def repq_vit(model, calib_images, w_bits, a_bits, per_channel_loop=False, timings=None, progress=False):
     """Quantize ``model`` in place with RepQ-ViT and return it (eval mode, quantization on).
 
     ``calib_images``: one batch, [32, 3, 224, 224] in the published setting, run in one forward pass.
     ``per_channel_loop``: run the calibration as published: the one-channel-at-a-time quantizer
     search, torch.quantile per candidate and a second forward pass for step (3) (same result, slow).
     ``timings``: optional dict that receives seconds for 'calibrate', 'reparameterize', 'recalibrate'.
+    ``progress``: a bar over the quantized layers as the calibration pass initialises them.
     """
     timings = {} if timings is None else timings
     replay_wrap_draws(model)
@@ -34,7 +38,7 @@ def repq_vit(model, calib_images, w_bits, a_bits, per_channel_loop=False, timing
     x = calib_images.to(_device_of(model), non_blocking=True)
     set_quant_state(model, weight_quant=True, act_quant=True)
     watch = Stopwatch(x.device)
-    with watch('calibrate'):          # (1) initialises every quantizer
+    with watch('calibrate'), layer_progress(model, progress):  # (1) initialises every quantizer
         model(x)
     with watch('reparameterize'):     # (2) scale reparameterisation
         reparameterize(model)
@@ -57,3 +61,21 @@ def recalibrate_weights(model):
     for m in model.modules():
         if isinstance(m, (QuantLinear, QuantConv2d)) and not m.weight_quantizer.inited:
             m.weight_quantizer.calibrate(m.weight.detach())
+
+
+@contextmanager
+def layer_progress(model, enabled):
+    """A progress bar that advances as each quantized layer finishes its first forward (where its
+    quantizers initialise: the slow part of calibration)."""
+    layers = [m for m in model.modules() if isinstance(m, QUANT_LAYERS)]
+    bar = tqdm(total=len(layers), desc='RepQ-ViT calibration', unit='layer', disable=not enabled, leave=False)
+
+    def advance(*_):  # a forward hook's return value would replace the layer's output
+        bar.update(1)
+    handles = [m.register_forward_hook(advance) for m in layers] if enabled else []
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        bar.close()

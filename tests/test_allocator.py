@@ -60,7 +60,7 @@ def test_pipeline_applies_it_on_the_cpu(tmp_path, monkeypatch):
     root = make_image_folder(str(tmp_path / 'imagenet'))
     ckpt = save_random_checkpoint('deit_tiny_patch16_224', str(tmp_path / 'deit_tiny.pth'))
     with pytest.raises(Stop):
-        pipeline.main('vit', ['--model', 'deit_tiny', '--data_dir', root, '--checkpoint', ckpt, '--batch_size', '4',
+        pipeline.main('vit', ['--model', 'deit_tiny', '--data_dir', root, '--allow_class_subset', '--checkpoint', ckpt, '--batch_size', '4',
                               '--qwt_samples', '8', '--num_workers', '0', '--device', 'cpu',
                               '--output_dir', str(tmp_path / 'out')])
     assert calls == [1]

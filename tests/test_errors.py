@@ -35,7 +35,7 @@ def fails(capsys, family, *args):
 
 def quick(image_root, deit_ckpt, tmp_path, *extra):
     """Flags of a small deit_tiny run on the synthetic folder."""
-    return ['--model', 'deit_tiny', '--data_dir', image_root, '--checkpoint', deit_ckpt, '--batch_size', '4',
+    return ['--model', 'deit_tiny', '--data_dir', image_root, '--allow_class_subset', '--checkpoint', deit_ckpt, '--batch_size', '4',
             '--qwt_samples', '8', '--num_workers', '0', '--device', 'cpu', '--output_dir', str(tmp_path / 'out'),
             *extra]
 
@@ -168,7 +168,8 @@ def test_checkpoint_with_training_args_still_loads(tmp_path):
 def test_offline_download_names_file_url_and_cache(image_root, tmp_path):
     """No --checkpoint and no network (a proxy that refuses connections): the message says where to put
     the weights file so that the next run works offline."""
-    proc = run_script('qwt_vit_and_deit.py', '--model', 'deit_tiny', '--data_dir', image_root, '--batch_size', '4',
+    proc = run_script('qwt_vit_and_deit.py', '--model', 'deit_tiny', '--data_dir', image_root, '--allow_class_subset',
+                      '--batch_size', '4',
                       '--qwt_samples', '8', '--num_workers', '0', '--output_dir', str(tmp_path / 'out'),
                       env={'TORCH_HOME': str(tmp_path / 'torch'), 'https_proxy': 'http://127.0.0.1:9',
                            'HTTPS_PROXY': 'http://127.0.0.1:9', 'no_proxy': '', 'NO_PROXY': ''})

@@ -88,7 +88,7 @@ def test_load_conflicts(capsys, tmp_path, family, saved, flags, message):
     path = fake_saved(str(tmp_path / 's.pth'), **saved)
     root = make_image_folder(str(tmp_path / 'd'))
     with pytest.raises(SystemExit) as exc:
-        pipeline.main(family, ['--load', path, '--data_dir', root, '--output_dir', str(tmp_path / 'o'), *flags])
+        pipeline.main(family, ['--load', path, '--data_dir', root, '--allow_class_subset', '--output_dir', str(tmp_path / 'o'), *flags])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
 

@@ -41,7 +41,7 @@ def check_result(out_dir, model, timm_name, proc):
 def test_vit_script_end_to_end(image_root, tmp_path):
     ckpt = save_random_checkpoint('deit_tiny_distilled_patch16_224', str(tmp_path / 'deit.pth'))
     out = str(tmp_path / 'out')
-    proc = run_script('qwt_vit_and_deit.py', '--model', 'deit_tiny_distilled', '--data_dir', image_root,
+    proc = run_script('qwt_vit_and_deit.py', '--model', 'deit_tiny_distilled', '--data_dir', image_root, '--allow_class_subset',
                       '--w_bit', '4', '--a_bit', '4', '--checkpoint', ckpt, '--batch_size', '4',
                       '--qwt_samples', '8', '--num_workers', '0', '--output_dir', out, '--device', 'cpu',
                       '--save', str(tmp_path / 'saved.pth'))
@@ -53,7 +53,7 @@ def test_vit_script_end_to_end(image_root, tmp_path):
 def test_swin_script_end_to_end(image_root, tmp_path):
     ckpt = save_random_checkpoint('swin_tiny_patch4_window7_224', str(tmp_path / 'swin.pth'), wrap=True)
     out = str(tmp_path / 'out')
-    proc = run_script('qwt_swin.py', '--model', 'swin_tiny', '--data_dir', image_root, '--w_bits', '4',
+    proc = run_script('qwt_swin.py', '--model', 'swin_tiny', '--data_dir', image_root, '--allow_class_subset', '--w_bits', '4',
                       '--a_bits', '4', '--checkpoint', ckpt, '--batch_size', '4', '--qwt_samples', '4',
                       '--num_workers', '0', '--output_dir', out, '--save', str(tmp_path / 'saved.pth'))
     result = check_result(out, 'swin_tiny', 'swin_tiny_patch4_window7_224', proc)
@@ -67,7 +67,7 @@ def check_save_load(script, result, saved, image_root, tmp_path):
     assert result['weights'] == 'checkpoint' and result['saved_to'] == saved and os.path.isfile(saved)
     assert [f for f in os.listdir(os.path.dirname(saved)) if f.endswith('.tmp')] == []
     out = str(tmp_path / 'loaded')
-    proc = run_script(script, '--load', saved, '--data_dir', image_root, '--batch_size', '4', '--num_workers', '0',
+    proc = run_script(script, '--load', saved, '--data_dir', image_root, '--allow_class_subset', '--batch_size', '4', '--num_workers', '0',
                       '--output_dir', out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     loaded = json.load(open(os.path.join(out, 'result.json')))
@@ -76,7 +76,7 @@ def check_save_load(script, result, saved, image_root, tmp_path):
                 'repq_size_mb', 'qwt_size_mb', 'qwt_blocks', 'num_calib', 'num_qwt', 'num_val'):
         assert loaded[key] == result[key], key
     assert 'repq' not in loaded['timings'] and 'qwt' not in loaded['timings']
-    proc = run_script(script, '--load', saved, '--data_dir', image_root, '--batch_size', '4', '--num_workers', '0',
+    proc = run_script(script, '--load', saved, '--data_dir', image_root, '--allow_class_subset', '--batch_size', '4', '--num_workers', '0',
                       '--output_dir', out, '--num_val', '4', '--eval', 'repq')
     assert proc.returncode == 0, proc.stderr[-3000:]
     subset = json.load(open(os.path.join(out, 'result.json')))

@@ -8,8 +8,10 @@ from PIL import Image
 
 # Sized to finish well within a minute on a 2-core CPU (swin_tiny costs 3.5x deit_tiny per image).
 DEMO_DEFAULTS = {
-    'vit': dict(model='deit_tiny', batch_size=16, qwt_samples=32, num_workers=2, eval_workers=2),
-    'swin': dict(model='swin_tiny', batch_size=8, qwt_samples=16, num_val=16, num_workers=2, eval_workers=2),
+    'vit': dict(model='deit_tiny', batch_size=16, qwt_samples=32, num_workers=2, eval_workers=2,
+                allow_class_subset=True),
+    'swin': dict(model='swin_tiny', batch_size=8, qwt_samples=16, num_val=16, num_workers=2,
+                 eval_workers=2, allow_class_subset=True),
 }
 DEMO_CLASSES, DEMO_TRAIN_PER_CLASS, DEMO_VAL_PER_CLASS = 10, 6, 4
 

@@ -1,5 +1,6 @@
 """Process-group helpers. One code path for one process and many: every collective is a no-op
 when no process group is initialised."""
+import glob
 import os
 from dataclasses import dataclass
 
@@ -38,9 +39,26 @@ def rank():
     return dist.get_rank() if is_initialized() else 0
 
 
+def gpu_visible_to_system():
+    """Whether the OS shows an NVIDIA GPU (its driver's device files), whatever torch can use."""
+    return bool(glob.glob('/proc/driver/nvidia/gpus/*') or glob.glob('/dev/nvidia[0-9]*'))
+
+
+def unusable_gpu_message(flag):
+    """The one-line error for a GPU the system shows but this torch cannot use."""
+    build = ('a CPU-only build' if torch.version.cuda is None else
+             f'built for CUDA {torch.version.cuda}, which may need a newer NVIDIA driver than this one')
+    return (f"an NVIDIA GPU is visible to the system, but torch {torch.__version__} cannot use it ({build}): "
+            "install the torch build for your driver (README, Install), or pass --device cpu to run on the CPU "
+            f"anyway{flag}")
+
+
 def resolve_device(requested, local_rank=0):
-    """'cuda' / 'cpu' / 'cuda:N' or None (cuda if available). Under a launcher, cuda means cuda:LOCAL_RANK."""
+    """'cuda' / 'cpu' / 'cuda:N' or None (cuda if available). Under a launcher, cuda means cuda:LOCAL_RANK.
+    A GPU that the system shows but torch cannot use is an error, never a silent run on the CPU."""
     if requested is None:
+        if not torch.cuda.is_available() and gpu_visible_to_system():
+            raise UserError(unusable_gpu_message(' (a full run there takes hours)'))
         requested = 'cuda' if torch.cuda.is_available() else 'cpu'
     try:
         device = torch.device(requested)
@@ -50,6 +68,8 @@ def resolve_device(requested, local_rank=0):
         raise UserError(f"--device {requested} is not supported: use cuda, cuda:N or cpu")
     if device.type == 'cuda':
         if not torch.cuda.is_available():
+            if gpu_visible_to_system():
+                raise UserError(f"--device {requested}: " + unusable_gpu_message(''))
             raise UserError(f"--device {requested} asked for, but no CUDA device is visible: use --device cpu")
         if device.index is None:
             device = torch.device('cuda', local_rank)

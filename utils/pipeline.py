@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from models import build_model, data_config, pretrained_cached, randomize_layernorms, resolve_model
+from models import build_model, data_config, default_cfg, pretrained_cached, randomize_layernorms, resolve_model
 from quant import model_size_mb, qwt_compensate, repq_vit, set_compensation
 from quant.qwt import compensated_blocks
 from quant.saved_model import load_quantized, read_saved, save_quantized
@@ -28,6 +28,7 @@ from utils.demo import make_demo_data
 from utils.errors import UserError, one_line
 from utils.evaluate import evaluate
 from utils.files import write_text_atomic
+from utils.logs import log_to_file, setup_logging, teardown_logging
 from utils.timing import Stopwatch
 
 _logger = logging.getLogger('qwt')
@@ -65,48 +66,6 @@ def seed_everything(seed):
     torch.backends.cudnn.deterministic = True
 
 
-def setup_logging(output_dir, is_main):
-    """Console on every process (warnings only off rank 0); rank 0 also appends to OUTPUT_DIR/log.txt,
-    so the log of an earlier run in the same folder is kept."""
-    level = logging.INFO if is_main else logging.WARNING
-    fmt = logging.Formatter('%(asctime)s %(message)s', '%H:%M:%S')
-    handlers = [logging.StreamHandler(sys.stdout)]
-    if is_main:
-        try:
-            os.makedirs(output_dir, exist_ok=True)
-            handlers.append(logging.FileHandler(os.path.join(output_dir, 'log.txt'), mode='a'))
-        except OSError as e:
-            raise UserError(f"cannot write to --output_dir {output_dir} ({e.strerror or e}): choose a writable "
-                            "folder") from None
-    teardown_logging()
-    for name in ('qwt', 'quant'):
-        log = logging.getLogger(name)
-        for h in handlers:
-            h.setFormatter(fmt)
-            log.addHandler(h)
-        log.setLevel(level)
-        log.propagate = False
-
-
-def teardown_logging():
-    """Close the log file and give the loggers back their default state (the entry point may run
-    in-process, e.g. under pytest)."""
-    for name in ('qwt', 'quant'):
-        log = logging.getLogger(name)
-        for h in list(log.handlers):
-            log.removeHandler(h)
-            h.close()
-        log.setLevel(logging.NOTSET)
-        log.propagate = True
-
-
-def log_to_file(message):
-    """Append ``message`` to log.txt only (it is already on the console), if the log is open."""
-    for h in _logger.handlers:
-        if isinstance(h, logging.FileHandler):
-            h.emit(_logger.makeRecord(_logger.name, logging.ERROR, __file__, 0, message, None, None))
-
-
 # ---- the run's setting -------------------------------------------------------------------------
 
 def resolve_run_model(args, family, payload):
@@ -129,6 +88,12 @@ def resolve_run_model(args, family, payload):
     return spec, payload['w_bits'], payload['a_bits']
 
 
+def command_line(args, family):
+    """This run's command, shell-quoted so that it can be pasted back (the launcher, if any, left out)."""
+    script = sys.argv[0] if os.path.basename(sys.argv[0]) in FAMILY_SCRIPTS.values() else FAMILY_SCRIPTS[family]
+    return shlex.join(['python', script, *getattr(args, '_argv', sys.argv[1:])])
+
+
 def prepare(args, family):
     """The Run: model and bits, process group, log, seeds (SPEC §1b step 1)."""
     payload = read_saved(args.load) if args.load else None
@@ -141,7 +106,7 @@ def prepare(args, family):
         keep_freed_memory()
     setup_logging(args.output_dir, dist_info.is_main)
     seed_everything(args.seed)
-    _logger.info('==== %s', shlex.join([sys.argv[0], *getattr(args, '_argv', sys.argv[1:])]))
+    _logger.info('==== %s', command_line(args, family))
     _logger.info('%s (%s) W%d/A%d on %s x %d', spec.name, spec.timm_name, w_bits, a_bits,
                  dist_info.device, dist_info.world_size)
     return Run(args, family, spec, w_bits, a_bits, payload, dist_info, Stopwatch(dist_info.device))
@@ -164,9 +129,22 @@ def open_splits(run):
             raise UserError(f"{train.parser.root} has {len(train)} images, fewer than the calibration batch "
                             f"(--batch_size {args.batch_size}) plus --qwt_samples {args.qwt_samples} = {need}: "
                             "add images or lower those flags")
+    for split in (val, train):
+        if split is not None:
+            check_classes(split, run.spec.timm_name, args.allow_class_subset)
     _logger.info('train %s images, val %d images, %d classes', 'n/a' if train is None else len(train), len(val),
                  len(val.classes))
     return Splits(val, val_data, train)
+
+
+def check_classes(split, timm_name, allow_subset):
+    """Labels are class-folder indices: a split with another number of classes than the model scores
+    against the wrong labels, without a word."""
+    n_model, n_split = default_cfg(timm_name)['num_classes'], len(split.classes)
+    if n_split != n_model and not allow_subset:
+        raise UserError(f"{split.parser.root} has {n_split} class folders, but {timm_name} predicts {n_model} "
+                        "classes: labels are folder indices, so accuracy would be scored against the wrong labels. "
+                        f"Use the full ImageNet layout ({n_model} synset folders), or pass --allow_class_subset")
 
 
 # ---- SPEC §1b: the published draws, in order -----------------------------------------------------
@@ -240,7 +218,7 @@ def quantize(run, splits):
     repq_times = {}
     with timer('repq'):  # steps 4 and 5
         repq_vit(model, calib, run.w_bits, run.a_bits, per_channel_loop=args.calib_search == 'per_channel',
-                 timings=repq_times)
+                 timings=repq_times, progress=run.dist.is_main)
     _logger.info('RepQ-ViT calibration done in %.1f s', timer.seconds['repq'])
     early = {}
     if args.eval == 'repq':  # step 6 as published: the RepQ-ViT model is evaluated before QwT
