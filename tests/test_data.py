@@ -299,3 +299,45 @@ def test_val_subset_is_fixed_and_spread():
     for bad in (0, 1001):
         with pytest.raises(UserError, match=f'--num_val {bad} is outside 1..1000, the size of the val split'):
             data.val_subset(ds, bad)
+
+
+# SPEC §1, typed from its table: (mean, std, Resize size = int(224 / crop_pct)).
+_IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+SPEC_TRANSFORMS = {
+    'vit_small': ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 248), 'vit_base': ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 248),
+    **{f'deit_{s}{d}': (*_IMAGENET, 256) for s in ('tiny', 'small', 'base') for d in ('', '_distilled')},
+    'swin_tiny': (*_IMAGENET, 248), 'swin_small': (*_IMAGENET, 248),
+}
+
+
+@pytest.fixture(scope='module')
+def one_image_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp('one')
+    for split in ('train', 'val'):
+        (root / split / 'a').mkdir(parents=True)
+        _rgb(8, 8).save(root / split / 'a' / '0.JPEG')
+    return str(root)
+
+
+@pytest.mark.parametrize('name', sorted(SPEC_TRANSFORMS))
+def test_pipeline_builds_the_spec_transforms(name, one_image_root):
+    """The transforms the pipeline really builds for each table model (not the registry's word for it)."""
+    import argparse
+    from types import SimpleNamespace
+    from models import resolve_model
+    from utils import pipeline
+    mean, std, resize = SPEC_TRANSFORMS[name]
+    args = argparse.Namespace(data_dir=one_image_root, num_val=None, strict_images=False, eval='both', batch_size=1,
+                              qwt_samples=0, allow_class_subset=True)
+    splits = pipeline.open_splits(SimpleNamespace(args=args, spec=resolve_model(name), payload=None))
+    val = splits.val.transform.transforms
+    assert [type(t) for t in val] == [T.Resize, T.CenterCrop, T.ToTensor, T.Normalize]
+    assert val[0].size == resize and val[0].interpolation == T.InterpolationMode.BICUBIC
+    assert tuple(val[1].size) == (224, 224)
+    assert tuple(val[3].mean.tolist()) == pytest.approx(mean, abs=1e-7) and tuple(val[3].std.tolist()) == pytest.approx(std, abs=1e-7)
+    train = splits.train.transform.transforms
+    assert [type(t).__name__ for t in train] == ['RandomResizedCropAndInterpolation', 'RandomHorizontalFlip',
+                                                 'RandAugment', 'ToTensor', 'Normalize']
+    assert tuple(train[0].size) == (224, 224) and train[0].interpolation == Image.BICUBIC
+    assert all(op.kwargs['fillcolor'] == tuple(round(255 * m) for m in mean) for op in train[2].ops)
+    assert tuple(train[4].mean.tolist()) == pytest.approx(mean, abs=1e-7) and tuple(train[4].std.tolist()) == pytest.approx(std, abs=1e-7)

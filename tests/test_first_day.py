@@ -53,13 +53,10 @@ def test_384_model_runs_end_to_end(root, tmp_path):
     cfg = data_config(resolve_model('vit_tiny_patch16_384'))
     assert (cfg['img_size'], cfg['crop_pct'], cfg['mean'], cfg['interpolation']) == (384, 1.0, (0.5,) * 3, 'bicubic')
     ckpt = save_random_checkpoint('vit_tiny_patch16_384', str(tmp_path / 'w.pth'))
-    dump = str(tmp_path / 'inputs.pth')
-    flags = ['--model', 'vit_tiny_patch16_384', '--data_dir', root, '--checkpoint', ckpt, '--allow_class_subset',
-             '--batch_size', '2', '--qwt_samples', '2', '--num_workers', '0', '--eval_workers', '0', '--device', 'cpu']
-    cli.main('vit', [*flags, '--dump_inputs', dump, '--output_dir', str(tmp_path / 'd')])
-    inputs = torch.load(dump)
-    assert inputs['calib'].shape == (2, 3, 384, 384) and inputs['qwt'].shape == (2, 3, 384, 384)
-    result = cli.main('vit', [*flags, '--num_val', '2', '--output_dir', str(tmp_path / 'out')])
+    result = cli.main('vit', ['--model', 'vit_tiny_patch16_384', '--data_dir', root, '--checkpoint', ckpt,
+                              '--allow_class_subset', '--batch_size', '2', '--qwt_samples', '2', '--num_val', '2',
+                              '--eval', 'qwt', '--num_workers', '0', '--eval_workers', '0', '--device', 'cpu',
+                              '--output_dir', str(tmp_path / 'out')])
     assert result['timm_name'] == 'vit_tiny_patch16_384' and result['qwt_top1'] in (0.0, 50.0, 100.0)
     assert len(result['qwt_blocks']) == 12
 
