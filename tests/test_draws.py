@@ -78,19 +78,23 @@ def test_each_step_of_the_draw_order_matters(big_root, checkpoints, tmp_path, mo
         assert got['qwt_files'] != ref['qwt_files'] and not torch.equal(got['qwt'], ref['qwt']), name
 
 
-def test_two_processes_draw_the_published_shards(big_root, checkpoints, tmp_path):
-    """torchrun, two gloo processes: DistributedSampler's defaults (seed 0, no set_epoch), so both passes
-    see one permutation; every rank seeded alike; the calibration batch is rank 0's."""
-    path = str(tmp_path / 'inputs.pth')
+def torchrun(root, ckpt, out, *flags):
     env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
     proc = subprocess.run(
         [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(free_port()),
-         os.path.join(ROOT, 'qwt_vit_and_deit.py'), '--model', 'deit_tiny', '--data_dir', big_root,
-         '--checkpoint', checkpoints['deit_tiny'], '--batch_size', '8', '--qwt_samples', '32', '--num_workers', '2',
-         '--allow_class_subset', '--device', 'cpu', '--dump_inputs', path, '--output_dir', str(tmp_path / 'out')],
-        cwd=ROOT, env={**env, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore'}, capture_output=True, text=True,
-        timeout=600)
+         os.path.join(ROOT, 'qwt_vit_and_deit.py'), '--model', 'deit_tiny', '--data_dir', root, '--checkpoint', ckpt,
+         '--batch_size', '8', '--qwt_samples', '32', '--num_workers', '2', '--allow_class_subset', '--device', 'cpu',
+         '--output_dir', out, *flags],
+        cwd=ROOT, env={**env, 'OMP_NUM_THREADS': '1'}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_two_processes_draw_the_published_shards(big_root, checkpoints, tmp_path):
+    """torchrun, two gloo processes: DistributedSampler's defaults (seed 0, no set_epoch), so both passes
+    see one permutation; every rank seeded alike; the calibration batch is rank 0's. A whole run then
+    fits on (and reports) both ranks' images."""
+    path = str(tmp_path / 'inputs.pth')
+    torchrun(big_root, checkpoints['deit_tiny'], str(tmp_path / 'out'), '--dump_inputs', path)
     dumps = [torch.load(path), torch.load(path + '.rank1')]
     fix_posterize()
     refs = [published_inputs(big_root, 'deit_tiny_patch16_224', checkpoints['deit_tiny'], IMAGENET_MEAN, IMAGENET_STD,
@@ -104,6 +108,12 @@ def test_two_processes_draw_the_published_shards(big_root, checkpoints, tmp_path
     assert dumps[0]['qwt_files'][:8] == dumps[0]['calib_files']
     first = ', '.join(f'{v:.4f}' for v in refs[0]['calib'][0, 0, 0, :5].tolist())
     assert f'calib_data[0, 0, 0, :5] = {first}' in open(tmp_path / 'out' / 'log.txt').read()
+
+    torchrun(big_root, checkpoints['deit_tiny'], str(tmp_path / 'run'), '--eval', 'none')
+    result = json.load(open(tmp_path / 'run' / 'result.json'))
+    assert result['world_size'] == 2 and result['num_qwt'] == 32 and result['num_calib'] == 8
+    assert result['qwt_files'] == refs[0]['qwt_files'] + refs[1]['qwt_files']
+    assert result['calib_files'] == refs[0]['calib_files']
 
 
 @pytest.fixture(scope='module')
@@ -139,3 +149,22 @@ def test_what_is_evaluated_does_not_move_the_qwt_images(tiny_runs):
     assert tiny_runs['none']['repq_top1'] is None and tiny_runs['none']['qwt_top1'] is None
     # evaluated before QwT, as published, the RepQ-ViT model scores what the one-pass evaluation gives it
     assert tiny_runs['repq']['repq_top1'] == both['repq_top1'] and tiny_runs['repq']['qwt_top1'] is None
+
+
+def test_unreadable_val_image_is_skipped_logged_listed_and_counted(tmp_path, capsys):
+    root = make_image_folder(str(tmp_path / 'data'), classes=3, train_per_class=4, val_per_class=2)
+    bad = os.path.join(root, 'val', 'n00000001', '0.JPEG')
+    with open(bad, 'wb') as f:
+        f.write(b'truncated')
+    ckpt = save_random_checkpoint('vit_test_tiny', str(tmp_path / 'tiny.pth'))
+    out = str(tmp_path / 'out')
+    result = cli.main('vit', ['--model', 'vit_test_tiny', '--data_dir', root, '--checkpoint', ckpt, '--batch_size', '4',
+                              '--qwt_samples', '8', '--num_workers', '0', '--eval_workers', '1', '--device', 'cpu',
+                              '--output_dir', out])
+    assert result['skipped_images'] == ['val/n00000001/0.JPEG']
+    assert result['num_val'] == 6  # timm counts the next image in its place
+    log = open(os.path.join(out, 'log.txt')).read()
+    warnings = [line for line in log.splitlines() if 'skipped unreadable image' in line]
+    assert len(warnings) == 1 and 'val/n00000001/0.JPEG (UnidentifiedImageError' in warnings[0]
+    assert 'skipped 1 unreadable image(s), listed in result.json (skipped_images)' in log
+    assert json.load(open(os.path.join(out, 'result.json')))['skipped_images'] == ['val/n00000001/0.JPEG']

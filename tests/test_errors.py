@@ -251,12 +251,15 @@ def test_out_of_memory_suggests_a_smaller_batch(capsys, image_root, deit_ckpt, t
     assert line.startswith('error: ') and line.endswith(': lower --batch_size')
 
 
-def test_a_bug_keeps_its_traceback(image_root, deit_ckpt, tmp_path, monkeypatch):
-    """Only user errors are shortened: any other failure propagates with its traceback."""
+@pytest.mark.parametrize('exc', [RuntimeError('shape mismatch inside the library'),
+                                 ValueError('bad reshape inside the library'), OSError('fd closed inside the library')])
+def test_a_bug_keeps_its_traceback(image_root, deit_ckpt, tmp_path, monkeypatch, exc):
+    """Only the project's own user errors (and running out of memory) are shortened: a RuntimeError,
+    ValueError or OSError raised inside the library is a bug and propagates with its traceback."""
     def bug(*args, **kwargs):
-        raise RuntimeError('shape mismatch inside the library')
+        raise exc
     monkeypatch.setattr(pipeline, 'repq_vit', bug)
-    with pytest.raises(RuntimeError, match='shape mismatch inside the library'):
+    with pytest.raises(type(exc), match=str(exc)):
         pipeline.main('vit', quick(image_root, deit_ckpt, tmp_path))
 
 
