@@ -186,3 +186,13 @@ def test_logged_command_is_quoted_and_reruns(tmp_path, tiny_ckpts):
     assert argv[:2] == ['python', 'qwt_vit_and_deit.py'] and data in argv and out in argv
     again = cli.main('vit', argv[2:])
     assert {k: v for k, v in again.items() if k != 'timings'} == {k: v for k, v in first.items() if k != 'timings'}
+
+
+def test_flag_choices_are_the_librarys():
+    """utils/cli.py names the choices without importing the library (and torch): they must stay equal."""
+    from quant.qwt import ACCUMULATE
+    from quant.regression import SOLVERS
+    assert set(cli.SOLVER_CHOICES) == set(SOLVERS) and set(cli.ACCUMULATE_CHOICES) == set(ACCUMULATE)
+    args = cli.parse_args('vit', ['--model', 'deit_tiny', '--data_dir', ROOT])
+    assert (args.num_workers, args.qwt_solver, args.qwt_accumulate, args.calib_search, args.eval) == \
+        (4, 'inverse', 'concat', 'vectorized', 'both')

@@ -18,7 +18,7 @@ ACCUMULATE_CHOICES = ('concat', 'normal')  # quant.qwt.ACCUMULATE
 KNOWN_WARNINGS = ((FutureWarning, r'`torch\.jit\.script` is deprecated'),
                   (UserWarning, r'torch\.meshgrid: in an upcoming release, it will be required to pass the indexing'))
 DEFAULT_BITS = 4
-TRAIN_WORKERS = 4   # utils.data.TRAIN_WORKERS: the published loaders' workers (SPEC §1b)
+TRAIN_WORKERS = 4   # SPEC §1b: the published loaders' workers; each worker's seed decides its augmentations
 EVAL_WORKERS = min(8, os.cpu_count() or 1)
 
 

@@ -15,7 +15,6 @@ from utils.errors import ImageDecodeError, UserError, cause
 _logger = logging.getLogger('qwt')
 IMG_SIZE = 224
 RAND_AUGMENT = 'rand-m9-mstd0.5-inc1'
-TRAIN_WORKERS = 4  # SPEC §1b: the published loaders' workers; each worker's seed decides its augmentations
 SKIP_RETRY = 50    # timm 0.4.12's _ERROR_RETRY: unreadable images in a row before ImageDataset gives up
 
 
