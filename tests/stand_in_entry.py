@@ -7,6 +7,7 @@ writes. Behaviour from the environment:
   STAND_IN_FAIL   a model name: its runs print 'error: ...' and exit 2
   STAND_IN_SLEEP  seconds to wait before writing the result
   STAND_IN_LOG    a file that gets one JSON line per process: pid, start, end, argv and launcher variables
+  STAND_IN_PID    set: print 'pid <pid>' first thing
 """
 import argparse
 import importlib.util
@@ -25,6 +26,8 @@ spec.loader.exec_module(registry)
 
 def main():
     start = time.time()
+    if os.environ.get('STAND_IN_PID'):
+        print(f'pid {os.getpid()}', flush=True)
     p = argparse.ArgumentParser()
     for flag in ('--model', '--data_dir', '--checkpoint', '--output_dir', '--device', '--eval'):
         p.add_argument(flag)

@@ -42,8 +42,8 @@ BARS = (('RepQ-ViT (paper)', 'paper_repq', None, '#9ecae1', '//'),
 def results_figure(rows, path):
     """results_table.png: one panel per model, a group of bars per bit width (and variant, marked *):
     RepQ-ViT and RepQ-ViT + QwT, published (hatched) next to this project's mean with the seed standard
-    deviation as error bar; FP as horizontal lines (dashed: paper, solid: this project). Returns False
-    (nothing written) without matplotlib."""
+    deviation as error bar; FP as horizontal lines (dashed: paper, solid: this project). The y axis of each
+    panel starts below its lowest value, not at 0. Returns False (nothing written) without matplotlib."""
     models = []
     for r in rows:
         if r['model'] not in models:
@@ -62,7 +62,7 @@ def results_figure(rows, path):
     for i, model in enumerate(models):
         ax = axes[i // cols][i % cols]
         mine = [r for r in rows if r['model'] == model]
-        values = []
+        values = []  # everything drawn, error bars included
         for g, r in enumerate(mine):
             for b, (label, key, std_key, colour, hatch) in enumerate(BARS):
                 v = r[key]
@@ -71,7 +71,7 @@ def results_figure(rows, path):
                 err = r[std_key] if std_key else None
                 ax.bar(g + (b - 1.5) * bar, v, bar, color=colour, hatch=hatch, edgecolor='#444444',
                        linewidth=0.5, yerr=err, capsize=3 if err else 0, label=label if i == 0 and g == 0 else None)
-                values.append(v + (err or 0))
+                values += [v - (err or 0), v + (err or 0)]
         fps = [(r['paper_fp'], '--', 'FP (paper)'), (next((r['fp'] for r in mine if r['fp'] is not None), None),
                                                      '-', 'FP (this project)')]
         for v, style, label in fps:
@@ -81,8 +81,9 @@ def results_figure(rows, path):
         ax.set_xticks(range(len(mine)))
         ax.set_xticklabels([r['bits'] + ('*' if r['note'] and _is_variant(r) else '') for r in mine])
         ax.set_title(model, fontsize=10)
-        top = max(values, default=1.0)
-        ax.set_ylim(0, min(100.0, top * 1.08 + 1))
+        top, low = max(values, default=1.0), min(values, default=0.0)
+        # zoomed on the values (a few points apart at W4/A4), from a multiple of 10 below the lowest
+        ax.set_ylim(max(0.0, math.floor((low - 5) / 10) * 10), min(100.0, top + 0.08 * (top - low) + 2))
         ax.set_ylabel('top-1 (%)', fontsize=8)
         ax.tick_params(labelsize=8)
     for j in range(len(models), nrows * cols):
@@ -96,7 +97,7 @@ def results_figure(rows, path):
     fig.legend(handles, labels, loc='lower center', ncol=legend_cols, fontsize=8, frameon=False)
     fig.suptitle('ImageNet top-1, published (hatched) vs this project\n'
                  'error bars: std over seeds; lines: FP; * a variant (see the table note)', fontsize=9)
-    fig.tight_layout(rect=(0, (0.1 + 0.25 * legend_rows) / height, 1, 1 - 0.55 / height))
+    fig.tight_layout(rect=(0, (0.1 + 0.25 * legend_rows) / height, 1, 1 - 0.4 / height))
     _save(fig, path)
     return True
 

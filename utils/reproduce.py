@@ -367,7 +367,7 @@ def cell_state(cell, launch):
             intact = False
         problem = 'result.json changed since' if not intact else result_problem(cell, _read_json(cell.result_path))
         if problem is None:
-            return 'done', _duration(record.get('wall_s')), record
+            return 'done', f"({_duration(record.get('wall_s'))})", record
         return 'to run', problem, None
     if status == 'failed':
         return 'to run', f"failed last time: {record.get('last_line', '')}", None
@@ -631,7 +631,8 @@ def print_plan(cells, launch, states, args, extra, timed, out):
         state, detail, _ = states[c]
         detail = 'no checkpoint' if state == 'blocked' else detail
         where = '' if c.kind == 'fp' else f'seed {c.seed}'
-        print(f"  {c.model:<{width}}  {c.bits:<6} {where:<8} {state}{': ' + detail if detail else ''}", file=out)
+        sep = ' ' if state == 'done' else ': '
+        print(f"  {c.model:<{width}}  {c.bits:<6} {where:<8} {state}{sep + detail if detail else ''}", file=out)
     for reason in _unique(c.blocked for c in cells if c.blocked):
         print(f'  blocked: {reason}', file=out)
     counts = {s: sum(states[c][0] == s for c in cells) for s in ('done', 'to run', 'blocked')}
