@@ -332,3 +332,22 @@ def test_a_failing_cell_is_reported_and_the_others_finish(data_dir, tmp_path, ca
     assert lines[2] == ('| swin_test_tiny | W4/A4 |  |  |  |  |  |  |  |  |  |  | missing: seed 0; missing: FP |')
     if figures.have_matplotlib():
         assert os.path.isfile(out / 'vit_test_tiny_w4a4_seed0' / 'r2.png')
+
+
+def test_estimate_from_finished_cells():
+    def cell(model, kind, seed=0):
+        return reproduce.Cell(model, model, 'vit', kind, None if kind == 'fp' else 4, 4, seed, f'/x/{model}{kind}{seed}',
+                              'script', ())
+    deit_fp, deit_q, swin_fp, swin_q = cell('deit', 'fp'), cell('deit', 'quant'), cell('swin', 'fp'), cell('swin', 'quant')
+    assert reproduce.estimate([deit_q], [], [], 2) is None  # nothing finished yet
+    # only an FP cell timed: a quantized cell is guessed at least as long as it (a rough lower bound)
+    assert reproduce.estimate([deit_q], [], [(deit_fp, 16.0)], 2) == (16.0, True)
+    timed = [(deit_fp, 16.0), (deit_q, 80.0), (deit_q, 96.0), (swin_fp, 42.0)]
+    # deit quantized: the mean 88 of its own cells, three of them on two slots: 264 / 2
+    assert reproduce.estimate([deit_q] * 3, [], timed, 2) == (132.0, False)
+    # swin quantized, never timed: 88 scaled by the FP cells, 42 / 16; one running for 100 s already
+    job = reproduce.Job(swin_q, 0, None, start=1000.0 - 100, started_at=0.0)
+    left, rough = reproduce.estimate([swin_q, swin_q], [job], timed, 2, now=1000.0)
+    assert not rough and left == pytest.approx((231.0 + 231.0 + 131.0) / 2)
+    # a single long cell bounds the time from below, however many slots
+    assert reproduce.estimate([swin_q], [], timed, 8)[0] == pytest.approx(231.0)

@@ -491,22 +491,34 @@ def _duration(seconds):
 
 
 def estimate(remaining, running, timed, n_slots, now=None):
-    """Seconds left, from the wall times of finished cells ``timed`` [(cell, seconds)]: each cell costs the
-    mean of finished cells of its model and kind, else of its kind, else of all (then the figure is a
-    rough lower bound: second value True). None before any cell has finished."""
+    """(seconds left, rough) from the wall times of finished cells ``timed`` [(cell, seconds)], or None
+    before any cell has finished. A cell costs the mean of the finished cells of its model and kind; else
+    that of its kind, scaled by how much longer its model's FP cell took than theirs (the FP cell of each
+    model runs first); else that of its kind; else that of all cells, and then the figure is only a rough
+    lower bound (rough True). The sum is spread over the slots."""
     if not timed:
         return None
     now = time.monotonic() if now is None else now
 
     def mean(values):
+        values = [v for v in values if v is not None]
         return sum(values) / len(values) if values else None
 
-    overall, rough = mean([s for _, s in timed]), False
+    def of(model=None, kind=None):
+        return mean([s for c, s in timed if model in (None, c.model) and kind in (None, c.kind)])
+
+    overall, rough = of(), False
 
     def guess(cell):
         nonlocal rough
-        g = mean([s for c, s in timed if (c.model, c.kind) == (cell.model, cell.kind)])
-        g = g if g is not None else mean([s for c, s in timed if c.kind == cell.kind])
+        g = of(cell.model, cell.kind)
+        if g is not None:
+            return g
+        peers = _unique(c.model for c, _ in timed if c.kind == cell.kind)
+        fp_self, fp_peers = of(cell.model, 'fp'), mean([of(m, 'fp') for m in peers])
+        if peers and fp_self and fp_peers:
+            return of(kind=cell.kind) * fp_self / fp_peers
+        g = of(kind=cell.kind)
         if g is None:
             rough = True
             return overall
