@@ -351,3 +351,22 @@ def test_estimate_from_finished_cells():
     assert not rough and left == pytest.approx((231.0 + 231.0 + 131.0) / 2)
     # a single long cell bounds the time from below, however many slots
     assert reproduce.estimate([swin_q], [], timed, 8)[0] == pytest.approx(231.0)
+
+
+def test_a_missing_checkpoint_blocks_only_its_model(data_dir, tmp_path, capsys, env):
+    monkeypatch, log = env
+    ckpts = tmp_path / 'ckpts'
+    os.makedirs(ckpts)
+    (ckpts / 'deit_tiny_patch16_224-a1311bcf.pth').write_bytes(b'')  # the stand-in does not read it
+    argv = cpu_args(data_dir, tmp_path / 'out', '--models', 'deit_tiny', 'swin_tiny', '--bits', '4', '--checkpoint_dir',
+                    str(ckpts))
+    code, stdout, _ = reproduce_main(capsys, *argv)
+    assert code == 1 and sorted(r['key'] for r in runs(log)) == ['deit_tiny FP', 'deit_tiny W4/A4 seed 0']
+    assert '  swin_tiny  W4/A4  seed 0   blocked: no checkpoint' in stdout
+    reason = f'swin_tiny: no swin_tiny_patch4_window7_224.pth in {ckpts} (download https://github.com/'
+    assert f'  blocked: {reason}' in stdout and f'not run (2 cells): {reason}' in stdout
+    assert '| Swin-T | W4/A4 | 81.4 |  | 73.0 | 75.5 |  |  |  |  |  |  | missing: seed 0; missing: FP |' in stdout
+    # the file arrives: only swin_tiny runs now
+    (ckpts / 'swin_tiny_patch4_window7_224.pth').write_bytes(b'')
+    code, stdout, _ = reproduce_main(capsys, *argv)
+    assert code == 0 and sorted(r['key'] for r in runs(log)[2:]) == ['swin_tiny FP', 'swin_tiny W4/A4 seed 0']

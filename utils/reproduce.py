@@ -351,15 +351,9 @@ def result_problem(cell, r):
 
 def cell_state(cell, launch):
     """('done' | 'to run' | 'blocked', detail, the cell.json record or None)."""
-    if cell.blocked:
-        return 'blocked', cell.blocked, None
     record = _read_json(cell.cell_path)
-    if not isinstance(record, dict):
-        return 'to run', '', None
-    same = all(record.get(k) == v for k, v in identity(cell, launch).items())
-    if not same:
-        return 'to run', 'other flags last time', None
-    status = record.get('status')
+    same = isinstance(record, dict) and all(record.get(k) == v for k, v in identity(cell, launch).items())
+    status = record.get('status') if same else None
     if status == 'done':
         try:
             intact = _sha256(cell.result_path) == record.get('result_sha256')
@@ -368,7 +362,14 @@ def cell_state(cell, launch):
         problem = 'result.json changed since' if not intact else result_problem(cell, _read_json(cell.result_path))
         if problem is None:
             return 'done', f"({_duration(record.get('wall_s'))})", record
+    if cell.blocked:
+        return 'blocked', cell.blocked, None
+    if status == 'done':
         return 'to run', problem, None
+    if not isinstance(record, dict):
+        return 'to run', '', None
+    if not same:
+        return 'to run', 'other flags last time', None
     if status == 'failed':
         return 'to run', f"failed last time: {record.get('last_line', '')}", None
     return 'to run', 'interrupted last time', None
@@ -463,6 +464,10 @@ def _signal_group(proc, sig):
 def stop(jobs, grace=STOP_GRACE_S):
     """Ctrl-C: SIGINT to every child's process group (the runs stop as after Ctrl-C), SIGKILL to whatever
     still runs after ``grace`` seconds; their cells stay not done."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave children behind
+    except ValueError:  # not the main thread
+        previous = None
     for job in jobs:
         _signal_group(job.proc, signal.SIGINT)
     deadline = time.monotonic() + grace
@@ -477,6 +482,8 @@ def stop(jobs, grace=STOP_GRACE_S):
         job.console.close()
         record = _read_json(job.cell.cell_path) or {}
         write_json(job.cell.cell_path, {**record, 'status': 'interrupted'})
+    if previous is not None:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _duration(seconds):
@@ -669,6 +676,9 @@ def main(argv=None, out=None):
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print('error: interrupted', file=sys.stderr)
+        return 130
     timed = [(c, s[2]['wall_s']) for c, s in states.items() if s[0] == 'done' and s[2].get('wall_s')]
     print_plan(cells, launch, states, args, extra, timed, out)
     if args.dry_run:
