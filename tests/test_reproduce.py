@@ -74,10 +74,11 @@ def test_plan_of_a_flag_set(data_dir, tmp_path, monkeypatch):
     deit = cells[3]
     assert deit.script == os.path.join(ROOT, 'qwt_vit_and_deit.py') and cells[6].script == os.path.join(ROOT, 'qwt_swin.py')
     assert deit.folder == str(out / 'deit_tiny_w4a8_seed0')
-    assert deit.flags == ('--model', 'deit_tiny', '--data_dir', data_dir, '--checkpoint',
+    assert deit.flags == ('--qwt_samples', '64', '--model', 'deit_tiny', '--data_dir', data_dir, '--checkpoint',
                           str(ckpts / 'deit_tiny_patch16_224-a1311bcf.pth'), '--w_bit', '4', '--a_bit', '8', '--seed',
-                          '0', '--eval', 'both', '--device', 'cpu', '--output_dir', deit.folder, '--qwt_samples', '64')
-    assert cells[0].folder == str(out / 'deit_tiny_fp') and cells[0].flags[6:10] == ('--eval', 'fp', '--device', 'cpu')
+                          '0', '--eval', 'both', '--device', 'cpu', '--output_dir', deit.folder)
+    assert cells[0].folder == str(out / 'deit_tiny_fp') and cells[0].flags[8:] == ('--eval', 'fp', '--device', 'cpu',
+                                                                                  '--output_dir', cells[0].folder)
     assert all(c.blocked is None for c in cells[:5])
     assert all(c.blocked == f'swin_tiny: no swin_tiny_patch4_window7_224.pth in {ckpts} (download '
                             'https://github.com/SwinTransformer/storage/releases/download/v1.0.0/'
@@ -129,6 +130,9 @@ def test_default_plan_is_the_whole_table(data_dir, tmp_path, capsys, monkeypatch
      'after --: --seed is set by tools/reproduce.py for each cell (use --seeds)'),
     (['--device', 'cpu', '--', '--w_bits', '6'], 'after --: --w_bits is set by tools/reproduce.py for each cell '
                                                   '(use --bits)'),
+    (['--device', 'cpu', '--', '--seed', '0'], 'after --: --seed is set'),  # the default value, typed
+    (['--device', 'cpu', '--', '--eval=both'], 'after --: --eval is set by tools/reproduce.py for each cell (every '
+                                               'quantized cell runs --eval both, and each model one --eval fp cell)'),
     (['--device', 'cpu', '--', '--no_such_flag'], 'after --: unrecognized arguments: --no_such_flag'),
     (['--device', 'cpu', '--models', 'deit_tiny', '--', '--qwt_samples', '63'],
      'deit_tiny W4/A4 seed 0: --qwt_samples 63 is not a multiple of --batch_size 32 x 1 process(es) = 32: use 32 or 64'),
@@ -192,7 +196,7 @@ def test_second_run_starts_no_cell_and_other_flags_rerun(data_dir, tmp_path, cap
     code, stdout, _ = reproduce_main(capsys, *argv, '--', '--qwt_samples', '64')
     assert code == 0 and len(runs(log)) == 9
     assert stdout.count('to run: other flags last time') == 4
-    assert all(r['argv'][-2:] == ['--qwt_samples', '64'] for r in runs(log)[5:])
+    assert all(r['argv'][:2] == ['--qwt_samples', '64'] for r in runs(log)[5:])
 
 
 def test_two_cells_run_at_once(data_dir, tmp_path, capsys, env):

@@ -185,8 +185,8 @@ def check_extra(extra):
             ns = parser.parse_args(list(extra))
         except UserError as e:
             raise UserError(f"after --: {e}") from None
-        for dest, hint in MANAGED.items():
-            if getattr(ns, dest) != parser.get_default(dest):
+        for dest, hint in MANAGED.items():  # typed (even with the default value), or abbreviated to a new value
+            if dest in ns._typed or getattr(ns, dest) != parser.get_default(dest):
                 raise UserError(f"after --: --{dest} is set by tools/reproduce.py for each cell ({hint})")
 
 
@@ -278,7 +278,7 @@ def plan(args, extra=(), launch=None):
                      for w, a in bits for s in seeds]
         for kind, w, a, seed, folder, own in variants:
             folder = os.path.join(out, folder)
-            flags = (*common, *own, *device, '--output_dir', folder, *extra)
+            flags = (*extra, *common, *own, *device, '--output_dir', folder)  # the cell's own flags last: they win
             cell = Cell(spec.name, spec.timm_name, spec.family, kind, w, a, seed, folder, script, flags, blocked)
             if not blocked:
                 check_cell_flags(cell, launch)
