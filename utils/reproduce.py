@@ -69,9 +69,9 @@ def _raise_user_error(message):
 def build_parser():
     p = _Parser(prog='tools/reproduce.py', formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
                 usage='%(prog)s --data_dir DIR [options] [-- FLAG ...]',
-                description='Run every cell of the QwT table (RepQ-ViT and RepQ-ViT + QwT, each model, bit width '
-                            'and seed, plus the full-precision model once) and write the table with the '
-                            'published figures, mean and std over seeds, and figures.')
+                description='Run every cell of the QwT table (RepQ-ViT and RepQ-ViT + QwT for each model, bit width\n'
+                            'and seed, and the full-precision model once per model), then write the table next to the\n'
+                            'published figures (mean ± std over seeds) and its figures.')
     p.add_argument('--data_dir', required=True, help='ImageNet root with train/ and val/')
     p.add_argument('--models', nargs='+', default=list(TABLE_MODELS), metavar='MODEL',
                    help='table names or timm names (default: the 10 table models)')
@@ -461,9 +461,10 @@ def _signal_group(proc, sig):
         pass
 
 
-def stop(jobs, grace=STOP_GRACE_S):
+def stop(jobs, grace=None):
     """Ctrl-C: SIGINT to every child's process group (the runs stop as after Ctrl-C), SIGKILL to whatever
-    still runs after ``grace`` seconds; their cells stay not done."""
+    still runs after ``grace`` seconds (default STOP_GRACE_S); their cells stay not done."""
+    grace = STOP_GRACE_S if grace is None else grace
     try:
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave children behind
     except ValueError:  # not the main thread
