@@ -8,11 +8,13 @@ writes. Behaviour from the environment:
   STAND_IN_SLEEP  seconds to wait before writing the result
   STAND_IN_LOG    a file that gets one JSON line per process: pid, start, end, argv and launcher variables
   STAND_IN_PID    set: print 'pid <pid>' first thing
+  STAND_IN_DEAF   set: ignore SIGINT (a run that does not stop on Ctrl-C)
 """
 import argparse
 import importlib.util
 import json
 import os
+import signal
 import sys
 import time
 
@@ -26,6 +28,8 @@ spec.loader.exec_module(registry)
 
 def main():
     start = time.time()
+    if os.environ.get('STAND_IN_DEAF'):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     if os.environ.get('STAND_IN_PID'):
         print(f'pid {os.getpid()}', flush=True)
     p = argparse.ArgumentParser()

@@ -260,7 +260,8 @@ def test_ctrl_c_stops_every_child_and_keeps_finished_cells(data_dir, tmp_path, c
     assert reproduce_main(capsys, *argv, '--models', 'deit_tiny')[0] == 0
     finished = (tmp_path / 'deit_tiny_w4a4_seed0' / 'result.json').read_text()
     monkeypatch.setenv('STAND_IN_SLEEP', '60')
-    monkeypatch.setattr(reproduce, 'STOP_GRACE_S', 5.0)
+    monkeypatch.setenv('STAND_IN_DEAF', '1')  # the children ignore SIGINT: SIGKILL after the grace time
+    monkeypatch.setattr(reproduce, 'STOP_GRACE_S', 1.0)
     pids = []
 
     def interrupt_when_both_run():
