@@ -1,9 +1,11 @@
-"""The results table: matching result.json files to the paper's rows, deltas, notes, Markdown / CSV
-output, and the tools/make_table.py command line."""
+"""The results table: result.json files entering by configuration (exclusions, variants, newest wins), mean
+and sample std over seeds, the FP column from --eval fp runs, deltas, notes, Markdown / CSV output, and the
+tools/make_table.py command line."""
 import csv
 import filecmp
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -15,23 +17,45 @@ from utils.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_CSV = os.path.join(ROOT, '..', 'shared', 'paper-results.csv')
+HEADER = ('| model | bits | FP (paper) | FP (this project) | RepQ-ViT (paper) | RepQ-ViT + QwT (paper) | '
+          'RepQ-ViT (this project) | RepQ-ViT + QwT (this project) | Δ FP | Δ RepQ-ViT | Δ QwT | n | note |')
 
 
-def result(timm_name='deit_small_patch16_224', w=4, a=4, repq=69.12, qwt=70.2, model='deit_small', **extra):
-    return {'model': model, 'timm_name': timm_name, 'w_bits': w, 'a_bits': a, 'repq_top1': repq, 'repq_top5': 90.0,
-            'qwt_top1': qwt, 'qwt_top5': 91.0, 'num_val': 50000, 'world_size': 1, 'seed': 0, **extra}
+def result(timm_name='deit_small_patch16_224', w=4, a=4, repq=69.12, qwt=70.2, model='deit_small', seed=0, **extra):
+    return {'model': model, 'timm_name': timm_name, 'w_bits': w, 'a_bits': a, 'eval': 'both', 'seed': seed,
+            'repq_top1': repq, 'repq_top5': 90.0, 'qwt_top1': qwt, 'qwt_top5': 91.0, 'fp_top1': None,
+            'num_val': 50000, 'val_total': 50000, 'world_size': 1, 'weights': 'pretrained', 'demo': False,
+            'num_calib': 32, 'num_qwt': 512, 'start_block': 0, 'qwt_solver': 'inverse', 'qwt_accumulate': 'concat',
+            **extra}
 
 
-def write_result(folder, r):
+def fp_result(timm_name='deit_small_patch16_224', fp=79.5, model='deit_small', **extra):
+    r = result(timm_name, repq=None, qwt=None, model=model, **extra)
+    r.update({'eval': 'fp', 'fp_top1': fp, 'num_calib': None, 'num_qwt': None, 'start_block': None,
+              'qwt_solver': None, 'qwt_accumulate': None})
+    r.update(extra)
+    return r
+
+
+def write_result(folder, r, mtime=None):
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, 'result.json')
     with open(path, 'w') as f:
         json.dump(r, f)
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
     return path
 
 
 def loaded(*rs):
-    return [dict(r, path=f'run{i}/result.json') for i, r in enumerate(rs)]
+    """Results as load_results returns them, made in argument order (later = newer)."""
+    return [dict(r, path=f'run{i}/result.json', mtime=i) for i, r in enumerate(rs)]
+
+
+def row_of(rows, model, bits, note=''):
+    found = [r for r in rows if (r['model'], r['bits'], r['note']) == (model, bits, note)]
+    assert len(found) == 1, [(r['model'], r['bits'], r['note']) for r in rows]
+    return found[0]
 
 
 def test_paper_csv():
@@ -52,14 +76,111 @@ def test_match_and_deltas():
     rows, warnings = table.build_rows(table.load_paper(), loaded(result(), result(w=6, a=6, repq=None, qwt=79.35)))
     assert warnings == [] and len(rows) == 20
     s4, s6 = rows[2], rows[3]
-    assert (s4['model'], s4['fp_top1'], s4['bits'], s4['paper_repq'], s4['paper_qwt']) == \
-        ('DeiT-S', 79.9, 'W4/A4', 69.0, 71.5)
-    assert (s4['repq'], s4['qwt']) == (69.12, 70.2)
+    assert (s4['model'], s4['bits'], s4['paper_fp'], s4['paper_repq'], s4['paper_qwt']) == \
+        ('DeiT-S', 'W4/A4', 79.9, 69.0, 71.5)
+    assert (s4['repq'], s4['qwt'], s4['n'], s4['repq_std'], s4['seeds']) == (69.12, 70.2, 1, None, '0')
     assert s4['delta_repq'] == pytest.approx(0.12) and s4['delta_qwt'] == pytest.approx(-1.3)
-    assert s6['repq'] is None and s6['delta_repq'] is None and s6['delta_qwt'] == pytest.approx(0.25)
-    assert rows[0]['model'] == 'DeiT-T' and rows[0]['repq'] is None and rows[0]['delta_qwt'] is None
+    assert s4['fp'] is None and s4['delta_fp'] is None
+    assert s6['repq'] is None and s6['repq_n'] == 0 and s6['delta_repq'] is None
+    assert s6['delta_qwt'] == pytest.approx(0.25)
+    assert rows[0]['model'] == 'DeiT-T' and rows[0]['repq'] is None and rows[0]['n'] == 0
     assert [r['model'] for r in rows[6::2]] == ['DeiT-T-distilled', 'DeiT-S-distilled', 'DeiT-B-distilled',
                                                  'ViT-S', 'ViT-B', 'Swin-T', 'Swin-S']
+
+
+def test_mean_and_sample_std_over_seeds():
+    """repq 60, 61, 65: mean 62, sample variance (4 + 1 + 9) / 2 = 7; qwt 70, 70.5, 71.5: mean 70.6667,
+    variance (0.4444 + 0.0278 + 0.6944) / 2 = 0.58333."""
+    rs = loaded(result(repq=60.0, qwt=70.0, seed=0), result(repq=61.0, qwt=70.5, seed=1),
+                result(repq=65.0, qwt=71.5, seed=2))
+    rows, warnings = table.build_rows(table.load_paper(), rs, only_results=True)
+    assert warnings == [] and len(rows) == 1
+    r = rows[0]
+    assert (r['repq'], r['repq_n'], r['n'], r['seeds']) == (62.0, 3, 3, '0 1 2')
+    assert r['repq_std'] == pytest.approx(math.sqrt(7), abs=1e-4)
+    assert r['qwt'] == pytest.approx(70.6667) and r['qwt_std'] == pytest.approx(math.sqrt(0.58333), abs=1e-4)
+    assert r['delta_repq'] == pytest.approx(-7.0) and r['delta_qwt'] == pytest.approx(-0.8333)
+    assert table.to_markdown(rows).splitlines()[2] == \
+        '| DeiT-S | W4/A4 | 79.9 |  | 69.0 | 71.5 | 62.00 ± 2.65 | 70.67 ± 0.76 |  | -7.00 | -0.83 | 3 |  |'
+    assert table.mean_std([1.0, None, 2.0]) == (1.5, pytest.approx(math.sqrt(0.5)), 2)
+    assert table.mean_std([None]) == (None, None, 0)
+
+
+def test_a_column_with_fewer_seeds_says_so():
+    rows, _ = table.build_rows(table.load_paper(), loaded(result(seed=0), result(seed=1, repq=None, qwt=71.2)),
+                               only_results=True)
+    line = table.to_markdown(rows).splitlines()[2]
+    assert '| 69.12 (n=1) | 70.70 ± 0.71 |' in line and line.endswith('| 2 |  |')
+
+
+def test_fp_runs_fill_the_fp_column_of_their_model():
+    rs = loaded(result(), fp_result(fp=79.5), fp_result('deit_tiny_patch16_224', fp=72.0, model='deit_tiny'))
+    rows, warnings = table.build_rows(table.load_paper(), rs, only_results=True)
+    assert warnings == []
+    # an FP run is not a W4/A4 run (its w_bits / a_bits are the flags' defaults); the FP-only model shows
+    # its paper rows with the FP measured
+    assert [(r['model'], r['bits'], r['fp'], r['n']) for r in rows] == \
+        [('DeiT-T', 'W4/A4', 72.0, 0), ('DeiT-T', 'W6/A6', 72.0, 0), ('DeiT-S', 'W4/A4', 79.5, 1)]
+    assert rows[2]['delta_fp'] == pytest.approx(-0.4) and rows[0]['delta_fp'] == pytest.approx(-0.2)
+    assert table.to_markdown(rows).splitlines()[4].startswith('| DeiT-S | W4/A4 | 79.9 | 79.50 | 69.0 | 71.5 |')
+
+
+def test_non_comparable_runs_are_left_out_unless_included():
+    demo = result(repq=1.0, demo=True, weights='random', num_calib=16, num_qwt=32)
+    none = result(repq=None, qwt=None, eval='none', seed=1)
+    subset = result(repq=68.0, qwt=69.0, num_val=1000, seed=2)
+    random_w = result('deit_tiny_patch16_224', model='deit_tiny', weights='loaded', source_weights='random')
+    good = result(seed=3)
+    rs = loaded(demo, none, subset, random_w, good)
+    rows, warnings = table.build_rows(table.load_paper(), rs, only_results=True, include=frozenset())
+    assert [(r['model'], r['bits'], r['seeds'], r['note']) for r in rows] == [('DeiT-S', 'W4/A4', '3', '')]
+    assert len(warnings) == 1
+    assert warnings[0].startswith('left out 4 run(s) not comparable with the paper (1 demo, 1 eval-none, 2 random, '
+                                  '1 subset): run0/result.json, run1/result.json, run2/result.json and 1 more; ')
+    assert warnings[0].endswith('add them with --include demo,eval-none,random,subset')
+
+    rows, _ = table.build_rows(table.load_paper(), rs, only_results=True, include=table.parse_include('subset'))
+    assert [(r['model'], r['seeds'], r['note']) for r in rows] == \
+        [('DeiT-S', '3', ''), ('DeiT-S', '2', 'val subset 1000/50000')]  # a variant: a row of its own
+    rows, _ = table.build_rows(table.load_paper(), rs, only_results=True, include=table.parse_include('all'))
+    assert [(r['model'], r['seeds'], r['note']) for r in rows] == [
+        ('DeiT-T', '0', 'random weights'),
+        ('DeiT-S', '1 3', ''),  # --eval none counts as a seed without accuracies
+        ('DeiT-S', '2', 'val subset 1000/50000'),  # variants of the data first, then of the method
+        ('DeiT-S', '0', 'random weights; demo; 16 calibration images; 32 QwT images')]
+    assert rows[1]['repq_n'] == 1 and rows[1]['n'] == 2
+    with pytest.raises(UserError, match='--include demo,nope: unknown nope'):
+        table.parse_include('demo,nope')
+
+
+def test_newest_run_of_a_configuration_and_seed_wins(tmp_path):
+    """Not the path order: the newer result.json (mtime) is kept, with a warning naming both."""
+    old = write_result(tmp_path / 'z_old', result(repq=60.0), mtime=1_000_000)
+    new = write_result(tmp_path / 'a_new', result(repq=68.0), mtime=2_000_000)
+    other_seed = write_result(tmp_path / 'b', result(repq=62.0, seed=1), mtime=500_000)
+    files = table.find_results([str(tmp_path)])
+    assert files == [new, other_seed, old]  # path order puts the old run last
+    rows, warnings = table.build_rows(table.load_paper(), table.load_results(files), only_results=True)
+    assert rows[0]['seeds'] == '0 1' and rows[0]['repq'] == pytest.approx(65.0)  # (68 + 62) / 2
+    assert warnings == [f'deit_small_patch16_224 W4/A4 seed 0: kept {new} (newer), left out {old}']
+    # FP runs: likewise, per model
+    rows, warnings = table.build_rows(table.load_paper(), loaded(fp_result(fp=79.0), fp_result(fp=79.6)),
+                                      only_results=True)
+    assert rows[0]['fp'] == 79.6 and warnings == [
+        'deit_small_patch16_224 FP: kept run1/result.json (newer), left out run0/result.json']
+
+
+def test_variants_get_rows_of_their_own():
+    rs = loaded(result(), result(qwt_solver='lstsq', qwt=71.0), result(start_block=2, qwt_accumulate='normal'),
+                result(w=3, a=3, repq=1.0, qwt=2.0))
+    rows, warnings = table.build_rows(table.load_paper(), rs)
+    assert warnings == [] and len(rows) == 23
+    assert [(r['model'], r['bits'], r['note']) for r in rows[2:5]] == [
+        ('DeiT-S', 'W4/A4', ''), ('DeiT-S', 'W4/A4', 'qwt_accumulate normal; start_block 2'),
+        ('DeiT-S', 'W4/A4', 'qwt_solver lstsq')]
+    assert rows[4]['qwt'] == 71.0 and rows[4]['paper_qwt'] == 71.5 and rows[4]['delta_qwt'] == pytest.approx(-0.5)
+    assert (rows[22]['model'], rows[22]['bits'], rows[22]['paper_repq'], rows[22]['delta_repq'], rows[22]['paper_fp']) \
+        == ('DeiT-S', 'W3/A3', None, None, 79.9)
 
 
 def test_unknown_configurations_get_their_own_rows():
@@ -73,7 +194,7 @@ def test_unknown_configurations_get_their_own_rows():
                                                         ('vit_tiny_patch16_224', 'W8/A8')]
     assert all(r['paper_repq'] is None and r['paper_qwt'] is None for r in extra)
     assert all(r['delta_repq'] is None and r['delta_qwt'] is None for r in extra)
-    assert extra[1]['fp_top1'] == 79.9 and extra[2]['fp_top1'] is None  # FP depends on the model only
+    assert extra[1]['paper_fp'] == 79.9 and extra[2]['paper_fp'] is None  # FP depends on the model only
     assert extra[2]['repq'] == 75.0 and extra[2]['qwt'] == 75.5
 
 
@@ -84,46 +205,46 @@ def test_only_results():
     assert [(r['model'], r['bits']) for r in rows] == [('DeiT-S', 'W4/A4'), ('Swin-T', 'W6/A6'), ('vit_tiny', 'W4/A4')]
 
 
-def test_duplicate_last_wins_with_warning():
-    rows, warnings = table.build_rows(table.load_paper(), loaded(result(repq=60.0), result(repq=68.0)))
-    assert rows[2]['repq'] == 68.0 and rows[2]['delta_repq'] == pytest.approx(-1.0)
-    assert len(warnings) == 1
-    assert 'deit_small_patch16_224 W4/A4' in warnings[0] and 'run0/result.json' in warnings[0]
-    assert 'run1/result.json' in warnings[0]
+def test_expected_runs_that_are_missing():
+    expected = {('deit_small_patch16_224', 'W4/A4'): [0, 1, 2], ('deit_small_patch16_224', 'FP'): [0],
+                ('deit_tiny_patch16_224', 'W4/A4'): [0], ('deit_tiny_patch16_224', 'FP'): [0]}
+    rs = loaded(result(seed=1), fp_result('deit_tiny_patch16_224', model='deit_tiny', fp=72.1))
+    rows, _ = table.build_rows(table.load_paper(), rs, only_results=True, expected=expected)
+    assert [(r['model'], r['bits'], r['n'], r['fp'], r['note']) for r in rows] == [
+        ('DeiT-T', 'W4/A4', 0, 72.1, 'missing: seed 0'),
+        ('DeiT-S', 'W4/A4', 1, None, 'missing: seeds 0, 2; missing: FP')]
 
 
-def test_notes():
-    rs = loaded(result(weights='random', num_val=1000, val_total=50000, demo=True),
-                result(w=6, a=6, weights='pretrained', num_val=50000, val_total=50000, demo=False),
-                result('deit_base_patch16_224', num_val=10, val_total=50000),
-                result('deit_tiny_patch16_224', weights='loaded', source_weights='random'))
-    rows, _ = table.build_rows(table.load_paper(), rs)
-    assert rows[0]['note'] == 'random weights'  # a --load run of a model quantized from random weights
-    assert rows[2]['note'] == 'random weights; val subset 1000/50000; demo'
-    assert rows[3]['note'] == ''
-    assert rows[4]['note'] == 'val subset 10/50000'
+def test_skipped_images_are_flagged():
+    rs = loaded(result(skipped_images=['train/a/1.JPEG']), result(seed=1, skipped_images=['train/a/1.JPEG',
+                                                                                          'val/b/2.JPEG']))
+    rows, _ = table.build_rows(table.load_paper(), rs, only_results=True)
+    assert rows[0]['note'] == '2 unreadable image(s) skipped'
 
 
 def test_markdown():
-    rs = loaded(result(weights='random'), result(w=6, a=6, repq=None, qwt=79.35))
-    rows, _ = table.build_rows(table.load_paper(), rs)
+    rs = loaded(result(weights='random'), result(w=6, a=6, repq=None, qwt=79.35), fp_result(fp=79.91))
+    rows, _ = table.build_rows(table.load_paper(), rs, include=table.ALL)
     lines = table.to_markdown(rows).splitlines()
-    assert lines[0] == ('| model | FP | bits | RepQ-ViT (paper) | RepQ-ViT + QwT (paper) | RepQ-ViT (this project) '
-                        '| RepQ-ViT + QwT (this project) | Δ RepQ-ViT | Δ QwT | note |')
-    assert lines[1] == '|---|---|---|---|---|---|---|---|---|---|'
-    assert lines[2] == '| DeiT-T | 72.2 | W4/A4 | 58.2 | 61.4 |  |  |  |  |  |'
-    assert lines[4] == '| DeiT-S | 79.9 | W4/A4 | 69.0 | 71.5 | 69.12 | 70.20 | +0.12 | -1.30 | random weights |'
-    assert lines[5] == '| DeiT-S | 79.9 | W6/A6 | 78.9 | 79.1 |  | 79.35 |  | +0.25 |  |'
-    assert len(lines) == 22
+    assert lines[0] == HEADER
+    assert lines[1] == '|---|---|---|---|---|---|---|---|---|---|---|---|---|'
+    assert lines[2] == '| DeiT-T | W4/A4 | 72.2 |  | 58.2 | 61.4 |  |  |  |  |  |  |  |'
+    assert lines[4] == '| DeiT-S | W4/A4 | 79.9 | 79.91 | 69.0 | 71.5 |  |  | +0.01 |  |  |  |  |'
+    assert lines[5] == ('| DeiT-S | W4/A4 | 79.9 |  | 69.0 | 71.5 | 69.12 | 70.20 |  | +0.12 | -1.30 | 1 | '
+                        'random weights |')
+    assert lines[6] == '| DeiT-S | W6/A6 | 79.9 | 79.91 | 78.9 | 79.1 |  | 79.35 | +0.01 |  | +0.25 | 1 |  |'
+    assert len(lines) == 23
 
 
 def test_csv_round_trip():
-    rows, _ = table.build_rows(table.load_paper(), loaded(result(), result('vit_tiny_patch16_224', model='vit_tiny')))
+    rows, _ = table.build_rows(table.load_paper(), loaded(result(), result(seed=1, repq=70.12),
+                                                          result('vit_tiny_patch16_224', model='vit_tiny')))
     back = list(csv.DictReader(io.StringIO(table.to_csv(rows))))
     assert list(back[0]) == list(table.FIELDS) and len(back) == 21
     assert back[0]['model'] == 'DeiT-T' and back[0]['repq'] == '' and back[0]['delta_qwt'] == ''
-    assert float(back[2]['repq']) == 69.12 and float(back[2]['delta_repq']) == rows[2]['delta_repq']
-    assert back[20]['model'] == 'vit_tiny' and back[20]['fp_top1'] == '' and back[20]['paper_qwt'] == ''
+    assert float(back[2]['repq']) == 69.62 and float(back[2]['repq_std']) == pytest.approx(math.sqrt(0.5), abs=1e-4)
+    assert (back[2]['n'], back[2]['seeds'], back[2]['timm_name']) == ('2', '0 1', 'deit_small_patch16_224')
+    assert back[20]['model'] == 'vit_tiny' and back[20]['paper_fp'] == '' and back[20]['paper_qwt'] == ''
 
 
 def test_find_and_load_results(tmp_path):
@@ -132,7 +253,8 @@ def test_find_and_load_results(tmp_path):
     (tmp_path / 'notes.json').write_text('{}')
     assert table.find_results([str(tmp_path)]) == sorted([a, b])
     assert table.find_results([b, str(tmp_path)]) == [b, a]  # argument order, each file once
-    assert table.load_results([b])[0]['path'] == b
+    got = table.load_results([b])[0]
+    assert got['path'] == b and got['mtime'] == os.stat(b).st_mtime_ns
     with pytest.raises(UserError, match='does not exist'):
         table.find_results([str(tmp_path / 'nope')])
     os.makedirs(tmp_path / 'empty')
@@ -149,26 +271,36 @@ def test_find_and_load_results(tmp_path):
 
 def run_cli(*args, cwd):
     return subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'make_table.py'), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=120)
 
 
 def test_cli(tmp_path):
-    write_result(tmp_path / 'runs' / 'deit_small_w4a4', result(weights='random'))
+    write_result(tmp_path / 'runs' / 'deit_small_w4a4', result())
+    write_result(tmp_path / 'runs' / 'demo_deit_small_w4a4', result(repq=1.0, demo=True, weights='random'))
+    write_result(tmp_path / 'runs' / 'deit_small_w4a4_sub', result(seed=1, num_val=100))
     p = run_cli('runs', '--output', 'tmp/x', cwd=tmp_path)  # not the repository root: sys.path is set up
     assert p.returncode == 0, p.stderr
     md = (tmp_path / 'tmp' / 'x.md').read_text()
-    assert p.stdout == md and '| DeiT-S | 79.9 | W4/A4 | 69.0 | 71.5 | 69.12 | 70.20 | +0.12 | -1.30 |' in md
+    assert p.stdout == md
+    assert '| DeiT-S | W4/A4 | 79.9 |  | 69.0 | 71.5 | 69.12 | 70.20 |  | +0.12 | -1.30 | 1 |  |' in md
+    assert 'demo' not in md and 'subset' not in md
     assert len(list(csv.DictReader(open(tmp_path / 'tmp' / 'x.csv')))) == 20
-    assert 'wrote tmp/x.md and tmp/x.csv' in p.stderr
+    assert 'warning: left out 2 run(s) not comparable with the paper (1 demo, 1 random, 1 subset)' in p.stderr
+    assert 'add them with --include demo,random,subset' in p.stderr
+    assert 'wrote tmp/x.md, tmp/x.csv' in p.stderr
 
-    p = run_cli('runs', '--output', 'tmp/y', '--only-results', cwd=tmp_path)
-    assert p.returncode == 0 and len(p.stdout.splitlines()) == 3
+    p = run_cli('runs', '--output', 'tmp/y', '--only-results', '--include', 'subset', cwd=tmp_path)
+    assert p.returncode == 0 and len(p.stdout.splitlines()) == 4, p.stdout
+    assert p.stdout.splitlines()[3].endswith('| 1 | val subset 100/50000 |')
 
 
 def test_cli_errors(tmp_path):
     p = run_cli(str(tmp_path / 'missing'), cwd=tmp_path)
     assert p.returncode == 2 and p.stderr.startswith('error:') and 'missing' in p.stderr
     assert 'Traceback' not in p.stderr
+    p = run_cli(str(tmp_path), '--include', 'everything', cwd=tmp_path)
+    assert p.returncode == 2 and p.stderr == 'error: --include everything: unknown everything (use demo, random, ' \
+                                             'subset, eval-none or all)\n'
     bad = write_result(tmp_path / 'run', result())
     with open(bad, 'w') as f:
         f.write('{"model": "deit_small", ')

@@ -1,11 +1,15 @@
-"""The README results table: the published RepQ-ViT / QwT top-1 next to this project's result.json files.
+"""The README results table: the published FP / RepQ-ViT / QwT top-1 next to this project's result.json files.
 
     python tools/make_table.py output/                          # every output/**/result.json
-    python tools/make_table.py output/deit_small_w4a4 runs/swin_tiny_w4a4/result.json \\
-        --only-results --output tables/results
+    python tools/make_table.py output/table runs/swin_tiny_w4a4/result.json \\
+        --only-results --output tables/results --include subset
 
-Prints the Markdown table and writes PREFIX.md and PREFIX.csv (default results_table.md / .csv).
-Several results for one model and bit width: the last file given wins, with a warning.
+Prints the Markdown table and writes PREFIX.md, PREFIX.csv and, with matplotlib, PREFIX.png (default
+results_table.*). Runs enter by their configuration: one row per model, bit width and variant (the
+settings that differ from the published procedure, named in the note), mean ± sample std over seeds (n);
+two runs of one row and seed keep the newer result.json, with a warning naming both; --eval fp runs fill
+the FP column. Demo, random-weight, val-subset (--num_val) and --eval none runs are left out unless
+--include names them.
 """
 import argparse
 import os
@@ -15,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from utils import table  # noqa: E402
+from utils import figures, table  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.files import write_text_atomic  # noqa: E402
 
@@ -23,8 +27,14 @@ from utils.files import write_text_atomic  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('results', nargs='+', help='result.json files, or folders searched recursively for them')
-    p.add_argument('--output', default='results_table', metavar='PREFIX', help='writes PREFIX.md and PREFIX.csv')
+    p.add_argument('--output', default='results_table', metavar='PREFIX',
+                   help='writes PREFIX.md, PREFIX.csv and PREFIX.png')
     p.add_argument('--only-results', action='store_true', help='leave out paper rows without a result')
+    p.add_argument('--include', default='', metavar='KINDS',
+                   help=f"comma-separated runs to keep that are left out by default: {', '.join(table.CATEGORIES)}, "
+                        'or all')
+    p.add_argument('--r2', action='store_true', help="also write r2.png (each block's QwT r²) next to every "
+                                                     'result.json in the table')
     p.add_argument('--paper', default=table.PAPER_CSV, metavar='CSV', help='the published figures')
     return p.parse_args(argv)
 
@@ -33,18 +43,30 @@ def main(argv=None):
     """Build, print and write the table; bad input exits 2 with one line."""
     args = parse_args(argv)
     try:
+        include = table.parse_include(args.include)
         results = table.load_results(table.find_results(args.results))
-        rows, warnings = table.build_rows(table.load_paper(args.paper), results, args.only_results)
+        rows, warnings = table.build_rows(table.load_paper(args.paper), results, args.only_results, include=include)
         for w in warnings:
             print(f'warning: {w}', file=sys.stderr)
         md = table.to_markdown(rows)
         write_text_atomic(args.output + '.md', md)
         write_text_atomic(args.output + '.csv', table.to_csv(rows))
+        written = [args.output + '.md', args.output + '.csv']
+        if figures.results_figure(rows, args.output + '.png'):
+            written.append(args.output + '.png')
+            if args.r2:
+                kept, _ = table.select(results, include)
+                for r in kept:
+                    if not table.is_fp(r):
+                        figures.r2_figure(r, os.path.join(os.path.dirname(r['path']), 'r2.png'))
+                written.append(f'r2.png next to {sum(not table.is_fp(r) for r in kept)} result.json file(s)')
     except (UserError, OSError) as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
     print(md, end='')
-    print(f'wrote {args.output}.md and {args.output}.csv', file=sys.stderr)
+    print(f"wrote {', '.join(written)}", file=sys.stderr)
+    if not figures.have_matplotlib():
+        print(figures.NO_MATPLOTLIB, file=sys.stderr)
 
 
 if __name__ == '__main__':

@@ -1,9 +1,25 @@
-"""The README results table: the published RepQ-ViT / QwT top-1 (paper_results.csv) next to this
-project's result.json files, as Markdown and CSV."""
+"""The README results table: the published FP / RepQ-ViT / QwT top-1 (paper_results.csv) next to this
+project's result.json files, as Markdown and CSV.
+
+Runs enter the table by their configuration, never by file order:
+
+- a run is one seed of a row; a row is a model, a bit width and a *variant*: the settings that make a
+  run not comparable with the published procedure (random weights, a val subset, --demo, another QwT
+  solver or accumulation, --start_block, another number of calibration or QwT images). The published
+  procedure has no variant; runs of another variant get rows of their own, with the variant in the note.
+- each row shows mean ± sample standard deviation over its seeds (n), and the difference of the mean
+  from the paper;
+- two runs of one row and seed: the newer (result.json modification time) is kept, with a warning
+  naming both;
+- ``--eval fp`` runs give the FP column of every row of their model (and data variant);
+- demo, random-weight, val-subset and ``--eval none`` runs are left out unless ``include`` names them.
+"""
 import csv
 import io
 import json
+import math
 import os
+import statistics
 
 from utils.errors import UserError
 
@@ -14,9 +30,15 @@ DISPLAY = {'deit_tiny': 'DeiT-T', 'deit_small': 'DeiT-S', 'deit_base': 'DeiT-B',
            'deit_tiny_distilled': 'DeiT-T-distilled', 'deit_small_distilled': 'DeiT-S-distilled',
            'deit_base_distilled': 'DeiT-B-distilled', 'vit_small': 'ViT-S', 'vit_base': 'ViT-B',
            'swin_tiny': 'Swin-T', 'swin_small': 'Swin-S'}
-FIELDS = ('model', 'fp_top1', 'bits', 'paper_repq', 'paper_qwt', 'repq', 'qwt', 'delta_repq', 'delta_qwt', 'note')
-HEADER = ('model', 'FP', 'bits', 'RepQ-ViT (paper)', 'RepQ-ViT + QwT (paper)', 'RepQ-ViT (this project)',
-          'RepQ-ViT + QwT (this project)', 'Δ RepQ-ViT', 'Δ QwT', 'note')
+# Runs not comparable with the paper, left out unless included by name.
+CATEGORIES = ('demo', 'random', 'subset', 'eval-none')
+ALL = frozenset(CATEGORIES)
+PUBLISHED = {'qwt_solver': 'inverse', 'qwt_accumulate': 'concat', 'start_block': 0, 'num_calib': 32,
+             'num_qwt': 512}
+FIELDS = ('model', 'timm_name', 'bits', 'paper_fp', 'fp', 'paper_repq', 'paper_qwt', 'repq', 'repq_std', 'repq_n',
+          'qwt', 'qwt_std', 'qwt_n', 'delta_fp', 'delta_repq', 'delta_qwt', 'n', 'seeds', 'note')
+HEADER = ('model', 'bits', 'FP (paper)', 'FP (this project)', 'RepQ-ViT (paper)', 'RepQ-ViT + QwT (paper)',
+          'RepQ-ViT (this project)', 'RepQ-ViT + QwT (this project)', 'Δ FP', 'Δ RepQ-ViT', 'Δ QwT', 'n', 'note')
 
 
 def load_paper(path=PAPER_CSV):
@@ -37,8 +59,7 @@ def load_paper(path=PAPER_CSV):
 
 
 def find_results(paths):
-    """result.json files named by ``paths`` (files, or folders searched recursively), in argument order
-    with each folder's files sorted, so that "the last file given" is well defined."""
+    """result.json files named by ``paths`` (files, or folders searched recursively), each once."""
     files, seen = [], set()
     for p in paths:
         if os.path.isdir(p):
@@ -57,12 +78,14 @@ def find_results(paths):
 
 
 def load_results(files):
-    """Parse each result.json into a dict (plus 'path': the file), checking the keys the table needs."""
+    """Parse each result.json into a dict (plus 'path': the file, 'mtime': its modification time),
+    checking the keys the table needs."""
     out = []
     for path in files:
         try:
             with open(path) as f:
                 r = json.load(f)
+            mtime = os.stat(path).st_mtime_ns
         except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
             raise UserError(f'{path}: not a readable result.json ({e})') from None
         if not isinstance(r, dict):
@@ -73,11 +96,115 @@ def load_results(files):
         for k in ('w_bits', 'a_bits'):
             if not isinstance(r[k], int) or isinstance(r[k], bool):
                 raise UserError(f'{path}: {k} is {r[k]!r}, expected an integer')
-        for k in ('repq_top1', 'qwt_top1'):
+        for k in ('fp_top1', 'repq_top1', 'qwt_top1'):
             if r.get(k) is not None and not isinstance(r[k], (int, float)):
                 raise UserError(f'{path}: {k} is {r[k]!r}, expected a number or null')
-        out.append(dict(r, path=path))
+        out.append(dict(r, path=path, mtime=mtime))
     return out
+
+
+def parse_include(text):
+    """``--include`` value: comma-separated categories, or 'all'."""
+    names = {n.strip() for n in text.split(',') if n.strip()}
+    if 'all' in names:
+        return ALL
+    unknown = sorted(names - ALL)
+    if unknown:
+        raise UserError(f"--include {text}: unknown {', '.join(unknown)} (use {', '.join(CATEGORIES)} or all)")
+    return frozenset(names)
+
+
+# ---- what a run is ---------------------------------------------------------------------------------
+
+def is_fp(r):
+    """An ``--eval fp`` run: it measures the full-precision model, whatever its w_bits / a_bits say."""
+    return r.get('eval') == 'fp'
+
+
+def categories(r):
+    """The categories of ``CATEGORIES`` that ``r`` falls in."""
+    out = []
+    if r.get('demo'):
+        out.append('demo')
+    if 'random' in (r.get('weights'), r.get('source_weights')):  # source_weights: what a --load file was made from
+        out.append('random')
+    if r.get('num_val') is not None and r.get('val_total') is not None and r['num_val'] < r['val_total']:
+        out.append('subset')
+    if r.get('eval') == 'none' or all(r.get(k) is None for k in ('fp_top1', 'repq_top1', 'qwt_top1')):
+        out.append('eval-none')
+    return out
+
+
+def data_variant(r):
+    """What makes the run's data or weights differ from the published setting (also for FP runs)."""
+    labels = []
+    if 'random' in (r.get('weights'), r.get('source_weights')):
+        labels.append('random weights')
+    if 'subset' in categories(r):
+        labels.append(f"val subset {r['num_val']}/{r['val_total']}")
+    if r.get('demo'):
+        labels.append('demo')
+    return tuple(labels)
+
+
+def method_variant(r):
+    """The quantization settings of the run that differ from the published procedure."""
+    labels = []
+    for key in ('qwt_solver', 'qwt_accumulate', 'start_block'):
+        if r.get(key) is not None and r[key] != PUBLISHED[key]:
+            labels.append(f'{key} {r[key]}')
+    if r.get('num_calib') is not None and r['num_calib'] != PUBLISHED['num_calib']:
+        labels.append(f"{r['num_calib']} calibration images")
+    if r.get('num_qwt') is not None and r['num_qwt'] != PUBLISHED['num_qwt']:
+        labels.append(f"{r['num_qwt']} QwT images")
+    return tuple(labels)
+
+
+def bits_label(r):
+    return f"W{r['w_bits']}/A{r['a_bits']}"
+
+
+def select(results, include=ALL):
+    """(kept, left_out): the runs whose categories are all in ``include``, and [(run, categories)] of the rest."""
+    kept, left_out = [], []
+    for r in results:
+        outside = [c for c in categories(r) if c not in include]
+        (left_out.append((r, outside)) if outside else kept.append(r))
+    return kept, left_out
+
+
+def _left_out_warning(left_out):
+    counts = {}
+    for _, cats in left_out:
+        for c in cats:
+            counts[c] = counts.get(c, 0) + 1
+    names = ', '.join(r['path'] for r, _ in left_out[:3]) + (f' and {len(left_out) - 3} more' if len(left_out) > 3
+                                                              else '')
+    return (f"left out {len(left_out)} run(s) not comparable with the paper "
+            f"({', '.join(f'{n} {c}' for c, n in sorted(counts.items()))}): {names}; "
+            f"add them with --include {','.join(sorted(counts))}")
+
+
+def _newest(runs, key, label, warnings):
+    """{key(r): r}, keeping the newest run (mtime, then input order) of each key, with a warning naming both."""
+    out = {}
+    for _, r in sorted(enumerate(runs), key=lambda e: (e[1].get('mtime') or 0, e[0])):
+        k = key(r)
+        if k in out:
+            warnings.append(f"{label(r)}: kept {r.get('path')} (newer), left out {out[k].get('path')}")
+        out[k] = r
+    return out
+
+
+# ---- rows ------------------------------------------------------------------------------------------
+
+def mean_std(values):
+    """(mean, sample standard deviation (n-1; None for n < 2), n) of the values that are not None."""
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return None, None, 0
+    std = statistics.stdev(vals) if len(vals) > 1 else None
+    return math.fsum(vals) / len(vals), std, len(vals)
 
 
 def _delta(ours, paper):
@@ -85,64 +212,128 @@ def _delta(ours, paper):
     return None if ours is None or paper is None else round(ours - paper, 4)
 
 
-def _note(r):
-    """Why a result may not be comparable with the paper's figure."""
-    notes = []
-    if 'random' in (r.get('weights'), r.get('source_weights')):  # source_weights: what a --load file was made from
-        notes.append('random weights')
-    if r.get('num_val') is not None and r.get('val_total') is not None and r['num_val'] < r['val_total']:
-        notes.append(f"val subset {r['num_val']}/{r['val_total']}")
-    if r.get('demo'):
-        notes.append('demo')
-    return '; '.join(notes)
+def _round(v):
+    return None if v is None else round(v, 4)
 
 
-def _row(model, fp_top1, bits, paper_repq, paper_qwt, r):
-    """One table row; ``r`` is the matching result dict or None."""
-    repq, qwt = (r.get('repq_top1'), r.get('qwt_top1')) if r else (None, None)
-    return {'model': model, 'fp_top1': fp_top1, 'bits': bits, 'paper_repq': paper_repq, 'paper_qwt': paper_qwt,
-            'repq': repq, 'qwt': qwt, 'delta_repq': _delta(repq, paper_repq), 'delta_qwt': _delta(qwt, paper_qwt),
-            'note': _note(r) if r else ''}
+def _row(name, timm_name, bits, paper, paper_fp, runs, fp_run, notes):
+    """One table row: ``paper`` the paper's row of the model and bits (or None), ``paper_fp`` its FP
+    (the FP depends on the model only), ``runs`` {seed: result} of the row, ``fp_run`` the model's FP result
+    or None."""
+    p = paper or {}
+    row = {'model': name, 'timm_name': timm_name, 'bits': bits, 'paper_fp': paper_fp,
+           'fp': fp_run and fp_run.get('fp_top1'), 'paper_repq': p.get('repq_vit_top1'),
+           'paper_qwt': p.get('repq_vit_qwt_top1')}
+    for col, key in (('repq', 'repq_top1'), ('qwt', 'qwt_top1')):
+        mean, std, n = mean_std(r.get(key) for r in runs.values())
+        row.update({col: _round(mean), f'{col}_std': _round(std), f'{col}_n': n})
+        row[f'delta_{col}'] = _delta(mean, row[f'paper_{col}'])
+    row['delta_fp'] = _delta(row['fp'], row['paper_fp'])
+    row['n'] = len(runs)
+    row['seeds'] = ' '.join(str(s) for s in sorted(runs, key=lambda s: (s is None, s or 0)))
+    skipped = {f for r in [*runs.values(), fp_run] if r for f in r.get('skipped_images') or ()}
+    if skipped:
+        notes = [*notes, f'{len(skipped)} unreadable image(s) skipped']
+    row['note'] = '; '.join(notes)
+    return row
 
 
-def build_rows(paper, results, only_results=False):
-    """Paper rows in paper order (only those with a result if ``only_results``), then the result
-    configurations the paper lacks, sorted by model and bits. Returns (rows, warnings): one warning
-    per configuration given more than once, where the last file wins."""
-    by_config, warnings = {}, []
-    for r in results:
-        key = (r['timm_name'], f"W{r['w_bits']}/A{r['a_bits']}")
-        if key in by_config:
-            warnings.append(f"{key[0]} {key[1]}: {by_config[key]['path']} overridden by {r['path']} (last file wins)")
-        by_config[key] = r
-    rows = []
+def _bits_key(bits):
+    try:
+        w, a = bits[1:].split('/A')
+        return int(w), int(a)
+    except ValueError:
+        return 0, 0
+
+
+def build_rows(paper, results, only_results=False, include=ALL, expected=None):
+    """The table rows and warnings.
+
+    Paper rows in paper order (only those with a run if ``only_results``), each followed by its variant
+    rows, then the configurations the paper lacks, sorted by model and bits. ``include``: the
+    categories of non-comparable runs to keep (all by default; tools/make_table.py keeps none unless
+    asked). ``expected``: {(timm_name, bits): seeds} and {(timm_name, 'FP'): ...} of runs that should
+    exist (tools/reproduce.py's cells); their rows are shown, and absent seeds are noted as missing.
+    Returns (rows, warnings): runs left out, and runs replaced by a newer one of the same row and seed."""
+    expected = expected or {}
+    kept, left_out = select(results, include)
+    warnings = [_left_out_warning(left_out)] if left_out else []
+    fps = _newest([r for r in kept if is_fp(r)], lambda r: (r['timm_name'], data_variant(r)),
+                  lambda r: f"{r['timm_name']} FP{''.join(f' ({v})' for v in data_variant(r))}", warnings)
+    quant = _newest([r for r in kept if not is_fp(r)],
+                    lambda r: (r['timm_name'], bits_label(r), data_variant(r), method_variant(r), r.get('seed')),
+                    lambda r: f"{r['timm_name']} {bits_label(r)} seed {r.get('seed')}"
+                              f"{''.join(f' ({v})' for v in data_variant(r) + method_variant(r))}", warnings)
+    groups = {}
+    for (timm_name, bits, dvar, mvar, seed), r in quant.items():
+        groups.setdefault((timm_name, bits, dvar, mvar), {})[seed] = r
+    paper_rows = {(p['timm_name'], p['bits']): p for p in paper}
+    by_model = {}
     for p in paper:
-        r = by_config.pop((p['timm_name'], p['bits']), None)
-        if r or not only_results:
-            rows.append(_row(DISPLAY.get(p['model'], p['model']), p['fp_top1'], p['bits'],
-                             p['repq_vit_top1'], p['repq_vit_qwt_top1'], r))
-    known = {p['timm_name']: p for p in paper}  # the FP accuracy does not depend on the bits
-    extra = []
-    for (timm_name, bits), r in by_config.items():
-        p = known.get(timm_name)
-        short = p['model'] if p else r.get('model') or timm_name
-        name = DISPLAY.get(short, short)
-        extra.append(((name, r['w_bits'], r['a_bits']), _row(name, p['fp_top1'] if p else None, bits, None, None, r)))
-    return rows + [row for _, row in sorted(extra, key=lambda e: e[0])], warnings
+        by_model.setdefault(p['timm_name'], []).append(p)
+    keys = set(groups)
+    if not only_results:
+        keys |= {(t, b, (), ()) for t, b in paper_rows}
+    for t, b in expected:
+        if b != 'FP' and not any(k[:2] == (t, b) for k in keys):
+            keys.add((t, b, (), ()))
+    for t, dvar in fps:  # an FP run with no quantized row of its model and data: the model's paper rows
+        if not any(k[0] == t and k[2] == dvar for k in keys):
+            keys |= {(t, p['bits'], dvar, ()) for p in by_model.get(t, [])} or {(t, '', dvar, ())}
+    names = {r['timm_name']: r.get('model') for r in kept}
 
+    def display(timm_name):
+        short = by_model[timm_name][0]['model'] if timm_name in by_model else names.get(timm_name) or timm_name
+        return DISPLAY.get(short, short)
+
+    order = {k: i for i, k in enumerate(paper_rows)}
+
+    def sort_key(k):
+        t, b, dvar, mvar = k
+        where = (0, order[(t, b)], '', (0, 0)) if (t, b) in order else (1, 0, display(t), _bits_key(b))
+        return where + (bool(dvar), bool(mvar), dvar, mvar)
+
+    rows = []
+    for k in sorted(keys, key=sort_key):
+        t, b, dvar, mvar = k
+        runs = groups.get(k, {})
+        notes = list(dvar + mvar)
+        want = expected.get((t, b))
+        if want is not None:
+            missing = [s for s in want if s not in runs]
+            if missing:
+                notes.append(f"missing: seed{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))}")
+        fp_run = fps.get((t, dvar))
+        if fp_run is None and (t, 'FP') in expected:
+            notes.append('missing: FP')
+        paper_fp = by_model[t][0]['fp_top1'] if t in by_model else None
+        rows.append(_row(display(t), t, b, paper_rows.get((t, b)), paper_fp, runs, fp_run, notes))
+    return rows, warnings
+
+
+# ---- output ----------------------------------------------------------------------------------------
 
 def _fmt(v, spec):
     """A number as ``spec``, empty for None."""
     return '' if v is None else format(v, spec)
 
 
+def _stat(row, col):
+    """'mean ± std' (std only for n > 1), '(n=k)' where fewer seeds have this column than the row."""
+    if not row[f'{col}_n']:
+        return ''
+    text = f'{row[col]:.2f}' + ('' if row[f'{col}_std'] is None else f" ± {row[f'{col}_std']:.2f}")
+    return text + ('' if row[f'{col}_n'] == row['n'] else f" (n={row[f'{col}_n']})")
+
+
 def to_markdown(rows):
-    """The table in Markdown: paper figures with one decimal as published, ours with two, signed deltas."""
+    """The table in Markdown: paper figures with one decimal as published, ours with two (mean ± sample
+    std over seeds), signed deltas of the mean."""
     lines = ['| ' + ' | '.join(HEADER) + ' |', '|' + '---|' * len(HEADER)]
     for r in rows:
-        cells = [r['model'], _fmt(r['fp_top1'], '.1f'), r['bits'], _fmt(r['paper_repq'], '.1f'),
-                 _fmt(r['paper_qwt'], '.1f'), _fmt(r['repq'], '.2f'), _fmt(r['qwt'], '.2f'),
-                 _fmt(r['delta_repq'], '+.2f'), _fmt(r['delta_qwt'], '+.2f'), r['note']]
+        cells = [r['model'], r['bits'], _fmt(r['paper_fp'], '.1f'), _fmt(r['fp'], '.2f'), _fmt(r['paper_repq'], '.1f'),
+                 _fmt(r['paper_qwt'], '.1f'), _stat(r, 'repq'), _stat(r, 'qwt'), _fmt(r['delta_fp'], '+.2f'),
+                 _fmt(r['delta_repq'], '+.2f'), _fmt(r['delta_qwt'], '+.2f'), str(r['n'] or ''), r['note']]
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines) + '\n'
 
@@ -154,4 +345,3 @@ def to_csv(rows):
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()
-
