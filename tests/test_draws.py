@@ -167,4 +167,6 @@ def test_unreadable_val_image_is_skipped_logged_listed_and_counted(tmp_path, cap
     warnings = [line for line in log.splitlines() if 'skipped unreadable image' in line]
     assert len(warnings) == 1 and 'val/n00000001/0.JPEG (UnidentifiedImageError' in warnings[0]
     assert 'skipped 1 unreadable image(s), listed in result.json (skipped_images)' in log
+    table_row = [line for line in log.splitlines() if line.startswith('| vit_test_tiny')]
+    assert len(table_row) == 1 and '1 unreadable image(s) skipped' in table_row[0]
     assert json.load(open(os.path.join(out, 'result.json')))['skipped_images'] == ['val/n00000001/0.JPEG']
