@@ -132,10 +132,10 @@ def test_log_lines_never_share_a_line_with_a_bar(root, tiny_ckpts, tmp_path):
     assert len(blocks) == 4
     for line in blocks:
         assert re.fullmatch(r'\d\d:\d\d:\d\d QwT block \d: r2 .*', line), line
-    qwt_totals = {total for _, total in re.findall(r'QwT:\s+\d+%\S* (\d+)/(\d+)', text)}
+    qwt_totals = {total for _, total in re.findall(r'QwT:\s+\d+%\|[^|]*\| (\d+)/(\d+)', text)}
     assert qwt_totals == {'4'}
     # patch_embed, 4 blocks x (qkv, proj, matmul1, matmul2, fc1, fc2), the PatchMerging reduction, the head
-    calib_totals = {total for _, total in re.findall(r'RepQ-ViT calibration:\s+\d+%\S* (\d+)/(\d+)', text)}
+    calib_totals = {total for _, total in re.findall(r'RepQ-ViT calibration:\s+\d+%\|[^|]*\| (\d+)/(\d+)', text)}
     assert calib_totals == {str(1 + 4 * 6 + 1 + 1)}
 
 
