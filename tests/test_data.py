@@ -199,6 +199,14 @@ def test_unreadable_image_is_skipped_as_timm_does_and_reported(tmp_path):
     assert log.skipped == ['train/a/1.JPEG', 'train/a/2.JPEG']
 
 
+def test_unreadable_last_image_wraps_to_the_first(tmp_path):
+    for i in range(3):
+        _save(tmp_path / 'val' / 'a' / f'{i}.JPEG', seed=i)
+    (tmp_path / 'val' / 'a' / '2.JPEG').write_bytes(b'bad')
+    ds = data.image_dataset(str(tmp_path), 'val')
+    assert ds[2][2] == 0 and ds[2][3].startswith('val/a/2.JPEG\t')
+
+
 def test_unreadable_image_with_strict_images_is_an_error(tmp_path):
     _save(tmp_path / 'val' / 'a' / '0.JPEG')
     (tmp_path / 'val' / 'a' / '1.JPEG').write_bytes(b'not a jpeg')

@@ -61,13 +61,15 @@ def test_default_flags_draw_the_published_inputs(big_root, checkpoints, tmp_path
     assert other['calib_files'] != got['calib_files']  # the comparison can tell seeds apart
 
 
-def test_each_step_of_the_draw_order_matters(big_root, checkpoints, tmp_path, monkeypatch):
+@pytest.mark.parametrize('workers', [2, 0])
+def test_each_step_of_the_draw_order_matters(big_root, checkpoints, tmp_path, monkeypatch, workers):
     """Leaving out the wrapping's throw-away layers (step 4) or the evaluation loader's draw (step 6)
-    keeps the calibration batch but changes every QwT image: the comparison above sees both."""
+    keeps the calibration batch but changes every QwT image: the comparison above sees both. Without
+    workers the augmentations draw from this process's python, numpy and torch generators: all seeded."""
     fix_posterize()
     ref = published_inputs(big_root, 'deit_tiny_patch16_224', checkpoints['deit_tiny'], IMAGENET_MEAN, IMAGENET_STD,
-                           batch_size=8, qwt_samples=16, workers=2)
-    flags = ('--model', 'deit_tiny', '--batch_size', '8', '--qwt_samples', '16', '--num_workers', '2')
+                           batch_size=8, qwt_samples=16, workers=workers)
+    flags = ('--model', 'deit_tiny', '--batch_size', '8', '--qwt_samples', '16', '--num_workers', str(workers))
     assert_same_inputs(dump('vit', big_root, checkpoints['deit_tiny'], str(tmp_path / 'a.pth'), *flags), ref)
     from utils import pipeline
     for name in ('replay_wrap_draws', 'replay_loader_iteration_draw'):
@@ -170,3 +172,18 @@ def test_unreadable_val_image_is_skipped_logged_listed_and_counted(tmp_path, cap
     table_row = [line for line in log.splitlines() if line.startswith('| vit_test_tiny')]
     assert len(table_row) == 1 and '1 unreadable image(s) skipped' in table_row[0]
     assert json.load(open(os.path.join(out, 'result.json')))['skipped_images'] == ['val/n00000001/0.JPEG']
+
+
+def test_seed_everything_seeds_every_generator_and_sets_cudnn(monkeypatch):
+    import random
+
+    import numpy as np
+    from utils.pipeline import seed_everything
+    monkeypatch.setattr(torch.backends.cudnn, 'benchmark', False)
+    monkeypatch.setattr(torch.backends.cudnn, 'deterministic', False)
+    seed_everything(5)
+    got = (random.random(), float(np.random.rand()), float(torch.rand(())))
+    want = (random.Random(5).random(), float(np.random.RandomState(5).rand()),
+            float(torch.rand((), generator=torch.Generator().manual_seed(5))))
+    assert got == want
+    assert torch.backends.cudnn.benchmark is True and torch.backends.cudnn.deterministic is True

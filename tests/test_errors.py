@@ -109,6 +109,9 @@ def test_undecodable_image_is_named_with_strict_images(capsys, tmp_path, deit_ck
     ('vit', ['--model', 'deit_tiny', '--save', '/etc/hostname/q/m.pth'], '--save /etc/hostname/q/m.pth: /etc/hostname is not a writable folder'),
     ('vit', ['--model', 'deit_tiny', '--save', '/tmp'], '--save /tmp: is a directory; choose another path'),
     ('vit', ['--model', 'deit_tiny', '--output_dir', '/etc/hostname'], '--output_dir /etc/hostname is a file, not a folder'),
+    ('vit', ['--model', 'deit_tiny', '--eval', 'fp', '--save', 'm.pth'], '--eval fp evaluates the full-precision model only: leave out --save'),
+    ('vit', ['--model', 'deit_tiny', '--load', 'x.pth', '--eval', 'fp'], '--eval fp and --load exclude each other'),
+    ('vit', ['--model', 'deit_tiny', '--num_workers', '-1'], '--num_workers must be >= 0, got -1'),
 ])
 def test_bad_flag_values(capsys, image_root, family, args, message):
     argv = args if '--data_dir' in args else ['--data_dir', image_root, *args]

@@ -196,3 +196,25 @@ def test_flag_choices_are_the_librarys():
     args = cli.parse_args('vit', ['--model', 'deit_tiny', '--data_dir', ROOT])
     assert (args.num_workers, args.qwt_solver, args.qwt_accumulate, args.calib_search, args.eval) == \
         (4, 'inverse', 'concat', 'vectorized', 'both')
+
+
+def test_eval_fp_scores_the_float_model(root, tiny_ckpts, tmp_path):
+    """--eval fp: top-1 of the full-precision model, no calibration; checked against plain timm and
+    torchvision calls on the same val images."""
+    import timm
+    from PIL import Image
+    from timm.data import ImageDataset
+    from torchvision import transforms as T
+    result = cli.main('vit', ['--model', 'vit_test_tiny', '--data_dir', root, '--checkpoint', tiny_ckpts['vit_test_tiny'],
+                              '--eval', 'fp', '--eval_workers', '0', '--device', 'cpu', '--output_dir',
+                              str(tmp_path / 'o')])
+    assert result['eval'] == 'fp' and result['repq_top1'] is None and result['num_calib'] is None
+    assert result['repq_size_mb'] is None and result['fp_size_mb'] > 0
+    model = timm.create_model('vit_test_tiny', pretrained=False)
+    model.load_state_dict(torch.load(tiny_ckpts['vit_test_tiny']))
+    tf = T.Compose([T.Resize(int(32 / 0.9), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(32), T.ToTensor(),
+                    T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    val = ImageDataset(os.path.join(root, 'val'), transform=tf)
+    with torch.no_grad():
+        hits = sum(int(model.eval()(img[None]).argmax()) == target for img, target in val)
+    assert result['fp_top1'] == pytest.approx(100 * hits / len(val)) and len(val) == 6
