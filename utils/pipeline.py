@@ -51,6 +51,9 @@ def build_parser(family):
                    help='training images for QwT over all processes, a multiple of batch_size x processes (default 512)')
     p.add_argument('--checkpoint', default=None,
                    help='local weights (.pth state dict, or timm .npz for vit_*); nothing is downloaded')
+    p.add_argument('--trust_checkpoint', action='store_true',
+                   help='let --checkpoint / --load files unpickle Python objects other than tensors (this can '
+                        'run code from the file: only for files you trust)')
     p.add_argument('--output_dir', default=None, help='where log.txt and result.json go (default output/<model>_w<W>a<A>)')
     p.add_argument('--device', default=None, help='cuda or cpu (default: cuda if available, else cpu)')
     p.add_argument('--local_rank', '--local-rank', dest='local_rank', type=int, default=None,
@@ -262,7 +265,8 @@ def build_float_model(args, spec, device):
         weights = 'random'  # --demo never downloads
     else:
         weights = 'pretrained'
-    model = build_model(spec.timm_name, pretrained=weights == 'pretrained', checkpoint=args.checkpoint)
+    model = build_model(spec.timm_name, pretrained=weights == 'pretrained', checkpoint=args.checkpoint,
+                        trust_checkpoint=args.trust_checkpoint)
     if weights == 'random':
         torch.manual_seed(args.seed)
         randomize_layernorms(model)
@@ -308,7 +312,7 @@ def run(args, family):
         with tempfile.TemporaryDirectory(prefix='qwt_demo_') as data_dir:
             make_demo_data(data_dir)
             return run(argparse.Namespace(**{**vars(args), 'data_dir': data_dir}), family)
-    payload = read_saved(args.load) if args.load else None
+    payload = read_saved(args.load, trust=args.trust_checkpoint) if args.load else None
     spec, w_bits, a_bits = resolve_run_model(args, family, payload)
     if args.output_dir is None:  # --load: name the folder after the saved model
         args = argparse.Namespace(**{**vars(args), 'output_dir': os.path.join(
