@@ -147,9 +147,15 @@ def test_prepared_model_keeps_timm_state_dict_and_function(make):
         out = prepared(x)
     assert out.shape == (2, 10)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    # after wrapping the keys are still timm's and the function (quantization off) unchanged
+    # after wrapping timm's keys are kept, in order; the only new entries are the uncalibrated
+    # quantizers' state (delta and zero point come with calibration)
     quantize_model(prepared, W_BITS, A_BITS)
-    assert list(prepared.state_dict().keys()) == list(timm_sd.keys())
+    keys = list(prepared.state_dict().keys())
+    assert [k for k in keys if k in timm_sd] == list(timm_sd.keys())
+    extra = [k for k in keys if k not in timm_sd]
+    assert extra and all(k.rsplit('.', 1)[-1] in ('inited', 'channel_wise') for k in extra)
+    assert all(k.rsplit('.', 2)[-2] in ('weight_quantizer', 'input_quantizer', 'quantizer_A', 'quantizer_B')
+               for k in extra)
     with torch.no_grad():
         torch.testing.assert_close(prepared(x), ref, rtol=1e-5, atol=1e-6)
         set_quant_state(prepared, True, True)
