@@ -41,6 +41,7 @@ def resolve_model(name):
     if name in _BY_TIMM_NAME:
         return _BY_TIMM_NAME[name]
     import timm
+    from timm.models.registry import is_model_in_modules
     if name not in timm.list_models():
         raise UserError(f"unknown model {name!r}: use one of {', '.join(MODELS)} "
                          "or a timm 0.4.12 ViT/DeiT/Swin name such as deit_tiny_patch16_224")
@@ -48,7 +49,8 @@ def resolve_model(name):
         return ModelSpec(name, name, 'swin')
     if name.startswith('deit_'):
         return ModelSpec(name, name, 'vit', tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD), 0.875)
-    if name.startswith('vit_') and 'hybrid' not in name and 'resnet' not in name:
+    # the ResNet-ViT hybrids (vit_*_r50_*, vit_*_resnet*) live in vision_transformer_hybrid: another stem
+    if name.startswith('vit_') and is_model_in_modules(name, ['vision_transformer']):
         return ModelSpec(name, name, 'vit')
     raise UserError(f"model {name!r} is not a ViT, DeiT or Swin transformer: RepQ-ViT + QwT here supports "
                      "vit_*, deit_* and swin_* models")
