@@ -216,3 +216,13 @@ def test_matmul_operands(which, request):
     torch.testing.assert_close(p.sum(-1), torch.ones(p.shape[:-1]))
     assert (p >= 0).all()
     torch.testing.assert_close(v, qkv[2])
+
+
+def test_quantizer_state_is_put_on_the_model_device():
+    """Wrapping a model that is already on a device (the pipeline moves it before calibration) puts
+    the quantizers' buffers there too ('meta' stands in for a GPU here)."""
+    model = prepare_model(_timm_vit()).to('meta')
+    quantize_model(model, W_BITS, A_BITS)
+    buffers = dict(model.named_buffers())
+    assert 'blocks.0.attn.matmul2.quantizer_A.inited' in buffers
+    assert {b.device.type for b in buffers.values()} == {'meta'}
