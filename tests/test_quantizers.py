@@ -179,6 +179,25 @@ def test_log_sqrt2_tie_keeps_earliest_percentile(monkeypatch):
     assert torch.equal(search_log_sqrt2(x, 4), quantile(x, 0.999))
 
 
+def test_errors_of_1e10_and_above_are_never_chosen():
+    """The published search starts from a best score of 1e10: a candidate must score below it.
+    x = [0, 1, 2, 3, 10] scores 0.570917 (hand value above); times 1e5 it scores 5.70917e9 < 1e10 and
+    calibrates, times 1.5e5 it scores 1.2846e10 and no candidate qualifies."""
+    x = t([0.0, 1.0, 2.0, 3.0, 10.0])
+    delta, zp = search_uniform(x * 1e5, 2)
+    assert delta.item() == pytest.approx(9.968e5 / 3, rel=1e-6) and zp.item() == 0.0
+    with pytest.raises(ValueError, match='calibration failed'):
+        search_uniform(x * 1.5e5, 2)
+    with pytest.raises(ValueError, match='calibration failed for channels \\[1\\]'):
+        search_uniform_rows(torch.stack([x * 1e5, x * 1.5e5]), 2)
+    # log-sqrt2, x = [0.85, 1] * s: every candidate delta is ~s, 0.85 s rounds up to level 0 (= delta),
+    # mean error ~0.15^2 s^2 / 2: 2.81e9 for s = 5e5, 4.49e10 for s = 2e6
+    for fast in (True, False):
+        assert search_log_sqrt2(t([0.85, 1.0]) * 5e5, 4, fast=fast).item() > 0
+        with pytest.raises(ValueError, match='calibration failed'):
+            search_log_sqrt2(t([0.85, 1.0]) * 2e6, 4, fast=fast)
+
+
 def test_constant_tensor_calibration_raises_value_error():
     with pytest.raises(ValueError, match='calibration failed.*constant'):
         search_uniform(torch.full((10,), 3.0), 4)
@@ -340,6 +359,11 @@ def test_quantile_rows_chunking_matches_per_row(monkeypatch):
         got = quantile_rows(x2d, p)
         assert got.shape == (7,)
         assert calls == [40, 40, 40, 20]  # ceil(7 / 2) calls, each at most the limit
+    # as many rows per call as fit under the limit: 1 row of 30 (2 would be 60), 50 rows of 1
+    for shape, expected in (((3, 30), [30, 30, 30]), ((60, 1), [50, 10])):
+        calls.clear()
+        quantile_rows(torch.randn(*shape, generator=g), 0.999)
+        assert calls == expected
         expected = torch.stack([real(row, p) for row in x2d])
         assert torch.equal(got, expected)
 
