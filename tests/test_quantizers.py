@@ -684,3 +684,49 @@ def test_flags_are_python_bools_backed_by_buffers():
     assert q.channel_wise is False and q.inited is True
     assert dict(q.named_buffers())['channel_wise'].item() is False
     assert dict(q.named_buffers())['inited'].item() is True
+
+
+@pytest.mark.parametrize('length', [1, 2, 7, 1001])
+def test_fast_quantiles_for_any_p_equal_torch(length):
+    """quantiles_rows_fast for arbitrary p (the median and both sides of it too), several rows."""
+    x = torch.randn(3, length, generator=torch.Generator().manual_seed(length)) ** 3
+    ps = [0.999, 0.7, 0.5, 0.3, 0.001, 0.0, 1.0]
+    for p, got in zip(ps, qz.quantiles_rows_fast(x, ps)):
+        assert torch.equal(got, torch.quantile(x, p, dim=1)), p
+
+
+def test_fast_quantiles_sort_only_the_tails(monkeypatch):
+    """The work of the fast path, by hand for 1001 values: float32(0.999) * 1000 = 999.0000129 needs
+    the top 1001 - 999 = 2 values; float32(0.001) * 1000 = 1.00000005 needs the bottom ceil + 1 = 3.
+    One side asked for only: no top-k of the other side."""
+    calls = []
+    real = qz.topk_values
+    monkeypatch.setattr(qz, 'topk_values', lambda x, k, largest: calls.append((k, largest)) or real(x, k, largest))
+    x = torch.randn(2, 1001, generator=torch.Generator().manual_seed(3))
+    qz.quantiles_rows_fast(x, [0.999, 1 - 0.999])
+    assert calls == [(2, True), (3, False)]
+    calls.clear()
+    qz.quantiles_rows_fast(x, [0.999])
+    assert calls == [(2, True)]
+    calls.clear()
+    qz.quantiles_rows_fast(x, [1 - 0.999])
+    assert calls == [(3, False)]
+
+
+def test_long_single_row_takes_the_subsample_path_and_several_rows_do_not(monkeypatch):
+    """One row of 2^18 or more (a layer-wise search): the top-k runs on a superset found from a
+    strided subsample; several rows: the plain top-k of each (the subsample is of row 0 only)."""
+    calls = []
+    real = qz.tail_superset
+    monkeypatch.setattr(qz, 'tail_superset', lambda flat, k, largest: calls.append(flat.numel()) or
+                        real(flat, k, largest))
+    g = torch.Generator().manual_seed(4)
+    one, two = torch.randn(1, 2 ** 18, generator=g), torch.randn(2, 2 ** 18, generator=g)
+    assert torch.equal(qz.topk_values(one, 100, True), one.topk(100, dim=1).values)
+    assert calls == [2 ** 18]
+    assert torch.equal(qz.topk_values(two, 100, False), two.topk(100, dim=1, largest=False).values)
+    assert torch.equal(qz.topk_values(one[:, :2 ** 18 - 1], 100, True), one[:, :2 ** 18 - 1].topk(100).values)
+    assert torch.equal(qz.topk_values(one, 2 ** 12 + 1, True), one.topk(2 ** 12 + 1).values)  # k * 64 > n
+    assert calls == [2 ** 18]
+    assert torch.equal(qz.topk_values(one, 2 ** 12, True), one.topk(2 ** 12).values)  # k * 64 == n
+    assert calls == [2 ** 18, 2 ** 18]
