@@ -403,12 +403,14 @@ class UniformQuantizer(_CalibratedState):
     def forward(self, x):
         if not self.inited:
             self.calibrate(x.detach())
-        if self._zp_seen is not self.zero_point:  # once per calibration / reparameterisation
-            self._integer_zp = bool(torch.equal(self.zero_point, self.zero_point.round()))
-            self._zp_seen = self.zero_point
+        buffers = self._buffers  # one dict read each instead of nn.Module.__getattr__ (this runs per layer)
+        delta, zero_point = buffers['delta'], buffers['zero_point']
+        if self._zp_seen is not zero_point:  # once per calibration / reparameterisation / load
+            self._integer_zp = bool(torch.equal(zero_point, zero_point.round()))
+            self._zp_seen = zero_point
         if self._integer_zp:
-            return uniform_fake_quant_integer_zp(x, self.delta, self.zero_point, self.n_bits)
-        return uniform_fake_quant(x, self.delta, self.zero_point, self.n_bits)
+            return uniform_fake_quant_integer_zp(x, delta, zero_point, self.n_bits)
+        return uniform_fake_quant(x, delta, zero_point, self.n_bits)
 
     @torch.no_grad()
     def calibrate(self, x):
@@ -437,7 +439,7 @@ class LogSqrt2Quantizer(_CalibratedState):
     def forward(self, x):
         if not self.inited:
             self.calibrate(x.detach())
-        return log_sqrt2_fake_quant(x, self.delta, self.n_bits)
+        return log_sqrt2_fake_quant(x, self._buffers['delta'], self.n_bits)
 
     @torch.no_grad()
     def calibrate(self, x):

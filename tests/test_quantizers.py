@@ -730,3 +730,21 @@ def test_long_single_row_takes_the_subsample_path_and_several_rows_do_not(monkey
     assert calls == [2 ** 18]
     assert torch.equal(qz.topk_values(one, 2 ** 12, True), one.topk(2 ** 12).values)  # k * 64 == n
     assert calls == [2 ** 18, 2 ** 18]
+
+
+def test_integer_zero_point_decision_is_cached_per_zero_point(monkeypatch):
+    """Whether the zero point is an integer is decided once per zero-point tensor (it needs a device
+    read), not in every forward pass; a new zero point (reparameterisation) is decided again."""
+    q = UniformQuantizer(4)
+    x = torch.linspace(-1, 2, 101)
+    q(x)
+    calls = []
+    real = torch.equal
+    monkeypatch.setattr(torch, 'equal', lambda a, b: calls.append(1) or real(a, b))
+    for _ in range(3):
+        q(x)
+    assert calls == []
+    q.zero_point = q.zero_point + 0.5
+    for _ in range(3):
+        q(x)
+    assert calls == [1]
