@@ -748,3 +748,28 @@ def test_integer_zero_point_decision_is_cached_per_zero_point(monkeypatch):
     for _ in range(3):
         q(x)
     assert calls == [1]
+
+
+def test_misleading_subsample_falls_back_to_the_plain_topk(monkeypatch):
+    monkeypatch.setattr(qz, 'tail_superset', lambda flat, k, largest: None)
+    row = torch.randn(1, 2 ** 18, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(qz.topk_values(row, 50, True), row.topk(50).values)
+
+
+def test_published_mode_calls_torch_quantile_per_bound(monkeypatch):
+    """fast=False is the published search, literally: one torch.quantile per candidate bound."""
+    calls = []
+    real = torch.quantile
+    monkeypatch.setattr(torch, 'quantile', lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(300, generator=torch.Generator().manual_seed(6))
+    search_uniform(x, 4, fast=False)
+    assert len(calls) == 6
+    search_log_sqrt2(torch.softmax(x, 0), 4, fast=False)
+    assert len(calls) == 9
+
+
+def test_failed_channels_are_listed_up_to_five():
+    w = torch.randn(8, 6)
+    w[1:8] = 0.5  # seven constant channels
+    with pytest.raises(ValueError, match=r'calibration failed for channels \[1, 2, 3, 4, 5\]: '):
+        search_uniform_rows(w, 4)
