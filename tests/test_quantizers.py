@@ -614,6 +614,8 @@ def test_fast_quantile_path_is_used_on_this_torch(monkeypatch):
     search_uniform_channelwise(x, 4)
     search_log_sqrt2(torch.softmax(x, -1), 4)
     UniformQuantizer(4, channel_wise=True)(x)
+    UniformQuantizer(4)(x)
+    LogSqrt2Quantizer(4)(torch.softmax(x, -1))
 
 
 def test_fast_quantile_mismatch_warns_once_and_keeps_published_values(monkeypatch, caplog):
@@ -766,6 +768,30 @@ def test_published_mode_calls_torch_quantile_per_bound(monkeypatch):
     assert len(calls) == 6
     search_log_sqrt2(torch.softmax(x, 0), 4, fast=False)
     assert len(calls) == 9
+    search_uniform_channelwise(x.reshape(3, 100), 4, per_channel_loop=True)  # one search per channel
+    assert len(calls) == 9 + 3 * 6
+    q = UniformQuantizer(4)
+    q.per_channel_loop = True
+    q(x)
+    assert len(calls) == 9 + 3 * 6 + 6
+    log_q = LogSqrt2Quantizer(4)
+    log_q.published_search = True
+    log_q(torch.softmax(x, 0))
+    assert len(calls) == 9 + 3 * 6 + 6 + 3
+
+
+def test_log_sqrt2_published_search_tie_keeps_earliest_percentile(monkeypatch):
+    x = torch.softmax(torch.randn(50, generator=torch.Generator().manual_seed(0)) * 3, dim=0)
+    monkeypatch.setattr(qz, 'log_sqrt2_fake_quant_reference', lambda x, d, n: torch.zeros_like(x * d))
+    assert torch.equal(search_log_sqrt2(x, 4, fast=False), quantile(x, 0.999))
+
+
+def test_log_sqrt2_on_a_strided_view_equals_reference():
+    """k^T-like transposed maps: the table lookup must not assume a contiguous result."""
+    x = torch.softmax(torch.randn(2, 3, 20, 20, generator=torch.Generator().manual_seed(8)), -1).transpose(-2, -1)
+    assert not x.is_contiguous()
+    delta = quantile(x, 0.9999)
+    assert torch.equal(log_sqrt2_fake_quant(x, delta, 4), log_sqrt2_fake_quant_reference(x, delta, 4))
 
 
 def test_failed_channels_are_listed_up_to_five():
