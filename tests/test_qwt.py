@@ -217,10 +217,27 @@ def test_r2_gate_keeps_any_positive_fit_even_of_noise(accumulate):
     r2_ref = 1 - ((y64 - a @ sol) ** 2).sum() / ((y64 - y64.mean(0)) ** 2).sum()
     assert 0 < r2_ref < 0.1
     assert fit.r2 == pytest.approx(r2_ref, abs=1e-5)
+    assert fit.rms == pytest.approx(np.sqrt(((y64 - a @ sol) ** 2).mean()), rel=1e-5)  # over tokens and outputs
+    assert fit.fallback is None
     torch.testing.assert_close(fit.weight.double(), torch.from_numpy(sol[:-1]), rtol=0, atol=1e-5)
     torch.testing.assert_close(fit.bias.double(), torch.from_numpy(sol[-1]), rtol=0, atol=1e-5)
     for x, out in zip(xs, fit.outs):  # the next features: quantized output plus the compensation
         torch.testing.assert_close(out, 2 * x - noise + x @ fit.weight + fit.bias)
+
+
+def test_moment_ss_res_hand_values():
+    """SS_res = ΣY² - 2<W1, rhs> + <W1, gram W1>: with gram = rhs = W1 = [[1]] that is ΣY² - 1. It is
+    trusted (float64) when at least 1e-2 of |ΣY²| + 2|cross| + |quad|: ΣY² = 1.05 gives 0.05 (bound
+    0.0405); ΣY² = 1.03 gives 0.03 < 0.0403: None, measure on the tokens instead."""
+    one = torch.ones(1, 1)
+    got = qwt_module.moment_ss_res(one, one, torch.tensor(1.05, dtype=torch.float64), one)
+    assert got.dtype == torch.float64 and float(got) == pytest.approx(0.05, abs=1e-12)
+    assert qwt_module.moment_ss_res(one, one, torch.tensor(1.03, dtype=torch.float64), one) is None
+    # two unknowns, two outputs: gram = diag(2, 3), rhs = [[1, 0], [0, 2]], W1 = [[0.5, 0], [0, 1]]:
+    # cross = 0.5 + 2 = 2.5, quad = 2 * 0.25 + 3 * 1 = 3.5, ΣY² = 4: SS_res = 4 - 5 + 3.5 = 2.5
+    got = qwt_module.moment_ss_res(torch.diag(torch.tensor([2.0, 3.0])), torch.tensor([[1.0, 0.0], [0.0, 2.0]]),
+                                   torch.tensor(4.0, dtype=torch.float64), torch.tensor([[0.5, 0.0], [0.0, 1.0]]))
+    assert float(got) == pytest.approx(2.5, abs=1e-12)
 
 
 def test_r2_gate_rejects_a_fit_no_better_than_the_mean(monkeypatch):
@@ -641,3 +658,17 @@ def test_fallback_before_start_block_still_gives_zeros(monkeypatch, caplog):
     assert [s['used'] for s in stats] == [False, True, True] and stats[0]['r2'] > 0
     assert not compensated_blocks(model)[0].comp_weight.any()
     assert len(_qwt_warnings(caplog)) == 1
+
+
+def test_qwt_switches_quantization_on_and_evaluation_mode():
+    """Handed a model with quantization off and in training mode, qwt_compensate fits the quantized
+    model in eval mode: the same W, b as from the model repq_vit returns."""
+    q = _quantized('vit')
+    model = q['model']
+    set_quant_state(model, False, False)
+    model.train()
+    qwt_compensate(model, q['images'], batch_size=8)
+    assert not any(m.training for m in model.modules())
+    ref = _compensated('vit')['model']
+    for a, b in zip(compensated_blocks(model), compensated_blocks(ref), strict=True):
+        assert torch.equal(a.comp_weight, b.comp_weight) and torch.equal(a.comp_bias, b.comp_bias)
