@@ -29,6 +29,7 @@ class CompensatedBlock(nn.Module):
         self.comp_weight = nn.Parameter(weight, requires_grad=False)  # [C_in, C_out]
         self.comp_bias = nn.Parameter(bias, requires_grad=False)
         self.enabled = True
+        self.train(block.training)  # a wrapper in the model's mode, not nn.Module's default (training)
 
     def forward(self, x):
         out = self.block(x)
