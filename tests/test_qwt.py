@@ -430,7 +430,7 @@ def test_block0_fit_survives_half_precision_inference(path, solver):
     """Swin block 0 reads a LayerNorm output, so [X, 1] is rank deficient in exact arithmetic.
     'lstsq' cuts the rounding-noise direction off: its fit explains part of Y, survives the fp16
     inference form and is used. The float32 inverse fits that direction with W ~ 1 that explains
-    nothing (r² ≪ 0): the r² rule rejects it and block 0 gets zero compensation."""
+    nothing (r² < 0): the r² rule rejects it and block 0 gets zero compensation."""
     q = _quantized('swin')
     model = q['model']
     set_quant_state(model, True, True)
@@ -457,8 +457,8 @@ def test_block0_fit_survives_half_precision_inference(path, solver):
         assert r2 > 0.1 and err_half < 0.9 * err_q, (r2, err_half, err_q)
         assert stats[0]['used'] and stats[0]['r2'] == pytest.approx(r2, abs=1e-3)
         torch.testing.assert_close(block0.comp_weight, w, rtol=0, atol=1e-4 * float(w.abs().max()))
-    else:
-        assert r2 < -100 and err_half > 100 * err_q, (r2, err_half, err_q)
+    else:  # how bad depends on float32 summation order (r² -1e4 with 2 threads, -2.6 with 1): worse than none
+        assert r2 < 0 and err_half > err_q, (r2, err_half, err_q)
         assert stats[0]['r2'] < 0 and stats[0]['used'] is False  # its own garbage fit of the batches
         assert not block0.comp_weight.any() and not block0.comp_bias.any()
 
