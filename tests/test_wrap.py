@@ -226,3 +226,28 @@ def test_quantizer_state_is_put_on_the_model_device():
     buffers = dict(model.named_buffers())
     assert 'blocks.0.attn.matmul2.quantizer_A.inited' in buffers
     assert {b.device.type for b in buffers.values()} == {'meta'}
+
+
+def test_layer_plans_are_the_spec_table():
+    """plan_layer for each row of the SPEC §2 table, as literal plans (w = 4, a = 6 here)."""
+    import dataclasses
+    from quant.wrap import LayerPlan, plan_layer
+    lin, conv = nn.Linear(4, 4), nn.Conv2d(3, 4, 2)
+    expected = {
+        ('patch_embed.proj', conv): LayerPlan(8, 8, False, False),
+        ('blocks.0.attn.qkv', lin): LayerPlan(4, 6, True, False),
+        ('blocks.0.mlp.fc1', lin): LayerPlan(4, 6, True, False),
+        ('layers.0.downsample.reduction', lin): LayerPlan(4, 6, True, False),
+        ('blocks.0.attn.proj', lin): LayerPlan(4, 6, False, False),
+        ('blocks.0.mlp.fc2', lin): LayerPlan(4, 6, False, False),
+        ('head', lin): LayerPlan(8, 8, False, False),
+        ('head_dist', lin): LayerPlan(8, 8, False, False),
+        ('blocks.0.attn.matmul1', MatMul()): LayerPlan(None, 6, False, False),
+        ('blocks.0.attn.matmul2', MatMul()): LayerPlan(None, 6, False, True),
+        ('blocks.0.norm1', nn.LayerNorm(4)): None,
+        ('blocks.0.mlp.act', nn.GELU()): None,
+    }
+    for (name, module), plan in expected.items():
+        assert plan_layer(name, module, W_BITS, A_BITS) == plan, name
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan_layer('head', lin, W_BITS, A_BITS).input_bits = 4
