@@ -98,7 +98,7 @@ def test_every_block_wrapped_in_walk_order(compensated):
         assert not isinstance(comp.block, CompensatedBlock)
         assert comp.comp_weight.shape == (dim, dim) and comp.comp_bias.shape == (dim,)
         assert comp.comp_weight.dtype == torch.float32
-        assert not comp.comp_weight.requires_grad
+        assert not comp.comp_weight.requires_grad and not comp.comp_bias.requires_grad
     for slot in models.walk(model):
         if slot.kind == 'merge':  # PatchMerging is run, not compensated
             assert not isinstance(slot.module, CompensatedBlock)
