@@ -1,5 +1,6 @@
 """QwT compensation (quant/qwt.py, SPEC §3) on tiny RepQ-ViT W4/A4 models: ViT, distilled DeiT, Swin."""
 import copy
+import dataclasses
 import functools
 import importlib
 
@@ -178,8 +179,9 @@ def test_fit_with_nonpositive_r2_gets_zeros(monkeypatch, accumulate, patched):
 
 
 class _OffsetBlock(torch.nn.Module):
-    """A stand-in block: full precision 2x, quantized 2x - ``offset``, so the QwT target Y is
-    ``offset`` whatever X is. A QuantMatMul child carries the quantization switch."""
+    """A stand-in block: full precision 2x (its first ``offset.shape[-1]`` features), quantized that
+    minus ``offset``, so the QwT target Y is ``offset`` whatever X is. A QuantMatMul child carries
+    the quantization switch."""
 
     def __init__(self, offset):
         super().__init__()
@@ -189,7 +191,19 @@ class _OffsetBlock(torch.nn.Module):
         self.offset = offset
 
     def forward(self, x):
-        return 2 * x - self.offset if self.switch.use_input_quant else 2 * x
+        fp = 2 * x[..., :self.offset.shape[-1]]
+        return fp - self.offset if self.switch.use_input_quant else fp
+
+
+def _lstsq_reference(xs, y):
+    """(W, b, r², rms) of [X, 1] -> Y in float64 numpy, over all tokens of the batches ``xs``."""
+    x64 = torch.cat(xs).reshape(-1, xs[0].shape[-1]).double().numpy()
+    y64 = y.reshape(-1, y.shape[-1]).double().numpy()
+    a = np.hstack([x64, np.ones((len(x64), 1))])
+    sol = np.linalg.lstsq(a, y64, rcond=None)[0]
+    res = y64 - a @ sol
+    r2 = 1 - (res ** 2).sum() / ((y64 - y64.mean(0)) ** 2).sum()
+    return torch.from_numpy(sol[:-1]), torch.from_numpy(sol[-1]), r2, np.sqrt((res ** 2).mean())
 
 
 def _gate_case(seed=5, batches=2, tokens=10, c=4):
@@ -225,6 +239,56 @@ def test_r2_gate_keeps_any_positive_fit_even_of_noise(accumulate):
         torch.testing.assert_close(out, 2 * x - noise + x @ fit.weight + fit.bias)
 
 
+@pytest.mark.parametrize('accumulate', ['normal', 'concat'])
+@pytest.mark.parametrize('batches', [1, 3])
+def test_fit_of_a_width_changing_block(accumulate, batches):
+    """4 features in, 3 out, one batch or three: W [4, 3] and b [3] are the float64 least-squares fit
+    of the offset, and the next features the quantized outputs plus x @ W + b. Not fitted: zeros of
+    those shapes and the plain quantized outputs."""
+    xs, noise = _gate_case(seed=8, batches=batches)
+    noise = noise[..., :3] + torch.linspace(-1, 1, 3)
+    block = _OffsetBlock(noise)
+    y = noise.repeat(batches, 1, 1)
+    w_ref, b_ref, r2_ref, rms_ref = _lstsq_reference(xs, y)
+    fit = _fit(accumulate, block, xs)
+    assert fit.weight.shape == (4, 3) and fit.bias.shape == (3,) and len(fit.outs) == batches
+    torch.testing.assert_close(fit.weight.double(), w_ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(fit.bias.double(), b_ref, rtol=0, atol=1e-5)
+    assert fit.r2 == pytest.approx(r2_ref, abs=1e-5) and fit.rms == pytest.approx(rms_ref, rel=1e-5)
+    for x, out in zip(xs, fit.outs):
+        torch.testing.assert_close(out, 2 * x[..., :3] - noise + x @ fit.weight + fit.bias)
+    from utils.timing import Stopwatch
+    fit_fn = qwt_module._fit_block_normal if accumulate == 'normal' else qwt_module._fit_block_concat
+    skipped = fit_fn(block, [x.clone() for x in xs], False, 'inverse', Stopwatch('cpu', ('passes', 'fit')))
+    assert skipped.weight.shape == (4, 3) and skipped.bias.shape == (3,)
+    assert not skipped.weight.any() and not skipped.bias.any()
+    assert all(torch.equal(out, 2 * x[..., :3] - noise) for x, out in zip(xs, skipped.outs))
+
+
+def test_normal_path_measures_ss_res_on_the_tokens_when_the_moments_cancel(monkeypatch):
+    """Where moment_ss_res declines (None), SS_res comes from the tokens: the same r², rms and W."""
+    xs, noise = _gate_case(seed=9, batches=2)
+    w_ref, b_ref, r2_ref, rms_ref = _lstsq_reference(xs, noise.repeat(2, 1, 1))
+    monkeypatch.setattr(qwt_module, 'moment_ss_res', lambda *args: None)
+    fit = _fit('normal', _OffsetBlock(noise), xs)
+    assert fit.r2 == pytest.approx(r2_ref, abs=1e-6) and fit.rms == pytest.approx(rms_ref, rel=1e-6)
+    torch.testing.assert_close(fit.weight.double(), w_ref, rtol=0, atol=1e-5)
+    for x, out in zip(xs, fit.outs):
+        torch.testing.assert_close(out, 2 * x - noise + x @ fit.weight + fit.bias)
+
+
+def test_attempt_flags_any_non_finite_entry():
+    w, b = torch.ones(3, 2), torch.ones(2)
+    assert qwt_module._attempt(lambda: (w, b)) == ((w, b), None)
+    w_nan, b_inf = w.clone(), b.clone()
+    w_nan[1, 0], b_inf[1] = float('nan'), float('inf')
+    assert qwt_module._attempt(lambda: (w_nan, b)) == (None, 'non-finite solution')
+    assert qwt_module._attempt(lambda: (w, b_inf)) == (None, 'non-finite solution')
+    fallback = qwt_module.Fallback('lstsq', 'singular', 10, 5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fallback.kind = 'zero'
+
+
 def test_moment_ss_res_hand_values():
     """SS_res = ΣY² - 2<W1, rhs> + <W1, gram W1>: with gram = rhs = W1 = [[1]] that is ΣY² - 1. It is
     trusted (float64) when at least 1e-2 of |ΣY²| + 2|cross| + |quad|: ΣY² = 1.05 gives 0.05 (bound
@@ -233,6 +297,12 @@ def test_moment_ss_res_hand_values():
     got = qwt_module.moment_ss_res(one, one, torch.tensor(1.05, dtype=torch.float64), one)
     assert got.dtype == torch.float64 and float(got) == pytest.approx(0.05, abs=1e-12)
     assert qwt_module.moment_ss_res(one, one, torch.tensor(1.03, dtype=torch.float64), one) is None
+    # gram = [[1]], rhs = [[2]], W1 = [[2]]: cross 4, quad 4, SS_res = ΣY² - 4 against 0.01 (ΣY² + 12):
+    # ΣY² = 4.2 gives 0.2 >= 0.162; ΣY² = 4.14 gives 0.14 < 0.1614
+    two = torch.full((1, 1), 2.0)
+    assert float(qwt_module.moment_ss_res(one, two, torch.tensor(4.2, dtype=torch.float64), two)) == \
+        pytest.approx(0.2, abs=1e-12)
+    assert qwt_module.moment_ss_res(one, two, torch.tensor(4.14, dtype=torch.float64), two) is None
     # two unknowns, two outputs: gram = diag(2, 3), rhs = [[1, 0], [0, 2]], W1 = [[0.5, 0], [0, 1]]:
     # cross = 0.5 + 2 = 2.5, quad = 2 * 0.25 + 3 * 1 = 3.5, ΣY² = 4: SS_res = 4 - 5 + 3.5 = 2.5
     got = qwt_module.moment_ss_res(torch.diag(torch.tensor([2.0, 3.0])), torch.tensor([[1.0, 0.0], [0.0, 2.0]]),
@@ -250,6 +320,20 @@ def test_r2_gate_rejects_a_fit_no_better_than_the_mean(monkeypatch):
     assert fit.r2 == 0.0
     assert not fit.weight.any() and not fit.bias.any()
     assert all(torch.equal(out, 2 * x - noise) for x, out in zip(xs, fit.outs))
+
+
+def test_r2_gate_rejects_r2_of_exactly_zero_from_normal_equations(monkeypatch):
+    """normal: integer targets over 128 tokens make every sum exact, so W = 0, b = mean(Y) gives
+    SS_res = SS_tot exactly: r² = 0, rejected (the gate is r² > 0)."""
+    xs, _ = _gate_case(seed=10, batches=2, tokens=8)
+    offset = torch.randint(-3, 4, (8, 8, 4), generator=torch.Generator().manual_seed(10)).float()
+    mean = offset.repeat(2, 1, 1).reshape(-1, 4).mean(0)
+    assert torch.equal(mean * 128, offset.repeat(2, 1, 1).reshape(-1, 4).sum(0))  # exact
+    monkeypatch.setattr(qwt_module, 'solve_normal', lambda gram, rhs, solver: (torch.zeros(4, 4), mean))
+    fit = _fit('normal', _OffsetBlock(offset), xs)
+    assert fit.r2 == 0.0
+    assert not fit.weight.any() and not fit.bias.any()
+    assert all(torch.equal(out, 2 * x - offset) for x, out in zip(xs, fit.outs))
 
 
 def test_r2_gate_rejects_a_negative_r2_from_normal_equations(monkeypatch):
@@ -580,6 +664,7 @@ def test_failed_solve_falls_back_to_float64_lstsq(accumulate, failure, monkeypat
     assert len(warnings) == 1 and '\n' not in warnings[0]
     msg = warnings[0]
     assert msg.startswith('QwT block 1: ') and WARNED_REASON[failure] in msg
+    assert '(272 tokens for 49 unknowns per output)' in msg  # 16 images x 17 tokens; 48 features + bias
     assert 'float64 least squares instead' in msg and 'zero compensation' not in msg
     assert '--qwt_samples' in msg and '--qwt_solver lstsq' in msg
     with torch.no_grad():
@@ -672,3 +757,29 @@ def test_qwt_switches_quantization_on_and_evaluation_mode():
     ref = _compensated('vit')['model']
     for a, b in zip(compensated_blocks(model), compensated_blocks(ref), strict=True):
         assert torch.equal(a.comp_weight, b.comp_weight) and torch.equal(a.comp_bias, b.comp_bias)
+
+
+def test_used_means_any_non_zero_weight_and_every_fit_is_logged(monkeypatch, caplog):
+    """A W with a zero entry is still used; one INFO line per fitted block gives r², the rms residual
+    and whether the block is compensated (concat fits blocks before --start_block too)."""
+    import re
+    q = _quantized('vit')
+    real = qwt_module.fit_concat
+
+    def with_a_zero(x, y, solver):
+        w, b = real(x, y, solver)
+        w[0, 0] = 0
+        return w, b
+    monkeypatch.setattr(qwt_module, 'fit_concat', with_a_zero)
+    stats = []
+    with caplog.at_level('INFO', logger='quant.qwt'):
+        qwt_compensate(q['model'], q['images'], start_block=1, batch_size=8, stats=stats)
+    assert [s['used'] for s in stats] == [False, True, True]
+    infos = [r.getMessage() for r in caplog.records if r.name == 'quant.qwt' and r.levelname == 'INFO']
+    assert len(infos) == 3
+    for i, (message, st) in enumerate(zip(infos, stats)):
+        found = re.fullmatch(r'QwT block (\d): r2 (0\.\d{4}), rms residual \d+\.\d{6}, (compensated|zero compensation)',
+                             message)
+        assert found, message
+        assert int(found.group(1)) == i and float(found.group(2)) == pytest.approx(st['r2'], abs=1e-4)
+        assert found.group(3) == ('compensated' if st['used'] else 'zero compensation')

@@ -193,3 +193,14 @@ def test_float32_gram_overflow_raises_but_float64_lstsq_fits():
     w, b = fit_concat(big, y, 'lstsq')
     assert torch.isfinite(w).all() and torch.isfinite(b).all()
     assert float(r2_score(y, big @ w + b)) > 0.2
+
+
+def test_inverse_solver_works_in_float32_whatever_it_is_given():
+    """The published solver inverts in float32: float64 normal equations give the float32 result."""
+    x, y, _, _ = _planted(n=300, c_in=5, c_out=2, seed=7)
+    x1 = with_ones(x)
+    gram, rhs = x1.t() @ x1, x1.t() @ y
+    w32, b32 = solve_normal(gram, rhs, 'inverse')
+    w64, b64 = solve_normal(gram.double(), rhs.double(), 'inverse')
+    assert w64.dtype == torch.float32 and b64.dtype == torch.float32
+    assert torch.equal(w64, w32) and torch.equal(b64, b32)
