@@ -4,7 +4,8 @@ model-specific pieces QwT needs (stem and block walk). Names resolve lazily (PEP
 import importlib
 
 _EXPORTS = {
-    'models.build': ('build_model', 'prepare_model', 'load_weights', 'pretrained_cached', 'pretrained_location',
+    'models.build': ('build_model', 'prepare_model', 'load_weights', 'load_tensors', 'UntrustedObjects',
+                     'pretrained_cached', 'pretrained_location',
                      'randomize_layernorms', 'state_dict_mismatches', 'family_of', 'stem', 'walk'),
     'models.registry': ('MODELS', 'ModelSpec', 'data_config', 'default_cfg', 'resolve_model'),
     'models.attention': ('MatMul',),

@@ -2,6 +2,7 @@
 model-specific pieces QwT needs (stem and block walk)."""
 import os
 import pickle
+import re
 from urllib.parse import urlparse
 
 import torch
@@ -26,17 +27,38 @@ def prepare_model(model):
     return model.eval()
 
 
-def _read_state_dict(checkpoint):
+class UntrustedObjects(Exception):
+    """A file that ``torch.load(weights_only=True)`` refuses: it pickles objects other than tensors
+    and plain containers (``args``: the first such class, e.g. argparse.Namespace)."""
+
+
+def load_tensors(path, trust=False):
+    """``torch.load`` on the CPU that unpickles only tensors, numbers, strings and plain containers,
+    unless ``trust``: unpickling other objects can run code. Raises ``UntrustedObjects`` where the
+    file needs more, anything else ``torch.load`` raises otherwise."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=not trust)
+    except pickle.UnpicklingError as e:
+        found = re.search(r'Unsupported global: GLOBAL ([\w.]+)', str(e))
+        if trust or found is None:
+            raise
+        raise UntrustedObjects(found.group(1)) from None
+
+
+def _read_state_dict(checkpoint, trust=False):
     """The tensors of a ``.pth`` file: a state dict, or one under 'model' / 'state_dict'."""
     try:
-        try:
-            state = torch.load(checkpoint, map_location='cpu', weights_only=True)
-        except pickle.UnpicklingError:  # e.g. training args stored next to the weights: the user's own file
-            state = torch.load(checkpoint, map_location='cpu', weights_only=False)
+        state = load_tensors(checkpoint, trust)
+    except UntrustedObjects as e:
+        raise UserError(
+            f"checkpoint {checkpoint} holds Python objects other than tensors ({e.args[0]}), which are not "
+            "unpickled unless trusted: re-save its state dict, e.g. python -c \"import torch; torch.save(torch.load("
+            f"'{checkpoint}', weights_only=False)['model'], 'weights.pth')\", or pass --trust_checkpoint if you "
+            "trust the file") from None
     except Exception as e:
         raise UserError(f"cannot read checkpoint {checkpoint} ({cause(e)}): "
                         "expected a .pth state dict saved with torch.save") from None
-    if isinstance(state, dict) and 'quantizers' in state and 'format' in state:
+    if isinstance(state, dict) and 'format' in state and 'state_dict' in state:  # any --save format version
         raise UserError(f"checkpoint {checkpoint} is a quantized model written by --save: evaluate it with --load")
     for key in ('model', 'state_dict'):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -67,10 +89,11 @@ def state_dict_mismatches(expected, state):
     return problems
 
 
-def load_weights(model, checkpoint, model_name=None):
+def load_weights(model, checkpoint, model_name=None, trust=False):
     """Load a local checkpoint: a ``.pth`` state dict (optionally under 'model' / 'state_dict'), or a
     timm ``.npz`` (vit_*) through the model's own loader. A file that does not fit is an error naming
-    the first mismatching keys."""
+    the first mismatching keys. ``trust`` (``--trust_checkpoint``): also unpickle objects other than
+    tensors and plain containers."""
     name = model_name or type(model).__name__
     if not os.path.isfile(checkpoint):
         raise UserError(f"checkpoint {checkpoint} not found: pass the path of a local .pth or .npz file")
@@ -83,7 +106,7 @@ def load_weights(model, checkpoint, model_name=None):
             raise UserError(f"cannot load {checkpoint} into {name} ({cause(e)}): "
                             "is it the .npz of this model?") from None
         return model
-    state = _read_state_dict(checkpoint)
+    state = _read_state_dict(checkpoint, trust)
     problems = state_dict_mismatches(model.state_dict(), state)
     if problems:
         raise UserError(f"checkpoint {checkpoint} does not fit {name}: {'; '.join(problems)}. "
@@ -105,11 +128,11 @@ def pretrained_cached(timm_name):
     return bool(filename) and os.path.isfile(os.path.join(folder, filename))
 
 
-def build_model(name, pretrained=True, checkpoint=None):
+def build_model(name, pretrained=True, checkpoint=None, trust_checkpoint=False):
     """The timm model ``name`` (short table name or timm name) in eval mode, ready for quantization.
 
-    Weights: ``checkpoint`` if given (nothing is downloaded), else timm's pretrained download when
-    ``pretrained``, else random initialisation.
+    Weights: ``checkpoint`` if given (nothing is downloaded; ``trust_checkpoint``: see ``load_weights``),
+    else timm's pretrained download when ``pretrained``, else random initialisation.
     """
     import timm
     spec = resolve_model(name)
@@ -129,7 +152,7 @@ def build_model(name, pretrained=True, checkpoint=None):
                         f"Offline: download {url} on a machine with network and "
                         f"either place {filename} in {folder}/ or pass --checkpoint PATH/{filename}") from None
     if checkpoint is not None:
-        load_weights(model, checkpoint, spec.timm_name)
+        load_weights(model, checkpoint, spec.timm_name, trust_checkpoint)
     return prepare_model(model)
 
 

@@ -50,6 +50,7 @@ def resolve_model(name, family=None):
     if name in _BY_TIMM_NAME:
         return _BY_TIMM_NAME[name]
     import timm
+    from timm.models.registry import is_model_in_modules
     if name not in timm.list_models():
         prefixes = FAMILY_PREFIXES.get(family, ('vit_', 'deit_', 'swin_'))
         example = {'vit': 'deit_tiny_patch16_224', 'swin': 'swin_base_patch4_window7_224'}.get(
@@ -58,7 +59,8 @@ def resolve_model(name, family=None):
                         f"{'/'.join(p.rstrip('_') for p in prefixes)} name such as {example}")
     if name.startswith('swin_'):
         return ModelSpec(name, name, 'swin')
-    if name.startswith(('deit_', 'vit_')) and 'hybrid' not in name and 'resnet' not in name:
+    # the ResNet-ViT hybrids (vit_*_r50_*, vit_*_resnet*) live in vision_transformer_hybrid: another stem
+    if name.startswith(('deit_', 'vit_')) and not is_model_in_modules(name, ['vision_transformer_hybrid']):
         return ModelSpec(name, name, 'vit')
     raise UserError(f"model {name!r} is not a ViT, DeiT or Swin transformer: RepQ-ViT + QwT here supports "
                     "vit_*, deit_* and swin_* models")

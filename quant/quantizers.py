@@ -3,6 +3,7 @@
 The math lives in pure functions so tests can check it against hand-computed values; the two
 ``nn.Module`` classes only hold the calibrated parameters and initialise them on the first batch.
 """
+import logging
 import math
 
 import numpy as np
@@ -17,6 +18,7 @@ PERCENTILES = (0.999, 0.9999, 0.99999)
 # so the fallback is reproduced explicitly: every torch version then gives the published values.
 QUANTILE_TORCH_LIMIT = 2 ** 24
 _INIT_SCORE = 1e10  # the published "best_score" start value
+_logger = logging.getLogger(__name__)
 
 
 def _check_bits(n_bits):
@@ -102,7 +104,10 @@ _MATCHES_TORCH = {}
 
 
 def quantiles_match_torch(device):
-    """Whether ``quantiles_rows_fast`` reproduces this torch's quantile bit for bit on ``device``."""
+    """Whether ``quantiles_rows_fast`` reproduces this torch's quantile bit for bit on ``device``.
+
+    Where it does not, calibration stays correct (torch.quantile is used) but several times slower,
+    which nothing else would reveal: hence the warning, once per device."""
     key = str(device)
     if key not in _MATCHES_TORCH:
         gen = torch.Generator().manual_seed(0)
@@ -113,6 +118,10 @@ def quantiles_match_torch(device):
             for q, fast in zip(qs, quantiles_rows_fast(x, qs)):
                 ok &= torch.equal(torch.quantile(x, q, dim=1), fast)
         _MATCHES_TORCH[key] = bool(ok)
+        if not ok:
+            _logger.warning('the fast quantile search does not reproduce torch %s quantile on %s: calibration '
+                            'uses torch.quantile instead (same values, slower); please report this torch version',
+                            torch.__version__, key)
     return _MATCHES_TORCH[key]
 
 
@@ -329,29 +338,79 @@ def search_log_sqrt2(x, n_bits, fast=True):
     return delta
 
 
-class UniformQuantizer(nn.Module):
-    """Uniform affine fake quantizer, layer-wise or channel-wise, initialised on its first input."""
+class _CalibratedState(nn.Module):
+    """Quantizer state as buffers, so that ``state_dict()`` holds the calibrated model and ``.to()``
+    moves it.
+
+    ``TENSORS`` (delta, zero point) are None until calibrated and their shape (per channel or not)
+    is known only then: loading takes it from the file. ``FLAGS`` are bool buffers mirrored by a
+    plain Python bool of the same name in the instance dict, which attribute lookup finds first:
+    reading the buffer in every forward would synchronise with the GPU."""
+    TENSORS = ()
+    FLAGS = ()
+
+    def _register_state(self, **flags):
+        for name in self.TENSORS:
+            self.register_buffer(name, None)
+        for name, value in flags.items():
+            self.register_buffer(name, torch.tensor(bool(value)))
+            object.__setattr__(self, name, bool(value))
+
+    def __setattr__(self, name, value):
+        if name not in self.FLAGS:
+            return super().__setattr__(name, value)
+        if torch.is_tensor(value):  # load_state_dict(assign=True) hands over the file's tensor
+            super().__setattr__(name, value)
+        else:
+            self._buffers[name].fill_(bool(value))
+        object.__setattr__(self, name, bool(value))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        complete = prefix + 'inited' in state_dict  # a quantizer state, not some other file
+        for name in self.TENSORS:
+            key, current = prefix + name, self._buffers[name]
+            if key in state_dict and (current is None or current.shape != state_dict[key].shape):
+                like = current if current is not None else state_dict[key]
+                self._buffers[name] = torch.empty(state_dict[key].shape, dtype=like.dtype,
+                                                  device=self._buffers['inited'].device)
+            elif key not in state_dict and complete:
+                self._buffers[name] = None  # saved uncalibrated
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        for name in self.FLAGS:
+            object.__setattr__(self, name, bool(self._buffers[name]))
+
+
+class UniformQuantizer(_CalibratedState):
+    """Uniform affine fake quantizer, layer-wise or channel-wise, initialised on its first input.
+    ``channel_wise`` is state too: the reparameterisation turns it off after calibration."""
+    TENSORS = ('delta', 'zero_point')
+    FLAGS = ('inited', 'channel_wise')
 
     def __init__(self, n_bits=8, channel_wise=False):
         super().__init__()
         _check_bits(n_bits)
         self.n_bits = int(n_bits)
-        self.channel_wise = channel_wise
         self.per_channel_loop = False  # True: the published one-channel-at-a-time search
-        self.delta = None
-        self.zero_point = None
-        self.inited = False
+        self._register_state(inited=False, channel_wise=channel_wise)
         self._zp_seen = None  # the zero_point tensor _integer_zp was computed for
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._zp_seen = None  # copied in place: the same tensor may now hold a fractional zero point
 
     def forward(self, x):
         if not self.inited:
             self.calibrate(x.detach())
-        if self._zp_seen is not self.zero_point:  # once per calibration / reparameterisation
-            self._integer_zp = bool(torch.equal(self.zero_point, self.zero_point.round()))
-            self._zp_seen = self.zero_point
+        buffers = self._buffers  # one dict read each instead of nn.Module.__getattr__ (this runs per layer)
+        delta, zero_point = buffers['delta'], buffers['zero_point']
+        if self._zp_seen is not zero_point:  # once per calibration / reparameterisation / load
+            self._integer_zp = bool(torch.equal(zero_point, zero_point.round()))
+            self._zp_seen = zero_point
         if self._integer_zp:
-            return uniform_fake_quant_integer_zp(x, self.delta, self.zero_point, self.n_bits)
-        return uniform_fake_quant(x, self.delta, self.zero_point, self.n_bits)
+            return uniform_fake_quant_integer_zp(x, delta, zero_point, self.n_bits)
+        return uniform_fake_quant(x, delta, zero_point, self.n_bits)
 
     @torch.no_grad()
     def calibrate(self, x):
@@ -365,21 +424,22 @@ class UniformQuantizer(nn.Module):
         return f"n_bits={self.n_bits}, channel_wise={self.channel_wise}, inited={self.inited}"
 
 
-class LogSqrt2Quantizer(nn.Module):
+class LogSqrt2Quantizer(_CalibratedState):
     """Log-√2 fake quantizer for post-softmax attention (layer-wise delta)."""
+    TENSORS = ('delta',)
+    FLAGS = ('inited',)
 
     def __init__(self, n_bits=8):
         super().__init__()
         _check_bits(n_bits)
         self.n_bits = int(n_bits)
         self.published_search = False  # True: the search exactly as published (reference, slow)
-        self.delta = None
-        self.inited = False
+        self._register_state(inited=False)
 
     def forward(self, x):
         if not self.inited:
             self.calibrate(x.detach())
-        return log_sqrt2_fake_quant(x, self.delta, self.n_bits)
+        return log_sqrt2_fake_quant(x, self._buffers['delta'], self.n_bits)
 
     @torch.no_grad()
     def calibrate(self, x):

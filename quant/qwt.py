@@ -2,6 +2,8 @@
 by least squares to the error between the full-precision and the quantized block."""
 import logging
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -27,6 +29,7 @@ class CompensatedBlock(nn.Module):
         self.comp_weight = nn.Parameter(weight, requires_grad=False)  # [C_in, C_out]
         self.comp_bias = nn.Parameter(bias, requires_grad=False)
         self.enabled = True
+        self.train(block.training)  # a wrapper in the model's mode, not nn.Module's default (training)
 
     def forward(self, x):
         out = self.block(x)
@@ -79,11 +82,36 @@ REASONS = {
 }
 
 
-def _attempt(solve, *args):
-    """((W, b), None) from ``solve(*args)``, or (None, reason) where it fails: a singular matrix
-    (the inverse raises), inf/NaN in the system, or a non-finite solution."""
+@dataclass(frozen=True)
+class Fallback:
+    """A block whose ``solver`` fit failed: ``kind`` 'lstsq' (float64 least squares replaced it) or
+    'zero' (that failed too); ``reason`` / ``why_not``: keys of REASONS for the two failures
+    (``why_not`` None where the float64 fit worked or was not tried, being the failed solver)."""
+    kind: str
+    reason: str
+    tokens: int
+    unknowns: int
+    why_not: Optional[str] = None
+
+
+@dataclass
+class BlockFit:
+    """One block's QwT fit: ``outs``, the next block's input (one tensor per batch); ``weight`` [C_in,
+    C_out] and ``bias`` [C_out], zeros where the fit is not used; ``r2`` and ``rms`` (None where no
+    fit was made); ``fallback`` (None where the ``solver`` fit worked)."""
+    outs: list
+    weight: torch.Tensor
+    bias: torch.Tensor
+    r2: Optional[float] = None
+    rms: Optional[float] = None
+    fallback: Optional[Fallback] = None
+
+
+def _attempt(solve):
+    """((W, b), None) from ``solve()``, or (None, reason) where it fails: a singular matrix (the
+    inverse raises), inf/NaN in the system, or a non-finite solution."""
     try:
-        weight, bias = solve(*args)
+        weight, bias = solve()
     except torch.linalg.LinAlgError:
         return None, 'singular'
     except NonFiniteSystem:
@@ -93,14 +121,40 @@ def _attempt(solve, *args):
     return (weight, bias), None
 
 
+def _solve_with_fallback(solver, solve, solve_float64, tokens, unknowns):
+    """((W, b) or None, Fallback or None): ``solve()``, the ``solver`` fit; where it fails,
+    ``solve_float64()``, the float64 least-squares fit of the same tokens, unless ``solver`` is that
+    one already."""
+    wb, reason = _attempt(solve)
+    if reason is None:
+        return wb, None
+    why_not = None
+    if solver != 'lstsq':
+        wb, why_not = _attempt(solve_float64)
+    return wb, Fallback('zero' if wb is None else 'lstsq', reason, tokens, unknowns, why_not)
+
+
 def _warn_fallback(block_id, fallback, solver):
-    """One warning line per block whose primary solve failed (see ``_fit_block_*``'s fallback)."""
-    kind, reason, tokens, unknowns, why_not = fallback
-    used = ('fitted with float64 least squares instead' if kind == 'lstsq' else
-            'the block gets zero compensation' + (f' (float64 least squares: {REASONS[why_not]})' if why_not else ''))
+    """One warning line per block whose primary solve failed."""
+    used = ('fitted with float64 least squares instead' if fallback.kind == 'lstsq' else
+            'the block gets zero compensation'
+            + (f' (float64 least squares: {REASONS[fallback.why_not]})' if fallback.why_not else ''))
     hint = 'more --qwt_samples' + ('' if solver == 'lstsq' else ' or --qwt_solver lstsq')
     _logger.warning('QwT block %d: %s (%d tokens for %d unknowns per output); %s. Hint: %s.',
-                    block_id, REASONS[reason], tokens, unknowns, used, hint)
+                    block_id, REASONS[fallback.reason], fallback.tokens, fallback.unknowns, used, hint)
+
+
+def _float64_normal_equations(xs, ys):
+    """Normal equations and ΣY² of these features and targets summed in float64 (all-reduced)."""
+    c_in, c_out = xs[0].shape[-1], ys[0].shape[-1]
+    neq = NormalEquations(c_in, c_out, xs[0].device, torch.float64)
+    y_sq = torch.zeros((), dtype=torch.float64, device=xs[0].device)
+    for x, y in zip(xs, ys):
+        y = y.reshape(-1, c_out).double()
+        neq.add(x.reshape(-1, c_in), y)
+        y_sq += torch.dot(y.reshape(-1), y.reshape(-1))
+    distributed.all_reduce_sum(neq.gram, neq.rhs, y_sq)
+    return neq, y_sq
 
 
 def _fit_block_normal(block, xs, fit, solver, clock):
@@ -116,7 +170,7 @@ def _fit_block_normal(block, xs, fit, solver, clock):
         with clock('passes'):
             set_quant_state(block, True, True)
             outs = [block(x) for x in xs]
-        return outs, _zeros_like_fit(c_in, outs[0].shape[-1], outs[0]), None, None
+        return BlockFit(outs, *_zeros_like_fit(c_in, outs[0].shape[-1], outs[0]))
     neq, q_outs, ys = None, [], []
     y_sq = torch.zeros((), dtype=torch.float64, device=xs[0].device)
     for x in xs:
@@ -132,26 +186,19 @@ def _fit_block_normal(block, xs, fit, solver, clock):
             y_sq += torch.dot(y.reshape(-1), y.reshape(-1)).double()  # BLAS dot: no squared temporary
         q_outs.append(q)
         ys.append(y.view_as(q))
-    xws, fallback = None, None
+    xws = None
     with clock('fit'):
         count = torch.tensor(float(sum(x.numel() // x.shape[-1] for x in xs)), dtype=torch.float64, device=y_sq.device)
         distributed.all_reduce_sum(neq.gram, neq.rhs, y_sq, count)
-        wb, reason = _attempt(solve_normal, neq.gram, neq.rhs, solver)
-        if reason is not None:
-            why_not = None  # why the float64 fallback failed too; not tried where it is what failed
-            if solver != 'lstsq':
-                c_out = q_outs[0].shape[-1]
-                neq = NormalEquations(c_in, c_out, xs[0].device, torch.float64)
-                y_sq = torch.zeros((), dtype=torch.float64, device=xs[0].device)
-                for x, y in zip(xs, ys):
-                    y = y.reshape(-1, c_out).double()
-                    neq.add(x.reshape(-1, c_in), y)
-                    y_sq += torch.dot(y.reshape(-1), y.reshape(-1))
-                distributed.all_reduce_sum(neq.gram, neq.rhs, y_sq)
-                wb, why_not = _attempt(solve_normal, neq.gram, neq.rhs, 'lstsq')
-            fallback = ('zero' if wb is None else 'lstsq', reason, int(count), c_in + 1, why_not)
-            if wb is None:
-                return q_outs, _zeros_like_fit(c_in, q_outs[0].shape[-1], q_outs[0]), None, fallback
+
+        def solve_float64():  # the r² below is then that of the float64 system
+            nonlocal neq, y_sq
+            neq, y_sq = _float64_normal_equations(xs, ys)
+            return solve_normal(neq.gram, neq.rhs, 'lstsq')
+        wb, fallback = _solve_with_fallback(solver, lambda: solve_normal(neq.gram, neq.rhs, solver), solve_float64,
+                                            int(count), c_in + 1)
+        if wb is None:
+            return BlockFit(q_outs, *_zeros_like_fit(c_in, q_outs[0].shape[-1], q_outs[0]), fallback=fallback)
         weight, bias = wb
         ss_tot = y_sq - neq.rhs[-1].double().pow(2).sum() / count  # ΣY² - |ΣY|² / n
         ss_res = moment_ss_res(neq.gram, neq.rhs, y_sq, torch.cat([weight, bias[None]]))
@@ -169,7 +216,7 @@ def _fit_block_normal(block, xs, fit, solver, clock):
             outs = [q.add_(xw).add_(bias) for q, xw in zip(q_outs, xws)]  # float32 form: (block(x) + x @ W) + b
     else:
         outs, (weight, bias) = q_outs, _zeros_like_fit(weight.shape[0], weight.shape[1], weight)
-    return outs, (weight, bias), (r2, rms), fallback
+    return BlockFit(outs, weight, bias, r2, rms, fallback)
 
 
 def _fit_block_concat(block, xs, fit, solver, clock):
@@ -180,19 +227,15 @@ def _fit_block_concat(block, xs, fit, solver, clock):
     least-squares fit of the same tokens replaces it; where that fails too, zero compensation."""
     with clock('passes'):
         fps, qs = zip(*[_fp_and_quant(block, x) for x in xs])
-    fallback = None
     with clock('fit'):
         x_all = torch.cat(xs).reshape(-1, xs[0].shape[-1])
         y_all = (torch.cat(fps) - torch.cat(qs)).reshape(-1, fps[0].shape[-1])
         del fps
-        wb, reason = _attempt(fit_concat, x_all, y_all, solver)
-        if reason is not None:
-            why_not = None
-            if solver != 'lstsq':
-                wb, why_not = _attempt(fit_concat, x_all, y_all, 'lstsq')
-            fallback = ('zero' if wb is None else 'lstsq', reason, x_all.shape[0], x_all.shape[1] + 1, why_not)
-            if wb is None:
-                return list(qs), _zeros_like_fit(x_all.shape[1], y_all.shape[1], y_all), None, fallback
+        wb, fallback = _solve_with_fallback(solver, lambda: fit_concat(x_all, y_all, solver),
+                                            lambda: fit_concat(x_all, y_all, 'lstsq'),
+                                            x_all.shape[0], x_all.shape[1] + 1)
+        if wb is None:
+            return BlockFit(list(qs), *_zeros_like_fit(x_all.shape[1], y_all.shape[1], y_all), fallback=fallback)
         weight, bias = wb
         del qs
         y_pred = x_all @ weight + bias
@@ -204,7 +247,7 @@ def _fit_block_concat(block, xs, fit, solver, clock):
     comp = CompensatedBlock(block, weight, bias)
     with clock('passes'):
         outs = [comp.forward_fp32(x) for x in xs]
-    return outs, (weight, bias), (r2, rms), fallback
+    return BlockFit(outs, weight, bias, r2, rms, fallback)
 
 
 @torch.no_grad()
@@ -252,18 +295,19 @@ def qwt_compensate(q_model, images, start_block=0, batch_size=32, solver='invers
             with clock('passes'):
                 xs = [module(x) for x in xs]
             continue
-        xs, (weight, bias), fit_info, fallback = fit_block(module, xs, block_id >= start_block, solver, clock)
-        slot.replace(CompensatedBlock(module, weight, bias))
-        used = bool(weight.any())
-        if fallback is not None:
-            _warn_fallback(block_id, fallback, solver)
-        if fit_info is not None:
-            _logger.info('QwT block %d: r2 %.4f, rms residual %.6f, %s', block_id, fit_info[0], fit_info[1],
+        fitted = fit_block(module, xs, block_id >= start_block, solver, clock)
+        xs = fitted.outs
+        slot.replace(CompensatedBlock(module, fitted.weight, fitted.bias))
+        used = bool(fitted.weight.any())
+        if fitted.fallback is not None:
+            _warn_fallback(block_id, fitted.fallback, solver)
+        if fitted.r2 is not None:
+            _logger.info('QwT block %d: r2 %.4f, rms residual %.6f, %s', block_id, fitted.r2, fitted.rms,
                          'compensated' if used else 'zero compensation')
         if stats is not None:
-            r2 = None if fit_info is None or not math.isfinite(fit_info[0]) else fit_info[0]  # JSON has no NaN
+            r2 = None if fitted.r2 is None or not math.isfinite(fitted.r2) else fitted.r2  # JSON has no NaN
             stats.append({'block': block_id, 'r2': r2, 'used': used,
-                          'fallback': None if fallback is None else fallback[0]})
+                          'fallback': None if fitted.fallback is None else fitted.fallback.kind})
         block_id += 1
         bar.update(1)
     bar.close()

@@ -61,13 +61,15 @@ def make_quant_layer(module, plan):
 
 def quantize_model(model, w_bits, a_bits):
     """Swap every Linear, Conv2d and MatMul of ``model`` for its quantized version, in place.
-    Quantization starts switched off; returns ``model``."""
+    Quantization starts switched off; returns ``model``. The quantizers' state is put on the model's
+    device, so that all of its state dict is there."""
+    device = next(model.parameters()).device
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             full = f"{parent_name}.{child_name}" if parent_name else child_name
             plan = plan_layer(full, child, w_bits, a_bits)
             if plan is not None:
-                setattr(parent, child_name, make_quant_layer(child, plan))
+                setattr(parent, child_name, make_quant_layer(child, plan).to(device))
     return model
 
 

@@ -12,6 +12,19 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'cuda: needs a CUDA GPU (skipped without one); run them alone with '
+                                       '`python -m pytest -q -m cuda tests`')
+
+
+@pytest.fixture(autouse=True)
+def _glibc_allocator_untouched(monkeypatch):
+    """An in-process pipeline run on the CPU would change this process's malloc settings for every
+    later test; the real call is tested in a subprocess (test_allocator.py)."""
+    from utils import pipeline
+    monkeypatch.setattr(pipeline, 'keep_freed_memory', lambda: False)
+
+
 def randomize_layernorms(model, seed=0):
     """Random LayerNorm gamma/beta. A random-init LayerNorm (gamma=1, beta=0) makes the features
     exactly collinear with the bias column, which makes the float32 inverse meaningless."""

@@ -158,14 +158,44 @@ def test_checkpoint_missing_keys(capsys, image_root, tmp_path):
     assert 'missing keys blocks.0.norm1.bias, head.weight' in line
 
 
-def test_checkpoint_with_training_args_still_loads(tmp_path):
-    """Not an error: a state dict saved next to non-tensor objects (an argparse Namespace) loads."""
+def test_checkpoint_with_plain_extras_loads(tmp_path):
+    """A state dict saved next to numbers and strings needs no trust: the tensors-only loader reads it."""
+    from models import build_model
+    state = torch.load(save_random_checkpoint('deit_tiny_patch16_224', str(tmp_path / 'a.pth')))
+    torch.save({'model': state, 'epoch': 3, 'arch': 'deit_tiny'}, tmp_path / 'full.pth')
+    model = build_model('deit_tiny', checkpoint=str(tmp_path / 'full.pth'))
+    assert torch.equal(model.head.weight, state['head.weight'])
+
+
+def test_checkpoint_with_python_objects_needs_trust(capsys, image_root, tmp_path, monkeypatch):
+    """A state dict saved next to an argparse Namespace: refused in one line naming both fixes, never
+    unpickled unless --trust_checkpoint, with which it loads."""
     import argparse
     from models import build_model
     state = torch.load(save_random_checkpoint('deit_tiny_patch16_224', str(tmp_path / 'a.pth')))
-    torch.save({'model': state, 'args': argparse.Namespace(lr=5e-4), 'epoch': 299}, tmp_path / 'full.pth')
-    model = build_model('deit_tiny', checkpoint=str(tmp_path / 'full.pth'))
+    full = str(tmp_path / 'full.pth')
+    torch.save({'model': state, 'args': argparse.Namespace(lr=5e-4), 'epoch': 299}, full)
+    unsafe = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, 'load', lambda *a, **k: unsafe.append(k.get('weights_only')) or real_load(*a, **k))
+    line = fails(capsys, 'vit', *quick(image_root, full, tmp_path))
+    assert line == (f"error: checkpoint {full} holds Python objects other than tensors (argparse.Namespace), which "
+                    "are not unpickled unless trusted: re-save its state dict, e.g. python -c \"import torch; "
+                    f"torch.save(torch.load('{full}', weights_only=False)['model'], 'weights.pth')\", or pass "
+                    "--trust_checkpoint if you trust the file")
+    assert unsafe == [True]
+    model = build_model('deit_tiny', checkpoint=full, trust_checkpoint=True)
     assert torch.equal(model.head.weight, state['head.weight'])
+    assert unsafe == [True, False]
+    from utils.cli import parse_args
+    args = parse_args('vit', quick(image_root, full, tmp_path, '--trust_checkpoint'))
+    assert args.trust_checkpoint is True
+    assert parse_args('vit', quick(image_root, full, tmp_path)).trust_checkpoint is False
+    stop = RuntimeError('stop after loading the weights')
+    monkeypatch.setattr(pipeline, 'repq_vit', lambda *a, **k: (_ for _ in ()).throw(stop))
+    with pytest.raises(RuntimeError, match='stop after loading the weights'):
+        pipeline.main('vit', quick(image_root, full, tmp_path, '--trust_checkpoint'))
+    assert unsafe[-1] is False
 
 
 def test_offline_download_names_file_url_and_cache(image_root, tmp_path):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import quant.quantizers as qz
+import reference
 from quant.quantizers import (LogSqrt2Quantizer, UniformQuantizer, log_sqrt2_fake_quant,
                               log_sqrt2_fake_quant_reference, quantile, quantile_rows, search_log_sqrt2,
                               search_uniform, search_uniform_channelwise, search_uniform_rows,
@@ -178,6 +179,25 @@ def test_log_sqrt2_tie_keeps_earliest_percentile(monkeypatch):
     assert torch.equal(search_log_sqrt2(x, 4), quantile(x, 0.999))
 
 
+def test_errors_of_1e10_and_above_are_never_chosen():
+    """The published search starts from a best score of 1e10: a candidate must score below it.
+    x = [0, 1, 2, 3, 10] scores 0.570917 (hand value above); times 1e5 it scores 5.70917e9 < 1e10 and
+    calibrates, times 1.5e5 it scores 1.2846e10 and no candidate qualifies."""
+    x = t([0.0, 1.0, 2.0, 3.0, 10.0])
+    delta, zp = search_uniform(x * 1e5, 2)
+    assert delta.item() == pytest.approx(9.968e5 / 3, rel=1e-6) and zp.item() == 0.0
+    with pytest.raises(ValueError, match='calibration failed'):
+        search_uniform(x * 1.5e5, 2)
+    with pytest.raises(ValueError, match='calibration failed for channels \\[1\\]'):
+        search_uniform_rows(torch.stack([x * 1e5, x * 1.5e5]), 2)
+    # log-sqrt2, x = [0.85, 1] * s: every candidate delta is ~s, 0.85 s rounds up to level 0 (= delta),
+    # mean error ~0.15^2 s^2 / 2: 2.81e9 for s = 5e5, 4.49e10 for s = 2e6
+    for fast in (True, False):
+        assert search_log_sqrt2(t([0.85, 1.0]) * 5e5, 4, fast=fast).item() > 0
+        with pytest.raises(ValueError, match='calibration failed'):
+            search_log_sqrt2(t([0.85, 1.0]) * 2e6, 4, fast=fast)
+
+
 def test_constant_tensor_calibration_raises_value_error():
     with pytest.raises(ValueError, match='calibration failed.*constant'):
         search_uniform(torch.full((10,), 3.0), 4)
@@ -306,10 +326,21 @@ def test_quantile_above_limit_uses_numpy_percentile(monkeypatch):
         assert torch.equal(quantile_rows(rows, p), expected)
 
 
-def test_quantile_below_limit_is_torch_quantile():
-    x = torch.randn(300)
-    for p in (0.999, 0.0001):
-        assert torch.equal(quantile(x, p), torch.quantile(x, p))
+def test_quantile_below_limit_interpolates_at_float32_p_hand_values():
+    """1000 zeros then a one: the rank is p * 1000 with p rounded to float32 first, as torch.quantile
+    does. float32(0.999) = 0.999000012874603271484375: rank 999.000012874603271484375, value
+    1.2874603271484375e-05 (numpy's float64 p gives rank 998.9999999999999 and 0). float32(0.9999) =
+    0.99989998340606689453125: value 0.89998340606689453125. 1 - 0.9999 = 9.999999999998899e-05,
+    float32 0.0000999999974737875163555145263671875: over [-1, 0, ..., 0] the value is
+    -1 + 0.0999999974737875163555145263671875."""
+    x = torch.zeros(1001)
+    x[-1] = 1.0
+    assert quantile(x, 0.999).item() == np.float32(1.2874603271484375e-05)
+    assert quantile(x, 0.9999).item() == np.float32(0.89998340606689453125)
+    x[-1], x[0] = 0.0, -1.0
+    assert quantile(x, 1 - 0.9999).item() == np.float32(-1 + 0.0999999974737875163555145263671875)
+    assert quantile(torch.tensor([0.0, 1.0, 2.0, 3.0, 10.0]), 0.5).item() == 2.0
+    assert quantile(torch.tensor([[0.0, 10.0]]), 0.25).item() == 2.5
 
 
 def test_quantile_rows_chunking_matches_per_row(monkeypatch):
@@ -328,6 +359,11 @@ def test_quantile_rows_chunking_matches_per_row(monkeypatch):
         got = quantile_rows(x2d, p)
         assert got.shape == (7,)
         assert calls == [40, 40, 40, 20]  # ceil(7 / 2) calls, each at most the limit
+    # as many rows per call as fit under the limit: 1 row of 30 (2 would be 60), 50 rows of 1
+    for shape, expected in (((3, 30), [30, 30, 30]), ((60, 1), [50, 10])):
+        calls.clear()
+        quantile_rows(torch.randn(*shape, generator=g), 0.999)
+        assert calls == expected
         expected = torch.stack([real(row, p) for row in x2d])
         assert torch.equal(got, expected)
 
@@ -467,3 +503,299 @@ def test_log_sqrt2_int32_index_buffer_equals_reference():
     out = log_sqrt2_fake_quant(x, delta, 4, out=torch.empty_like(x), index=index)
     assert torch.equal(out, log_sqrt2_fake_quant_reference(x, delta, 4))
     assert index.min().item() >= 0 and index.max().item() == 16  # masked values use the extra level
+
+
+# --------------------------------------------------------------------------- the real 2^24 limit
+
+@pytest.fixture(scope='module')
+def real_size():
+    """2^24 + 1 values (above the published numpy fallback's limit) and their first 2^24 (at it), with
+    both interpolation rules from tests/reference.py. Upper tails of a normal sample: the rules differ
+    by several float32 steps there (float32(p) moves the rank by ~0.2)."""
+    x = torch.randn(2 ** 24 + 1, generator=torch.Generator().manual_seed(0))
+    ps = [q for p in qz.PERCENTILES for q in (p, 1.0 - p)]
+    refs = {n: reference.quantiles_by_rule(x[:n].numpy(), ps) for n in (2 ** 24 + 1, 2 ** 24)}
+    return x, ps, refs
+
+
+def _ulp(v):
+    return float(np.spacing(np.float32(abs(v))))
+
+
+def _assert_rule(got, n, ps, refs, rule):
+    """Each value is the ``rule`` quantile to one float32 step, and clearly not the other rule's."""
+    other = 'torch' if rule == 'numpy' else 'numpy'
+    for p, g, want, alt in zip(ps, got, refs[n][rule], refs[n][other]):
+        assert abs(float(g) - want) <= _ulp(want), (n, p, float(g), want)
+        if p > 0.5:
+            assert abs(alt - want) > 3 * _ulp(want), 'the data cannot tell the rules apart'
+
+
+def test_quantile_limit_is_2_pow_24():
+    assert qz.QUANTILE_TORCH_LIMIT == 16777216
+
+
+def test_quantile_switches_to_numpy_above_the_real_limit(real_size):
+    x, ps, refs = real_size
+    for n, rule in ((2 ** 24 + 1, 'numpy'), (2 ** 24, 'torch')):
+        got = quantile(x[:n], ps[0])
+        assert got.dtype == torch.float32 and got.dim() == 0
+        _assert_rule([got], n, ps[:1], refs, rule)
+        _assert_rule(list(quantile_rows(x[None, :n], ps[0])), n, ps[:1], refs, rule)
+
+
+def test_layerwise_search_quantiles_at_the_real_limit(real_size):
+    """What search_uniform and search_log_sqrt2 use: numpy's rule above 2^24 values, torch's at 2^24."""
+    x, ps, refs = real_size
+    _assert_rule(qz.quantiles(x, ps), 2 ** 24 + 1, ps, refs, 'numpy')
+    _assert_rule(qz.quantiles(x[:-1], ps), 2 ** 24, ps, refs, 'torch')
+
+
+def test_channelwise_ranges_at_the_real_limit(real_size):
+    """What search_uniform_rows uses, for one channel of 2^24 + 1 and of 2^24 values."""
+    x, ps, refs = real_size
+    for n, rule in ((2 ** 24 + 1, 'numpy'), (2 ** 24, 'torch')):
+        ranges = qz.candidate_ranges(x[None, :n])
+        _assert_rule([v[0] for pair in ranges for v in pair], n, ps, refs, rule)
+
+
+# --------------------------------------------------------------------------- searches against float64
+
+@pytest.mark.parametrize('shape,bits,winner', [((2, 3, 197, 197), 4, 2), ((8, 3, 17, 17), 4, 1),
+                                               ((8, 3, 17, 17), 3, 0), ((2, 3, 197, 197), 6, 2)])
+def test_log_sqrt2_search_matches_float64_reference(shape, bits, winner):
+    """Post-softmax maps (softmax of randn over the last dim): each of the three candidates wins
+    somewhere, 0.99999 on ViT-sized maps at 4 bits; the library picks the reference's delta."""
+    x = torch.softmax(torch.randn(*shape, generator=torch.Generator().manual_seed(0)), dim=-1)
+    choice = reference.log_sqrt2_search(x.numpy(), bits)
+    assert (choice.index, choice.ambiguous) == (winner, False)
+    for fast in (True, False):
+        assert search_log_sqrt2(x, bits, fast=fast).item() == pytest.approx(choice.delta, rel=1e-6)
+
+
+@pytest.mark.parametrize('n_bits,winner', [(3, 0), (4, 1), (6, 1), (8, 2)])
+def test_uniform_searches_match_float64_reference(n_bits, winner):
+    """Layer-wise and channel-wise search against the reference on activation-like [B, N, C] data:
+    heavy-tailed channels and uniform ones, so that every candidate wins somewhere."""
+    g = torch.Generator().manual_seed(10 + n_bits)
+    x = torch.randn(6, 50, 12, generator=g) ** 3 * torch.linspace(0.1, 4, 12) + torch.linspace(-1, 1, 12)
+    x[:, :, 6:] = torch.rand(6, 50, 6, generator=g) * torch.linspace(1, 3, 6) - 0.5
+    choice = reference.uniform_search(x.numpy(), n_bits)
+    assert choice.index == winner
+    delta, zp = search_uniform(x, n_bits)
+    assert not choice.ambiguous
+    assert delta.item() == pytest.approx(choice.delta, rel=1e-6) and zp.item() == choice.zero_point
+    deltas, zps = search_uniform_channelwise(x, n_bits)
+    winners = set()
+    for c in range(12):
+        ch = reference.uniform_search(x[:, :, c].numpy(), n_bits)
+        winners.add(ch.index)
+        if not ch.ambiguous:
+            assert deltas[0, 0, c].item() == pytest.approx(ch.delta, rel=1e-6), c
+            assert zps[0, 0, c].item() == ch.zero_point, c
+    assert len(winners) >= 2  # the data exercises more than one candidate
+
+
+# --------------------------------------------------------------------------- the fast quantile path
+
+def test_fast_quantile_path_is_used_on_this_torch(monkeypatch):
+    """The self-check passes on this torch, and the searches then never call torch.quantile."""
+    monkeypatch.setattr(qz, '_MATCHES_TORCH', {})
+    assert qz.quantiles_match_torch(torch.device('cpu')) is True
+    assert qz._MATCHES_TORCH == {'cpu': True}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError('torch.quantile called: the fast path was not used')
+    monkeypatch.setattr(torch, 'quantile', refuse)
+    monkeypatch.setattr(qz, 'quantile_rows', refuse)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 30, 8, generator=g)
+    search_uniform(x, 4)
+    search_uniform_channelwise(x, 4)
+    search_log_sqrt2(torch.softmax(x, -1), 4)
+    UniformQuantizer(4, channel_wise=True)(x)
+    UniformQuantizer(4)(x)
+    LogSqrt2Quantizer(4)(torch.softmax(x, -1))
+
+
+def test_fast_quantile_mismatch_warns_once_and_keeps_published_values(monkeypatch, caplog):
+    """Where the fast path would not reproduce torch.quantile, torch.quantile is used (same values,
+    slower) and one warning says so, however many searches run."""
+    monkeypatch.setattr(qz, '_MATCHES_TORCH', {})
+    real = qz.quantiles_rows_fast
+    monkeypatch.setattr(qz, 'quantiles_rows_fast', lambda x2d, ps: [v + 1e-3 for v in real(x2d, ps)])
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(6, 40, generator=g)
+    with caplog.at_level('WARNING', logger='quant.quantizers'):
+        d1, z1 = search_uniform_channelwise(w, 4)
+        d2, _ = search_uniform_channelwise(w * 2, 4)
+        delta = search_uniform(w, 4)[0]
+    messages = [r.getMessage() for r in caplog.records if r.name == 'quant.quantizers']
+    assert len(messages) == 1 and 'uses torch.quantile instead (same values, slower)' in messages[0]
+    assert qz._MATCHES_TORCH == {'cpu': False}
+    d_ref, z_ref = search_uniform_channelwise(w, 4, per_channel_loop=True)
+    assert torch.equal(d1, d_ref) and torch.equal(z1, z_ref)
+    assert torch.equal(delta, search_uniform(w, 4, fast=False)[0])
+
+
+# --------------------------------------------------------------------------- state dict
+
+def test_loading_a_state_refreshes_the_integer_zero_point_shortcut(monkeypatch):
+    """load_state_dict copies in place, into the tensor the shortcut decision was cached for: a
+    fractional zero point loaded there must bring back the published form."""
+    q = UniformQuantizer(4)
+    x = torch.linspace(-1, 2, 101)
+    q(x)
+    assert q.zero_point.item() == round(q.zero_point.item())
+    calls = []
+    real = qz.uniform_fake_quant_integer_zp
+    monkeypatch.setattr(qz, 'uniform_fake_quant_integer_zp', lambda *a, **k: calls.append(1) or real(*a, **k))
+    q(x)
+    assert calls == [1]
+    zp_tensor = q.zero_point
+    state = q.state_dict()
+    state['zero_point'] = torch.tensor(2.5)
+    q.load_state_dict(state)
+    assert q.zero_point is zp_tensor and q.zero_point.item() == 2.5  # same tensor, new value
+    q(x)
+    assert calls == [1]
+
+
+def test_state_of_uncalibrated_quantizer_resets_a_calibrated_one():
+    fresh = UniformQuantizer(4, channel_wise=True).state_dict()
+    assert set(fresh) == {'inited', 'channel_wise'}
+    q = UniformQuantizer(4, channel_wise=True)
+    q(torch.randn(5, 7))
+    q.load_state_dict(fresh)
+    assert q.delta is None and q.zero_point is None and q.inited is False and q.channel_wise is True
+    log_q = LogSqrt2Quantizer(4)
+    log_q(torch.softmax(torch.randn(3, 9), -1))
+    state = log_q.state_dict()
+    assert set(state) == {'delta', 'inited'} and state['inited'].item() is True
+    other = LogSqrt2Quantizer(4)
+    other.load_state_dict(state, assign=True)
+    assert other.inited is True and torch.equal(other.delta, log_q.delta)
+
+
+def test_flags_are_python_bools_backed_by_buffers():
+    """The forward pass reads a Python bool (a GPU buffer would synchronise); the buffer follows it."""
+    q = UniformQuantizer(4, channel_wise=True)
+    assert q.inited is False and q.channel_wise is True
+    q.channel_wise = False
+    q.inited = True
+    assert q.channel_wise is False and q.inited is True
+    assert dict(q.named_buffers())['channel_wise'].item() is False
+    assert dict(q.named_buffers())['inited'].item() is True
+
+
+@pytest.mark.parametrize('length', [1, 2, 7, 1001])
+def test_fast_quantiles_for_any_p_equal_torch(length):
+    """quantiles_rows_fast for arbitrary p (the median and both sides of it too), several rows."""
+    x = torch.randn(3, length, generator=torch.Generator().manual_seed(length)) ** 3
+    ps = [0.999, 0.7, 0.5, 0.3, 0.001, 0.0, 1.0]
+    for p, got in zip(ps, qz.quantiles_rows_fast(x, ps)):
+        assert torch.equal(got, torch.quantile(x, p, dim=1)), p
+
+
+def test_fast_quantiles_sort_only_the_tails(monkeypatch):
+    """The work of the fast path, by hand for 1001 values: float32(0.999) * 1000 = 999.0000129 needs
+    the top 1001 - 999 = 2 values; float32(0.001) * 1000 = 1.00000005 needs the bottom ceil + 1 = 3.
+    One side asked for only: no top-k of the other side."""
+    calls = []
+    real = qz.topk_values
+    monkeypatch.setattr(qz, 'topk_values', lambda x, k, largest: calls.append((k, largest)) or real(x, k, largest))
+    x = torch.randn(2, 1001, generator=torch.Generator().manual_seed(3))
+    qz.quantiles_rows_fast(x, [0.999, 1 - 0.999])
+    assert calls == [(2, True), (3, False)]
+    calls.clear()
+    qz.quantiles_rows_fast(x, [0.999])
+    assert calls == [(2, True)]
+    calls.clear()
+    qz.quantiles_rows_fast(x, [1 - 0.999])
+    assert calls == [(3, False)]
+
+
+def test_long_single_row_takes_the_subsample_path_and_several_rows_do_not(monkeypatch):
+    """One row of 2^18 or more (a layer-wise search): the top-k runs on a superset found from a
+    strided subsample; several rows: the plain top-k of each (the subsample is of row 0 only)."""
+    calls = []
+    real = qz.tail_superset
+    monkeypatch.setattr(qz, 'tail_superset', lambda flat, k, largest: calls.append(flat.numel()) or
+                        real(flat, k, largest))
+    g = torch.Generator().manual_seed(4)
+    one, two = torch.randn(1, 2 ** 18, generator=g), torch.randn(2, 2 ** 18, generator=g)
+    assert torch.equal(qz.topk_values(one, 100, True), one.topk(100, dim=1).values)
+    assert calls == [2 ** 18]
+    assert torch.equal(qz.topk_values(two, 100, False), two.topk(100, dim=1, largest=False).values)
+    assert torch.equal(qz.topk_values(one[:, :2 ** 18 - 1], 100, True), one[:, :2 ** 18 - 1].topk(100).values)
+    assert torch.equal(qz.topk_values(one, 2 ** 12 + 1, True), one.topk(2 ** 12 + 1).values)  # k * 64 > n
+    assert calls == [2 ** 18]
+    assert torch.equal(qz.topk_values(one, 2 ** 12, True), one.topk(2 ** 12).values)  # k * 64 == n
+    assert calls == [2 ** 18, 2 ** 18]
+
+
+def test_integer_zero_point_decision_is_cached_per_zero_point(monkeypatch):
+    """Whether the zero point is an integer is decided once per zero-point tensor (it needs a device
+    read), not in every forward pass; a new zero point (reparameterisation) is decided again."""
+    q = UniformQuantizer(4)
+    x = torch.linspace(-1, 2, 101)
+    q(x)
+    calls = []
+    real = torch.equal
+    monkeypatch.setattr(torch, 'equal', lambda a, b: calls.append(1) or real(a, b))
+    for _ in range(3):
+        q(x)
+    assert calls == []
+    q.zero_point = q.zero_point + 0.5
+    for _ in range(3):
+        q(x)
+    assert calls == [1]
+
+
+def test_misleading_subsample_falls_back_to_the_plain_topk(monkeypatch):
+    monkeypatch.setattr(qz, 'tail_superset', lambda flat, k, largest: None)
+    row = torch.randn(1, 2 ** 18, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(qz.topk_values(row, 50, True), row.topk(50).values)
+
+
+def test_published_mode_calls_torch_quantile_per_bound(monkeypatch):
+    """fast=False is the published search, literally: one torch.quantile per candidate bound."""
+    calls = []
+    real = torch.quantile
+    monkeypatch.setattr(torch, 'quantile', lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(300, generator=torch.Generator().manual_seed(6))
+    search_uniform(x, 4, fast=False)
+    assert len(calls) == 6
+    search_log_sqrt2(torch.softmax(x, 0), 4, fast=False)
+    assert len(calls) == 9
+    search_uniform_channelwise(x.reshape(3, 100), 4, per_channel_loop=True)  # one search per channel
+    assert len(calls) == 9 + 3 * 6
+    q = UniformQuantizer(4)
+    q.per_channel_loop = True
+    q(x)
+    assert len(calls) == 9 + 3 * 6 + 6
+    log_q = LogSqrt2Quantizer(4)
+    log_q.published_search = True
+    log_q(torch.softmax(x, 0))
+    assert len(calls) == 9 + 3 * 6 + 6 + 3
+
+
+def test_log_sqrt2_published_search_tie_keeps_earliest_percentile(monkeypatch):
+    x = torch.softmax(torch.randn(50, generator=torch.Generator().manual_seed(0)) * 3, dim=0)
+    monkeypatch.setattr(qz, 'log_sqrt2_fake_quant_reference', lambda x, d, n: torch.zeros_like(x * d))
+    assert torch.equal(search_log_sqrt2(x, 4, fast=False), quantile(x, 0.999))
+
+
+def test_log_sqrt2_on_a_strided_view_equals_reference():
+    """k^T-like transposed maps: the table lookup must not assume a contiguous result."""
+    x = torch.softmax(torch.randn(2, 3, 20, 20, generator=torch.Generator().manual_seed(8)), -1).transpose(-2, -1)
+    assert not x.is_contiguous()
+    delta = quantile(x, 0.9999)
+    assert torch.equal(log_sqrt2_fake_quant(x, delta, 4), log_sqrt2_fake_quant_reference(x, delta, 4))
+
+
+def test_failed_channels_are_listed_up_to_five():
+    w = torch.randn(8, 6)
+    w[1:8] = 0.5  # seven constant channels
+    with pytest.raises(ValueError, match=r'calibration failed for channels \[1, 2, 3, 4, 5\]: '):
+        search_uniform_rows(w, 4)

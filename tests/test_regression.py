@@ -20,8 +20,52 @@ def _rel_err(got, want):
     return float((got - want).abs().max() / want.abs().max())
 
 
-def test_solver_names():
-    assert tuple(SOLVERS) == SOLVER_NAMES
+def test_solver_names_select_their_solver_hand_values():
+    """x = [0, 1, 2], y = 2x + 1: both solvers give W = 2, b = 1. x = [1, 1, 1] (collinear with the
+    bias column), y = 2: [X,1]^T[X,1] = [[3, 3], [3, 3]] is singular: 'inverse' (the published float32
+    inverse) raises, 'lstsq' returns the minimum-norm solution W = b = 1."""
+    assert SOLVERS == ('inverse', 'lstsq')
+    x, y = torch.tensor([[0.], [1.], [2.]]), torch.tensor([[1.], [3.], [5.]])
+    for solver in SOLVER_NAMES:
+        w, b = fit_concat(x, y, solver)
+        assert w.tolist() == [[pytest.approx(2.0, abs=1e-5)]] and b.tolist() == [pytest.approx(1.0, abs=1e-5)]
+    ones, twos = torch.ones(3, 1), torch.full((3, 1), 2.0)
+    with pytest.raises(torch.linalg.LinAlgError):
+        fit_concat(ones, twos, 'inverse')
+    with pytest.raises(torch.linalg.LinAlgError):
+        solve_normal(torch.tensor([[3., 3.], [3., 3.]]), torch.tensor([[6.], [6.]]), 'inverse')
+    w, b = fit_concat(ones, twos, 'lstsq')
+    assert (w.item(), b.item()) == (pytest.approx(1.0, abs=1e-6), pytest.approx(1.0, abs=1e-6))
+    w, b = solve_normal(torch.tensor([[3., 3.], [3., 3.]], dtype=torch.float64),
+                        torch.tensor([[6.], [6.]], dtype=torch.float64), 'lstsq')
+    assert (w.item(), b.item()) == (pytest.approx(1.0, abs=1e-6), pytest.approx(1.0, abs=1e-6))
+
+
+def _near_collinear(ratio, n=2000):
+    """Features whose smallest singular value (with the bias column) is about ``ratio`` of the
+    largest, and a target that lies along that direction only."""
+    g = torch.Generator().manual_seed(0)
+    a, e = torch.randn(n, 1, generator=g, dtype=torch.float64), torch.randn(n, 1, generator=g, dtype=torch.float64)
+    eps = 2 * ratio
+    x = torch.cat([a, a + eps * e, torch.randn(n, 1, generator=g, dtype=torch.float64)], 1).float()
+    s = torch.linalg.svdvals(with_ones(x.double()))
+    assert float(s[-1] / s[0]) == pytest.approx(ratio, rel=0.05)
+    return x, ((x.double()[:, 1:2] - x.double()[:, :1]) / eps).float()
+
+
+@pytest.mark.parametrize('ratio,kept', [(3e-6, True), (3e-7, False)])
+def test_lstsq_keeps_directions_above_one_millionth(ratio, kept):
+    """The float64 solver's cut-off is 1e-6 of the largest singular value of [X, 1] (1e-12 of the
+    largest eigenvalue of the normal equations): a direction at 3e-6 is fitted (r² ≈ 1), one at
+    3e-7 is dropped (r² ≈ 0), on both paths."""
+    from quant.regression import LSTSQ_RCOND_X
+    assert LSTSQ_RCOND_X == 1e-6
+    x, y = _near_collinear(ratio)
+    neq = NormalEquations(3, 1, torch.device('cpu'), torch.float64)
+    neq.add(x, y)
+    for w, b in (fit_concat(x, y, 'lstsq'), solve_normal(neq.gram, neq.rhs, 'lstsq')):
+        r2 = float(r2_score(y, x @ w + b))
+        assert (r2 > 0.99) if kept else (r2 < 0.01), r2
 
 
 @pytest.mark.parametrize('solver', SOLVER_NAMES)
@@ -149,3 +193,14 @@ def test_float32_gram_overflow_raises_but_float64_lstsq_fits():
     w, b = fit_concat(big, y, 'lstsq')
     assert torch.isfinite(w).all() and torch.isfinite(b).all()
     assert float(r2_score(y, big @ w + b)) > 0.2
+
+
+def test_inverse_solver_works_in_float32_whatever_it_is_given():
+    """The published solver inverts in float32: float64 normal equations give the float32 result."""
+    x, y, _, _ = _planted(n=300, c_in=5, c_out=2, seed=7)
+    x1 = with_ones(x)
+    gram, rhs = x1.t() @ x1, x1.t() @ y
+    w32, b32 = solve_normal(gram, rhs, 'inverse')
+    w64, b64 = solve_normal(gram.double(), rhs.double(), 'inverse')
+    assert w64.dtype == torch.float32 and b64.dtype == torch.float32
+    assert torch.equal(w64, w32) and torch.equal(b64, b32)

@@ -1,9 +1,12 @@
 """RepQ-ViT scale reparameterisation (SPEC §2 step 2) and the whole repq_vit procedure."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
+
+import reference
 
 from quant.layers import QuantConv2d, QuantLinear, QuantMatMul, quantizers, set_quant_state
 from quant.quantizers import LogSqrt2Quantizer, UniformQuantizer, search_uniform_channelwise
@@ -162,7 +165,6 @@ def test_reparameterised_zero_point_is_unrounded_mean():
 @pytest.mark.parametrize('which', ['tiny_vit', 'tiny_deit_distilled', 'tiny_swin'])
 def test_repq_vit_end_to_end(which, request):
     model = request.getfixturevalue(which)
-    manual = copy.deepcopy(model)
     torch.manual_seed(2)
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
@@ -185,21 +187,78 @@ def test_repq_vit_end_to_end(which, request):
     assert q.shape == fp.shape and torch.isfinite(q).all()
     assert (q - fp).abs().max().item() > 1e-3
 
-    # the same steps by hand give the same quantizers and output
-    with torch.no_grad():
-        quantize_model(manual, W_BITS, A_BITS)
-        set_quant_state(manual, True, True)
-        manual(x)
-        reparameterize(manual)
-        manual(x)
-        q_manual = manual(x)
-    assert torch.equal(q_manual, q)
-    for (n1, a), (n2, b) in zip(qs, quantizers(manual)):
-        assert n1 == n2 and torch.equal(a.delta, b.delta)
-        if isinstance(a, UniformQuantizer):
-            assert torch.equal(a.zero_point, b.zero_point) and a.channel_wise == b.channel_wise
+
+
+def _record_calibrations(monkeypatch):
+    """[(quantizer, its calibration input, channel-wise then)] in call order."""
+    seen = []
+    for cls in (UniformQuantizer, LogSqrt2Quantizer):
+        def spy(self, x, real=cls.calibrate):
+            seen.append((self, x.detach().clone(), getattr(self, 'channel_wise', False)))
+            return real(self, x)
+        monkeypatch.setattr(cls, 'calibrate', spy)
+    return seen
+
+
+def _channels(x):
+    """Per-channel values as SPEC §2 groups them: last dim of [B, N, C], dim 0 of weights."""
+    return [x[..., c] for c in range(x.shape[-1])] if x.dim() == 3 else list(x)
+
+
+def _check_against(choice, delta, zero_point=None):
+    """Whether the library's (delta, zero point) is the reference's; an ambiguous choice is not held
+    against it (returns None)."""
+    if choice.ambiguous:
+        return None
+    ok = delta == pytest.approx(choice.delta, rel=1e-5)
+    return ok and (zero_point is None or zero_point == choice.zero_point)
+
+
+@pytest.mark.parametrize('which', ['tiny_vit', 'tiny_swin'])
+def test_repq_vit_matches_float64_reference(which, request, monkeypatch):
+    """Every quantizer's final parameters against tests/reference.py (float64 numpy) on the input it was
+    calibrated on; the reparameterised inputs get the mean of the reference per-channel parameters, and
+    their layer's weight is the original times r_c = delta_c / mean(delta)."""
+    model = request.getfixturevalue(which)
+    seen = _record_calibrations(monkeypatch)
+    torch.manual_seed(2)
+    repq_vit(model, torch.randn(4, 3, 32, 32), W_BITS, A_BITS)
+    first, last = {}, {}
+    for q, x, channel_wise in seen:
+        first.setdefault(id(q), (x, channel_wise))
+        last[id(q)] = (x, channel_wise)
+    reparam = {id(lin.input_quantizer): lin for _, lin in norm_linear_pairs(model)}
+    results = []
+    for name, q in quantizers(model):
+        x, channel_wise = last[id(q)]
+        if isinstance(q, LogSqrt2Quantizer):
+            results.append(_check_against(reference.log_sqrt2_search(x.numpy(), q.n_bits), q.delta.item()))
+        elif id(q) in reparam:
+            assert channel_wise and not q.channel_wise, name
+            choices = [reference.uniform_search(c.numpy(), q.n_bits) for c in _channels(x)]
+            if any(c.ambiguous for c in choices):
+                results.append(None)
+                continue
+            deltas = np.array([c.delta for c in choices])
+            results.append(q.delta.item() == pytest.approx(deltas.mean(), rel=1e-5)
+                           and q.zero_point.item() == pytest.approx(np.mean([c.zero_point for c in choices]),
+                                                                     abs=1e-5))
+            lin = reparam[id(q)]
+            w_old, w_new = first[id(lin.weight_quantizer)][0], last[id(lin.weight_quantizer)][0]
+            torch.testing.assert_close(w_new.double(), w_old.double() * torch.from_numpy(deltas / deltas.mean()),
+                                       rtol=1e-5, atol=1e-7)
+            assert torch.equal(w_new, lin.weight.detach())
+        elif channel_wise:
+            assert q.delta.numel() == len(_channels(x)), name
+            for c, values in enumerate(_channels(x)):
+                results.append(_check_against(reference.uniform_search(values.numpy(), q.n_bits),
+                                              q.delta.reshape(-1)[c].item(), q.zero_point.reshape(-1)[c].item()))
         else:
-            assert isinstance(a, LogSqrt2Quantizer)
+            results.append(_check_against(reference.uniform_search(x.numpy(), q.n_bits), q.delta.item(),
+                                          q.zero_point.item()))
+    checked = [r for r in results if r is not None]
+    assert all(checked), f'{checked.count(False)} of {len(checked)} parameters differ from the reference'
+    assert len(checked) > 0.9 * len(results) > 100
 
 
 def test_repq_vit_per_channel_loop_gives_same_result(tiny_vit):
@@ -212,8 +271,12 @@ def test_repq_vit_per_channel_loop_gives_same_result(tiny_vit):
     uniform = [m for m in other.modules() if isinstance(m, UniformQuantizer)]
     assert uniform and all(m.per_channel_loop for m in uniform)
     assert not any(m.per_channel_loop for m in tiny_vit.modules() if isinstance(m, UniformQuantizer))
-    for (_, a), (_, b) in zip(quantizers(tiny_vit), quantizers(other)):
-        assert torch.equal(a.delta, b.delta)
+    pairs = list(zip(quantizers(tiny_vit), quantizers(other)))
+    assert len(pairs) == 40
+    for (name, a), (_, b) in pairs:
+        assert torch.equal(a.delta, b.delta), name
+        if isinstance(a, UniformQuantizer):
+            assert torch.equal(a.zero_point, b.zero_point) and a.channel_wise is b.channel_wise, name
 
 
 def test_repq_vit_leaves_every_module_in_eval_mode(tiny_vit):

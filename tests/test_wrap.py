@@ -147,9 +147,15 @@ def test_prepared_model_keeps_timm_state_dict_and_function(make):
         out = prepared(x)
     assert out.shape == (2, 10)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    # after wrapping the keys are still timm's and the function (quantization off) unchanged
+    # after wrapping timm's keys are kept, in order; the only new entries are the uncalibrated
+    # quantizers' state (delta and zero point come with calibration)
     quantize_model(prepared, W_BITS, A_BITS)
-    assert list(prepared.state_dict().keys()) == list(timm_sd.keys())
+    keys = list(prepared.state_dict().keys())
+    assert [k for k in keys if k in timm_sd] == list(timm_sd.keys())
+    extra = [k for k in keys if k not in timm_sd]
+    assert extra and all(k.rsplit('.', 1)[-1] in ('inited', 'channel_wise') for k in extra)
+    assert all(k.rsplit('.', 2)[-2] in ('weight_quantizer', 'input_quantizer', 'quantizer_A', 'quantizer_B')
+               for k in extra)
     with torch.no_grad():
         torch.testing.assert_close(prepared(x), ref, rtol=1e-5, atol=1e-6)
         set_quant_state(prepared, True, True)
@@ -210,3 +216,38 @@ def test_matmul_operands(which, request):
     torch.testing.assert_close(p.sum(-1), torch.ones(p.shape[:-1]))
     assert (p >= 0).all()
     torch.testing.assert_close(v, qkv[2])
+
+
+def test_quantizer_state_is_put_on_the_model_device():
+    """Wrapping a model that is already on a device (the pipeline moves it before calibration) puts
+    the quantizers' buffers there too ('meta' stands in for a GPU here)."""
+    model = prepare_model(_timm_vit()).to('meta')
+    quantize_model(model, W_BITS, A_BITS)
+    buffers = dict(model.named_buffers())
+    assert 'blocks.0.attn.matmul2.quantizer_A.inited' in buffers
+    assert {b.device.type for b in buffers.values()} == {'meta'}
+
+
+def test_layer_plans_are_the_spec_table():
+    """plan_layer for each row of the SPEC §2 table, as literal plans (w = 4, a = 6 here)."""
+    import dataclasses
+    from quant.wrap import LayerPlan, plan_layer
+    lin, conv = nn.Linear(4, 4), nn.Conv2d(3, 4, 2)
+    expected = {
+        ('patch_embed.proj', conv): LayerPlan(8, 8, False, False),
+        ('blocks.0.attn.qkv', lin): LayerPlan(4, 6, True, False),
+        ('blocks.0.mlp.fc1', lin): LayerPlan(4, 6, True, False),
+        ('layers.0.downsample.reduction', lin): LayerPlan(4, 6, True, False),
+        ('blocks.0.attn.proj', lin): LayerPlan(4, 6, False, False),
+        ('blocks.0.mlp.fc2', lin): LayerPlan(4, 6, False, False),
+        ('head', lin): LayerPlan(8, 8, False, False),
+        ('head_dist', lin): LayerPlan(8, 8, False, False),
+        ('blocks.0.attn.matmul1', MatMul()): LayerPlan(None, 6, False, False),
+        ('blocks.0.attn.matmul2', MatMul()): LayerPlan(None, 6, False, True),
+        ('blocks.0.norm1', nn.LayerNorm(4)): None,
+        ('blocks.0.mlp.act', nn.GELU()): None,
+    }
+    for (name, module), plan in expected.items():
+        assert plan_layer(name, module, W_BITS, A_BITS) == plan, name
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan_layer('head', lin, W_BITS, A_BITS).input_bits = 4

@@ -96,7 +96,7 @@ def command_line(args, family):
 
 def prepare(args, family):
     """The Run: model and bits, process group, log, seeds (SPEC §1b step 1)."""
-    payload = read_saved(args.load) if args.load else None
+    payload = read_saved(args.load, trust=args.trust_checkpoint) if args.load else None
     spec, w_bits, a_bits = resolve_run_model(args, family, payload)
     if args.output_dir is None:  # --load: name the folder after the saved model
         args = argparse.Namespace(**{**vars(args), 'output_dir': os.path.join(
@@ -171,7 +171,8 @@ def build_float_model(run):
         weights = 'random'  # --demo never downloads
     else:
         weights = 'pretrained'
-    model = build_model(spec.timm_name, pretrained=weights == 'pretrained', checkpoint=args.checkpoint)
+    model = build_model(spec.timm_name, pretrained=weights == 'pretrained', checkpoint=args.checkpoint,
+                        trust_checkpoint=args.trust_checkpoint)
     if weights == 'random':
         randomize_layernorms(model, args.seed)
     _logger.info('%s weights', weights)
