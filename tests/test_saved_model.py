@@ -277,7 +277,7 @@ def test_trust_checkpoint_flag_reaches_load(tmp_path, capsys, monkeypatch):
                 'w_bits': 4, 'a_bits': 4, 'compensated': True, 'state_dict': {},
                 'meta': {'args': argparse.Namespace()}}, path)
     root = make_image_folder(str(tmp_path / 'd'))
-    argv = ['--load', path, '--data_dir', root, '--output_dir', str(tmp_path / 'o')]
+    argv = ['--load', path, '--data_dir', root, '--allow_class_subset', '--output_dir', str(tmp_path / 'o')]
     with pytest.raises(SystemExit) as exc:
         pipeline.main('vit', argv)
     assert exc.value.code == 2
