@@ -131,8 +131,9 @@ def test_start_block(kind, accumulate):
 
 def test_start_block_beyond_depth_gives_the_repq_model(quantized):
     model = copy.deepcopy(quantized['model'])
-    stats = []
-    qwt_compensate(model, quantized['images'], start_block=100, batch_size=8, stats=stats)
+    stats, timings = [], {}
+    qwt_compensate(model, quantized['images'], start_block=100, batch_size=8, stats=stats, timings=timings)
+    assert set(timings) == {'passes', 'fit'}  # seconds of each stage (their values are not checked)
     assert [s['used'] for s in stats] == [False] * len(BLOCK_DIMS[quantized['kind']])
     with torch.no_grad():
         assert torch.equal(model(quantized['eval_images']), quantized['repq_out'])
@@ -259,6 +260,7 @@ def test_fit_of_a_width_changing_block(accumulate, batches):
         torch.testing.assert_close(out, 2 * x[..., :3] - noise + x @ fit.weight + fit.bias)
     from utils.timing import Stopwatch
     fit_fn = qwt_module._fit_block_normal if accumulate == 'normal' else qwt_module._fit_block_concat
+    set_quant_state(block, False, False)  # the fit switches the block's quantization on itself
     skipped = fit_fn(block, [x.clone() for x in xs], False, 'inverse', Stopwatch('cpu', ('passes', 'fit')))
     assert skipped.weight.shape == (4, 3) and skipped.bias.shape == (3,)
     assert not skipped.weight.any() and not skipped.bias.any()
