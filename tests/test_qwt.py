@@ -129,11 +129,12 @@ def test_start_block(kind, accumulate):
             assert st['used'] is True and st['r2'] > 0
 
 
-def test_start_block_beyond_depth_gives_the_repq_model(quantized):
+def test_start_block_beyond_depth_gives_the_repq_model(quantized, capsys):
     model = copy.deepcopy(quantized['model'])
     stats, timings = [], {}
     qwt_compensate(model, quantized['images'], start_block=100, batch_size=8, stats=stats, timings=timings)
     assert set(timings) == {'passes', 'fit'}  # seconds of each stage (their values are not checked)
+    assert capsys.readouterr().err == ''  # no progress bar unless asked for
     assert [s['used'] for s in stats] == [False] * len(BLOCK_DIMS[quantized['kind']])
     with torch.no_grad():
         assert torch.equal(model(quantized['eval_images']), quantized['repq_out'])
