@@ -64,16 +64,14 @@ def read_saved(path, trust=False):
 def _from_version_1(payload):
     """A version-1 payload with its quantizer dict moved into the state dict (as buffers)."""
     state = dict(payload['state_dict'])
-    bits = {}
-    for name, s in payload['quantizers'].items():
+    for name, s in payload['quantizers'].items():  # its 'n_bits' are the file's w_bits / a_bits again
         state[f'{name}.delta'] = s['delta']
         state[f'{name}.inited'] = torch.tensor(True)
         if 'zero_point' in s:
             state[f'{name}.zero_point'] = s['zero_point']
             state[f'{name}.channel_wise'] = torch.tensor(bool(s['channel_wise']))
-        bits[name] = s['n_bits']
     rest = {k: v for k, v in payload.items() if k != 'quantizers'}
-    return {**rest, 'state_dict': state, 'quantizer_bits': bits}
+    return {**rest, 'state_dict': state}
 
 
 def _expected_state(model, state):
@@ -114,10 +112,8 @@ def load_quantized(path, device='cpu', payload=None, model=None, trust=False):
     if problems:
         raise UserError(f"--load {path} does not fit {payload['timm_name']}: {'; '.join(problems)}")
     model.load_state_dict(state)
-    by_name = dict(quantizers(model))
-    for name, bits in payload.get('quantizer_bits', {}).items():
-        by_name[name].n_bits = bits
-    incomplete = [name for name, q in by_name.items() if not q.inited or any(getattr(q, a) is None for a in q.TENSORS)]
+    incomplete = [name for name, q in quantizers(model)
+                  if not q.inited or any(getattr(q, a) is None for a in q.TENSORS)]
     if incomplete:
         raise UserError(f"--load {path} has no calibrated parameters for quantizer {incomplete[0]}: the file is "
                         "incomplete; re-run --save")

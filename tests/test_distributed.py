@@ -1,5 +1,6 @@
 """Two gloo processes on the CPU give the same QwT compensation and the same evaluation counts as
 one process (SPEC §3, §4)."""
+import contextlib
 import copy
 import datetime
 import os
@@ -22,7 +23,25 @@ WORLD = 2
 N_QWT = 16
 QWT_BATCH = 4
 N_EVAL = 13  # odd: the two shards differ in size
-MODES = ('normal', 'concat')
+# accumulate modes; 'normal-fallback': the float32 inverse fails in every block and the moments
+# decline, so the float64 retry and the SS_res measured on the tokens are all-reduced too
+MODES = ('normal', 'concat', 'normal-fallback')
+
+
+@contextlib.contextmanager
+def _forced_fallback():
+    from quant import qwt as qwt_module
+    real_solve, real_moment = qwt_module.solve_normal, qwt_module.moment_ss_res
+
+    def solve(gram, rhs, solver='inverse'):
+        if solver == 'inverse':
+            raise torch.linalg.LinAlgError('forced by the test')
+        return real_solve(gram, rhs, solver)
+    qwt_module.solve_normal, qwt_module.moment_ss_res = solve, lambda *args: None
+    try:
+        yield
+    finally:
+        qwt_module.solve_normal, qwt_module.moment_ss_res = real_solve, real_moment
 
 
 def _free_port():
@@ -41,7 +60,8 @@ def _run_all(model, qwt_images, eval_images, eval_targets, dist_info):
     for mode in MODES:
         m = copy.deepcopy(model)
         stats = []
-        qwt_compensate(m, qwt_images, batch_size=QWT_BATCH, accumulate=mode, stats=stats)
+        with _forced_fallback() if mode.endswith('fallback') else contextlib.nullcontext():
+            qwt_compensate(m, qwt_images, batch_size=QWT_BATCH, accumulate=mode.split('-')[0], stats=stats)
         out[mode] = {'comp': _comp_state(m), 'stats': stats}
         if mode == 'normal':
             compensated = m
@@ -121,6 +141,7 @@ def test_two_processes_give_the_same_compensation(runs, mode):
     ref = single[mode]['comp']
     assert len(ref) == 3
     assert all(s['used'] for s in single[mode]['stats'])
+    assert [s['fallback'] for s in single[mode]['stats']] == ['lstsq' if mode.endswith('fallback') else None] * 3
     for m in multi:
         assert [s['used'] for s in m[mode]['stats']] == [s['used'] for s in single[mode]['stats']]
         for i, ((w, b), (w_ref, b_ref)) in enumerate(zip(m[mode]['comp'], ref)):

@@ -129,10 +129,12 @@ def test_start_block(kind, accumulate):
             assert st['used'] is True and st['r2'] > 0
 
 
-def test_start_block_beyond_depth_gives_the_repq_model(quantized):
+def test_start_block_beyond_depth_gives_the_repq_model(quantized, capsys):
     model = copy.deepcopy(quantized['model'])
-    stats = []
-    qwt_compensate(model, quantized['images'], start_block=100, batch_size=8, stats=stats)
+    stats, timings = [], {}
+    qwt_compensate(model, quantized['images'], start_block=100, batch_size=8, stats=stats, timings=timings)
+    assert set(timings) == {'passes', 'fit'}  # seconds of each stage (their values are not checked)
+    assert capsys.readouterr().err == ''  # no progress bar unless asked for
     assert [s['used'] for s in stats] == [False] * len(BLOCK_DIMS[quantized['kind']])
     with torch.no_grad():
         assert torch.equal(model(quantized['eval_images']), quantized['repq_out'])
@@ -259,10 +261,40 @@ def test_fit_of_a_width_changing_block(accumulate, batches):
         torch.testing.assert_close(out, 2 * x[..., :3] - noise + x @ fit.weight + fit.bias)
     from utils.timing import Stopwatch
     fit_fn = qwt_module._fit_block_normal if accumulate == 'normal' else qwt_module._fit_block_concat
+    set_quant_state(block, False, False)  # the fit switches the block's quantization on itself
     skipped = fit_fn(block, [x.clone() for x in xs], False, 'inverse', Stopwatch('cpu', ('passes', 'fit')))
     assert skipped.weight.shape == (4, 3) and skipped.bias.shape == (3,)
     assert not skipped.weight.any() and not skipped.bias.any()
     assert all(torch.equal(out, 2 * x[..., :3] - noise) for x, out in zip(xs, skipped.outs))
+
+
+@pytest.mark.parametrize('accumulate', ['normal', 'concat'])
+def test_fallbacks_with_one_batch_of_a_width_changing_block(accumulate, monkeypatch, capsys):
+    """One batch, 4 features in, 3 out. The inverse fails: float64 least squares of the same tokens.
+    Targets with a NaN: no finite fit, zeros of shape [4, 3] and the plain quantized output."""
+    xs, noise = _gate_case(seed=11, batches=1)
+    offset = noise[..., :3]
+    w_ref, b_ref, r2_ref, _ = _lstsq_reference(xs, offset)
+    name = 'solve_normal' if accumulate == 'normal' else 'fit_concat'
+    real = getattr(qwt_module, name)
+
+    def failing_inverse(a, b, solver='inverse'):
+        if solver == 'inverse':
+            raise torch.linalg.LinAlgError('forced by the test')
+        return real(a, b, solver)
+    monkeypatch.setattr(qwt_module, name, failing_inverse)
+    fit = _fit(accumulate, _OffsetBlock(offset), xs)
+    assert fit.fallback == qwt_module.Fallback('lstsq', 'singular', 80, 5, None)
+    torch.testing.assert_close(fit.weight.double(), w_ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(fit.bias.double(), b_ref, rtol=0, atol=1e-5)
+    assert fit.r2 == pytest.approx(r2_ref, abs=1e-5)
+    bad = offset.clone()
+    bad[0, 0, 0] = float('nan')
+    fit = _fit(accumulate, _OffsetBlock(bad), xs)
+    assert fit.fallback.kind == 'zero' and fit.r2 is None
+    assert fit.weight.shape == (4, 3) and fit.bias.shape == (3,) and not fit.weight.any() and not fit.bias.any()
+    torch.testing.assert_close(fit.outs[0], 2 * xs[0][..., :3] - bad, rtol=0, atol=0, equal_nan=True)
+    assert capsys.readouterr().err == ''  # no progress bar unless asked for
 
 
 def test_normal_path_measures_ss_res_on_the_tokens_when_the_moments_cancel(monkeypatch):
@@ -326,14 +358,15 @@ def test_r2_gate_rejects_r2_of_exactly_zero_from_normal_equations(monkeypatch):
     """normal: integer targets over 128 tokens make every sum exact, so W = 0, b = mean(Y) gives
     SS_res = SS_tot exactly: r² = 0, rejected (the gate is r² > 0)."""
     xs, _ = _gate_case(seed=10, batches=2, tokens=8)
-    offset = torch.randint(-3, 4, (8, 8, 4), generator=torch.Generator().manual_seed(10)).float()
-    mean = offset.repeat(2, 1, 1).reshape(-1, 4).mean(0)
-    assert torch.equal(mean * 128, offset.repeat(2, 1, 1).reshape(-1, 4).sum(0))  # exact
-    monkeypatch.setattr(qwt_module, 'solve_normal', lambda gram, rhs, solver: (torch.zeros(4, 4), mean))
+    offset = torch.randint(-3, 4, (8, 8, 3), generator=torch.Generator().manual_seed(10)).float()
+    mean = offset.repeat(2, 1, 1).reshape(-1, 3).mean(0)
+    assert torch.equal(mean * 128, offset.repeat(2, 1, 1).reshape(-1, 3).sum(0))  # exact
+    monkeypatch.setattr(qwt_module, 'solve_normal', lambda gram, rhs, solver: (torch.zeros(4, 3), mean))
     fit = _fit('normal', _OffsetBlock(offset), xs)
     assert fit.r2 == 0.0
+    assert fit.weight.shape == (4, 3) and fit.bias.shape == (3,)  # 4 features in, 3 out
     assert not fit.weight.any() and not fit.bias.any()
-    assert all(torch.equal(out, 2 * x - offset) for x, out in zip(xs, fit.outs))
+    assert all(torch.equal(out, 2 * x[..., :3] - offset) for x, out in zip(xs, fit.outs))
 
 
 def test_r2_gate_rejects_a_negative_r2_from_normal_equations(monkeypatch):

@@ -35,6 +35,12 @@ def test_table_model_matches_spec_literals(name):
     assert resolve_model(name) is spec and resolve_model(timm_name) is spec
 
 
+def test_specs_are_immutable():
+    import dataclasses
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        MODELS['deit_tiny'].crop_pct = 0.9
+
+
 def test_table_holds_exactly_the_spec_models():
     assert list(MODELS) == ['vit_small', 'vit_base', 'deit_tiny', 'deit_tiny_distilled', 'deit_small',
                             'deit_small_distilled', 'deit_base', 'deit_base_distilled', 'swin_tiny', 'swin_small']

@@ -41,6 +41,8 @@ def test_save_load_gives_identical_logits(make, tmp_path):
         assert torch.equal(model(x), loaded(x))
     for (name, q), (name2, q2) in zip(quantizers(model), quantizers(loaded)):
         assert name == name2 and q2.inited and torch.equal(q.delta, q2.delta)
+    from quant.qwt import compensated_blocks
+    assert not any(p.requires_grad for c in compensated_blocks(loaded) for p in (c.comp_weight, c.comp_bias))
 
 
 def test_reparameterised_bias_is_restored(tmp_path):
@@ -247,6 +249,17 @@ def test_uncalibrated_quantizer_in_file_is_refused(tmp_path):
     payload['state_dict']['head.input_quantizer.inited'] = torch.tensor(False)
     with pytest.raises(UserError, match='has no calibrated parameters for quantizer head.input_quantizer: '
                                         'the file is incomplete; re-run --save'):
+        load_quantized(path, payload=payload, model=make_tiny_vit())
+
+
+def test_quantizer_without_zero_point_in_file_is_refused(tmp_path):
+    model = quantized(make_tiny_vit)
+    path = str(tmp_path / 'q.pth')
+    save_quantized(model, path, 'tiny', 'tiny', 4, 4)
+    payload = read_saved(path)
+    del payload['state_dict']['blocks.0.block.mlp.fc2.input_quantizer.zero_point']
+    with pytest.raises(UserError, match='has no calibrated parameters for quantizer '
+                                        'blocks.0.block.mlp.fc2.input_quantizer: the file is incomplete'):
         load_quantized(path, payload=payload, model=make_tiny_vit())
 
 
