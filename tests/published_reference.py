@@ -78,3 +78,9 @@ def published_inputs(data_dir, timm_name, checkpoint, mean, std, seed=0, batch_s
         qwt_idx += idx.tolist()
     return {'calib': calib, 'qwt': torch.cat(qwt), 'calib_files': [names[i] for i in calib_idx.tolist()],
             'qwt_files': [names[i] for i in qwt_idx]}
+
+
+if __name__ == '__main__':  # as a script, for tools/capture_inputs.py: python published_reference.py DATA_DIR TIMM_NAME CKPT SEED
+    import sys
+    published_inputs(sys.argv[1], sys.argv[2], sys.argv[3], (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+                     seed=int(sys.argv[4]))

@@ -1,0 +1,126 @@
+"""tools/capture_inputs.py: the images a script really feeds itself, captured from its DataLoader
+iterations, against --dump_inputs; and the comparison that says where two captures differ."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import ROOT, save_random_checkpoint
+from utils import cli
+from utils.capture import compare_inputs
+from utils.demo import make_image_folder
+
+TOOL = os.path.join(ROOT, 'tools', 'capture_inputs.py')
+ENTRY = os.path.join(ROOT, 'tests', 'tiny_entry.py')
+
+
+def tool(*args):
+    from tools import capture_inputs
+    with pytest.raises(SystemExit) as e:
+        capture_inputs.main([str(a) for a in args])
+    return e.value.code
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('capture')
+    root = make_image_folder(str(tmp / 'data'), classes=3, train_per_class=8, val_per_class=2)
+    return tmp, root, save_random_checkpoint('vit_test_tiny', str(tmp / 'tiny.pth'))
+
+
+def flags(tmp, root, ckpt, out):
+    return ['--model', 'vit_test_tiny', '--data_dir', root, '--checkpoint', ckpt, '--batch_size', '4',
+            '--qwt_samples', '8', '--num_workers', '2', '--device', 'cpu', '--output_dir', str(tmp / out)]
+
+
+@pytest.mark.parametrize('evaluate', ['repq', 'both'])
+def test_a_whole_run_feeds_itself_what_dump_inputs_writes(setup, evaluate):
+    """A real run (calibration, evaluation before QwT or not) captured by the tool: the same files and
+    pixels as --dump_inputs, and the capture stops the run before the QwT fit (no result.json)."""
+    tmp, root, ckpt = setup
+    cli.main('vit', flags(tmp, root, ckpt, 'dump') + ['--dump_inputs', str(tmp / 'ours.pth')])
+    out = tmp / f'captured_{evaluate}.pth'
+    assert tool('capture', '--data_dir', root, '--out', out, '--qwt_samples', 8, '--',
+                ENTRY, *flags(tmp, root, ckpt, f'run_{evaluate}'), '--eval', evaluate) == 0
+    got, ours = torch.load(out), torch.load(tmp / 'ours.pth')
+    assert got['calib'].shape == (4, 3, 32, 32) and got['qwt'].shape == (8, 3, 32, 32)
+    assert len(got['calib_files']) == 4 and len(got['qwt_files']) == 8
+    assert all(f.startswith('train' + os.sep) for f in got['calib_files'] + got['qwt_files'])
+    assert compare_inputs(got, ours) == []
+    assert torch.equal(got['qwt'], ours['qwt']) and got['qwt_files'] == ours['qwt_files']
+    assert not os.path.exists(tmp / f'run_{evaluate}' / 'result.json')
+    assert tool('compare', out, tmp / 'ours.pth') == 0
+
+
+def test_another_seed_is_told_apart(setup, capsys):
+    tmp, root, ckpt = setup
+    cli.main('vit', flags(tmp, root, ckpt, 'dump') + ['--dump_inputs', str(tmp / 'seed0.pth')])
+    cli.main('vit', flags(tmp, root, ckpt, 'dump') + ['--dump_inputs', str(tmp / 'seed1.pth'), '--seed', '1'])
+    capsys.readouterr()
+    assert tool('compare', tmp / 'seed0.pth', tmp / 'seed1.pth') == 1
+    out = capsys.readouterr().out
+    assert 'calib_files: 4 vs 4 files, first difference at' in out and out.rstrip().endswith(
+        f"different: 4 calibration and 8 QwT images in {tmp / 'seed0.pth'}")
+
+
+def test_compare_names_the_first_differing_image():
+    a = {'calib': torch.zeros(2, 3, 4, 4), 'qwt': torch.zeros(3, 3, 4, 4), 'calib_files': ['a', 'b'],
+         'qwt_files': ['c', 'd', 'e']}
+    b = {**a, 'qwt': a['qwt'].clone(), 'qwt_files': ['c', 'x', 'e']}
+    b['qwt'][2, 1, 0, 0] = 0.5
+    assert compare_inputs(a, a) == []
+    assert compare_inputs(a, b) == ['qwt_files: 3 vs 3 files, first difference at 1',
+                                    'qwt: 1 of 3 images differ, the first at 2; largest difference 0.5']
+    assert compare_inputs(a, {**a, 'calib': torch.zeros(2, 3, 4, 4, dtype=torch.float64)}) == [
+        'calib: (2, 3, 4, 4) torch.float32 vs (2, 3, 4, 4) torch.float64']
+
+
+def test_a_script_that_never_draws_qwt_images_is_a_one_line_error(setup, tmp_path, capsys):
+    tmp, root, ckpt = setup
+    script = tmp_path / 'calibrate_only.py'
+    script.write_text(textwrap.dedent(f"""
+        from timm.data import ImageDataset
+        from torch.utils.data import DataLoader
+        import torchvision.transforms as T
+        data = ImageDataset({os.path.join(root, 'train')!r}, transform=T.Compose([T.Resize((8, 8)), T.ToTensor()]))
+        next(iter(DataLoader(data, batch_size=4, shuffle=True)))
+    """))
+    assert tool('capture', '--data_dir', root, '--out', tmp_path / 'x.pth', '--', script) == 2
+    assert capsys.readouterr().err.startswith(
+        f"error: {script} finished after 1 iteration(s) over {os.path.realpath(os.path.join(root, 'train'))} "
+        'and 0 QwT image(s)')
+    assert not os.path.exists(tmp_path / 'x.pth')
+
+
+def test_cpu_flag_lets_a_cuda_only_script_run(setup, tmp_path):
+    """--cpu: .cuda() calls become no-ops; the tool stops the script at its 4th QwT image and writes it."""
+    tmp, root, ckpt = setup
+    script = tmp_path / 'cuda_only.py'
+    script.write_text(textwrap.dedent(f"""
+        import torch
+        from timm.data import ImageDataset
+        from torch.utils.data import DataLoader
+        import torchvision.transforms as T
+        data = ImageDataset({os.path.join(root, 'train')!r}, transform=T.Compose([T.Resize((8, 8)), T.ToTensor()]))
+        loader = DataLoader(data, batch_size=2, shuffle=True, num_workers=2)
+        calib = next(iter(loader))[0].cuda()
+        torch.nn.Linear(2, 2).cuda()
+        for images, _ in loader:
+            images.cuda()
+        raise SystemExit('not stopped')
+    """))
+    def capture(*extra):
+        return subprocess.run([sys.executable, TOOL, 'capture', '--data_dir', root, '--out', str(tmp_path / 'c.pth'),
+                               '--qwt_samples', '4', *extra, str(script)], capture_output=True, text=True)
+    if not torch.cuda.is_available():
+        assert capture().returncode != 0 and not os.path.exists(tmp_path / 'c.pth')
+    p = capture('--cpu')
+    assert p.returncode == 0, p.stderr
+    got = torch.load(tmp_path / 'c.pth')
+    assert got['calib'].shape == (2, 3, 8, 8) and got['qwt'].shape == (4, 3, 8, 8) and len(got['qwt_files']) == 4
+    names = sorted(os.path.join('train', c, f) for c in os.listdir(os.path.join(root, 'train'))
+                   for f in os.listdir(os.path.join(root, 'train', c)))
+    assert set(got['qwt_files']) <= set(names) and len(set(got['qwt_files'])) == 4

@@ -1,0 +1,99 @@
+"""Capture the calibration batch and QwT images another script (the published QwT code, say) really feeds
+itself, and compare two such files bit for bit: the published run against this project's --dump_inputs.
+
+    python tools/capture_inputs.py capture --data_dir DATA_DIR --out published.pth -- \\
+        /path/to/QwT/qwt_vit_and_deit.py --model deit_tiny --data_dir DATA_DIR ...
+    python qwt_vit_and_deit.py --model deit_tiny --data_dir DATA_DIR --dump_inputs ours.pth
+    python tools/capture_inputs.py compare published.pth ours.pth
+
+`capture` runs the script in this process with RandAugment's posterize fixed for Pillow 13 (SPEC §1,
+'Known trap'), records the first batch of its first iteration over DATA_DIR/train and the first
+--qwt_samples / WORLD_SIZE images of the next one (SPEC §1b), then stops it and writes the file in
+--dump_inputs's format (under torchrun, rank r > 0 writes OUT.rank<r>). `compare` exits 0 when both files
+hold the same files and the same pixels, 1 (saying where they differ) otherwise.
+"""
+import argparse
+import contextlib
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from utils.cli import quiet_known_warnings  # noqa: E402
+
+quiet_known_warnings()  # timm 0.4.12's, before it is imported
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from utils.capture import capture_inputs, compare_inputs  # noqa: E402
+from utils.data import fix_posterize  # noqa: E402
+from utils.environment import env_int  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+from utils.files import write_atomic  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest='command', required=True)
+    c = sub.add_parser('capture', help="record a script's calibration batch and QwT images")
+    c.add_argument('--data_dir', required=True, help='the folder the script reads (its train/ is watched)')
+    c.add_argument('--out', required=True, help='file to write, as --dump_inputs writes it')
+    c.add_argument('--qwt_samples', type=int, default=512, help='QwT images over all processes (default 512)')
+    c.add_argument('--cpu', action='store_true',
+                   help='make .cuda() of tensors and modules a no-op, for a script that calls it unconditionally')
+    c.add_argument('script', help='the script to run, then its own arguments (after --)')
+    c.add_argument('script_args', nargs=argparse.REMAINDER)
+    k = sub.add_parser('compare', help='compare two --dump_inputs files bit for bit')
+    k.add_argument('a')
+    k.add_argument('b')
+    return p.parse_args(argv)
+
+
+@contextlib.contextmanager
+def cuda_calls_stay_on_cpu():
+    saved = torch.Tensor.cuda, nn.Module.cuda
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    nn.Module.cuda = lambda self, *a, **k: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda, nn.Module.cuda = saved
+
+
+def capture(args):
+    world_size, rank = env_int('WORLD_SIZE', 1), env_int('RANK', 0)
+    if args.qwt_samples <= 0 or args.qwt_samples % world_size:
+        raise UserError(f'--qwt_samples {args.qwt_samples} must be a positive multiple of WORLD_SIZE {world_size}')
+    fix_posterize()  # the published code crashes on Pillow 13 without it
+    script_args = args.script_args[1:] if args.script_args[:1] == ['--'] else args.script_args
+    with cuda_calls_stay_on_cpu() if args.cpu else contextlib.nullcontext():
+        inputs = capture_inputs(args.script, script_args, args.data_dir, args.qwt_samples // world_size)
+    out = args.out if rank == 0 else f'{args.out}.rank{rank}'
+    write_atomic(out, lambda tmp: torch.save(inputs, tmp))
+    print(f"wrote the calibration batch {tuple(inputs['calib'].shape)} and {len(inputs['qwt'])} QwT images "
+          f'to {out}', file=sys.stderr)
+
+
+def compare(args):
+    a, b = (torch.load(path, map_location='cpu', weights_only=True) for path in (args.a, args.b))
+    lines = compare_inputs(a, b)
+    for line in lines:
+        print(line)
+    print(f"{'different' if lines else 'identical'}: {len(a['calib_files'])} calibration and "
+          f"{len(a['qwt_files'])} QwT images in {args.a}")
+    return 1 if lines else 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        sys.exit(compare(args) if args.command == 'compare' else capture(args) or 0)
+    except (UserError, OSError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,151 @@
+"""The calibration batch and QwT images that any script really feeds itself (SPEC §1b), captured from its
+DataLoader iterations over DATA_DIR/train, in the format of ``--dump_inputs``: for holding a run of the
+published code, which has no dump option, against this project bit for bit (tools/capture_inputs.py).
+
+SPEC §1b: the first batch of the first iteration over the training split is the calibration batch; the
+next iteration's batches are the QwT images. Once this process's share of them is seen, the script is
+stopped, before the QwT fit."""
+import contextlib
+import os
+import runpy
+import sys
+
+import torch
+from torch.utils.data import dataloader
+
+from utils.errors import UserError
+
+
+class InputsCaptured(BaseException):
+    """Stops the script once its inputs are captured; a BaseException, so that a script's own
+    ``except Exception`` does not swallow it."""
+
+
+def dataset_root(dataset):
+    """The folder of the timm ImageDataset under ``dataset`` (through Subset-like ``.dataset`` / ``.base``
+    wrappers), or None."""
+    for _ in range(8):
+        parser = getattr(dataset, 'parser', None)
+        if parser is not None and getattr(parser, 'root', None) is not None:
+            return parser.root
+        dataset = getattr(dataset, 'dataset', None) or getattr(dataset, 'base', None)
+        if dataset is None:
+            return None
+    return None
+
+
+def image_dataset(dataset):
+    """The timm ImageDataset under ``dataset``, which names the files."""
+    while getattr(dataset, 'parser', None) is None:
+        dataset = getattr(dataset, 'dataset', None) or dataset.base
+    return dataset
+
+
+class InputCapture:
+    """Watches every DataLoader iteration; those over ``data_dir``/train are recorded: iteration 0's first
+    batch (calibration) and iteration 1's first ``qwt_images`` images (QwT)."""
+
+    def __init__(self, data_dir, qwt_images):
+        self.train_root = os.path.realpath(os.path.join(data_dir, 'train'))
+        self.qwt_images = qwt_images
+        self.iterations = 0
+        self.calib = self.calib_files = None
+        self.qwt, self.qwt_files = [], []
+
+    def _is_train(self, loader):
+        root = dataset_root(loader.dataset)
+        return root is not None and os.path.realpath(root) == self.train_root
+
+    @contextlib.contextmanager
+    def installed(self):
+        """Patches DataLoader iterators for the duration: each train iteration remembers the index batches
+        it sends out (in order, whether workers prefetch or not) and hands each batch it yields here."""
+        cls = dataloader._BaseDataLoaderIter
+        init, next_index, next_ = cls.__init__, cls._next_index, cls.__next__
+        capture = self
+
+        def patched_init(it, loader, *a, **k):
+            it._capture_iteration = None  # set before init, which already sends out the workers' first indices
+            if capture._is_train(loader):
+                it._capture_iteration, it._capture_indices, it._capture_yielded = capture.iterations, [], 0
+                capture.iterations += 1
+            init(it, loader, *a, **k)
+
+        def patched_next_index(it):
+            indices = next_index(it)
+            if it._capture_iteration is not None:
+                it._capture_indices.append(list(indices))
+            return indices
+
+        def patched_next(it):
+            batch = next_(it)
+            if it._capture_iteration is not None:
+                indices = it._capture_indices[it._capture_yielded]
+                it._capture_yielded += 1
+                capture._record(it._capture_iteration, batch, indices, image_dataset(it._dataset))
+            return batch
+
+        cls.__init__, cls._next_index, cls.__next__ = patched_init, patched_next_index, patched_next
+        try:
+            yield self
+        finally:
+            cls.__init__, cls._next_index, cls.__next__ = init, next_index, next_
+
+    def _record(self, iteration, batch, indices, dataset):
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        names = [os.path.join('train', dataset.filename(i)) for i in indices]  # the file sampled (timm may skip on)
+        if iteration == 0 and self.calib is None:
+            self.calib, self.calib_files = images.detach().float().cpu().clone(), names
+        elif iteration == 1:
+            room = self.qwt_images - sum(len(x) for x in self.qwt)
+            self.qwt.append(images[:room].detach().float().cpu().clone())
+            self.qwt_files += names[:room]
+            if len(self.qwt_files) >= self.qwt_images:
+                raise InputsCaptured()
+
+    def payload(self):
+        """The ``--dump_inputs`` dict."""
+        return {'calib': self.calib, 'qwt': torch.cat(self.qwt), 'calib_files': self.calib_files,
+                'qwt_files': self.qwt_files}
+
+
+def capture_inputs(script, script_args, data_dir, qwt_images):
+    """Runs ``script`` as ``__main__`` with ``script_args`` and returns its ``--dump_inputs`` dict, stopping
+    it once ``qwt_images`` QwT images are seen."""
+    if not os.path.isfile(script):
+        raise UserError(f'script {script!r} not found')
+    capture = InputCapture(data_dir, qwt_images)
+    argv, path = sys.argv, list(sys.path)
+    sys.argv = [script, *script_args]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))  # as `python script` would
+    try:
+        with capture.installed():
+            runpy.run_path(script, run_name='__main__')
+    except InputsCaptured:
+        return capture.payload()
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            raise UserError(f'{script} exited with status {e.code} before its QwT images were drawn') from None
+    finally:
+        sys.argv, sys.path[:] = argv, path
+    raise UserError(f'{script} finished after {capture.iterations} iteration(s) over {capture.train_root} and '
+                    f'{len(capture.qwt_files)} QwT image(s); expected the calibration iteration, then one that '
+                    f'yields {qwt_images} images (is --data_dir the folder the script reads?)')
+
+
+def compare_inputs(a, b):
+    """Lines describing how two ``--dump_inputs`` dicts differ; empty when they are equal bit for bit."""
+    lines = []
+    for key in ('calib_files', 'qwt_files'):
+        if a[key] != b[key]:
+            first = next((i for i, (x, y) in enumerate(zip(a[key], b[key])) if x != y), min(len(a[key]), len(b[key])))
+            lines.append(f'{key}: {len(a[key])} vs {len(b[key])} files, first difference at {first}')
+    for key in ('calib', 'qwt'):
+        x, y = a[key], b[key]
+        if x.shape != y.shape or x.dtype != y.dtype:
+            lines.append(f'{key}: {tuple(x.shape)} {x.dtype} vs {tuple(y.shape)} {y.dtype}')
+        elif not torch.equal(x, y):
+            differ = (x != y).flatten(1).any(1)
+            lines.append(f'{key}: {int(differ.sum())} of {len(x)} images differ, the first at {int(differ.nonzero()[0])}; '
+                         f'largest difference {float((x - y).abs().max()):.3g}')
+    return lines
