@@ -21,23 +21,11 @@ class InputsCaptured(BaseException):
     ``except Exception`` does not swallow it."""
 
 
-def dataset_root(dataset):
-    """The folder of the timm ImageDataset under ``dataset`` (through Subset-like ``.dataset`` / ``.base``
-    wrappers), or None."""
-    for _ in range(8):
-        parser = getattr(dataset, 'parser', None)
-        if parser is not None and getattr(parser, 'root', None) is not None:
-            return parser.root
-        dataset = getattr(dataset, 'dataset', None) or getattr(dataset, 'base', None)
-        if dataset is None:
-            return None
-    return None
-
-
 def image_dataset(dataset):
-    """The timm ImageDataset under ``dataset``, which names the files."""
-    while getattr(dataset, 'parser', None) is None:
-        dataset = getattr(dataset, 'dataset', None) or dataset.base
+    """The timm ImageDataset under ``dataset`` (through Subset-like ``.dataset`` / ``.base`` wrappers),
+    which names the files; None if there is none."""
+    while dataset is not None and getattr(getattr(dataset, 'parser', None), 'root', None) is None:
+        dataset = getattr(dataset, 'dataset', None) or getattr(dataset, 'base', None)
     return dataset
 
 
@@ -53,8 +41,8 @@ class InputCapture:
         self.qwt, self.qwt_files = [], []
 
     def _is_train(self, loader):
-        root = dataset_root(loader.dataset)
-        return root is not None and os.path.realpath(root) == self.train_root
+        images = image_dataset(loader.dataset)
+        return images is not None and os.path.realpath(images.parser.root) == self.train_root
 
     @contextlib.contextmanager
     def installed(self):
