@@ -218,3 +218,34 @@ def test_eval_fp_scores_the_float_model(root, tiny_ckpts, tmp_path):
     with torch.no_grad():
         hits = sum(int(model.eval()(img[None]).argmax()) == target for img, target in val)
     assert result['fp_top1'] == pytest.approx(100 * hits / len(val)) and len(val) == 6
+
+
+@pytest.mark.parametrize('message,one_line', [('operator torchvision::nms does not exist', True),
+                                              ('some other failure', False)])
+def test_torchvision_built_for_another_torch_is_one_line_with_the_fix(tmp_path, message, one_line):
+    """A torchvision whose operators fail to register (built for another torch) stops with the pair to
+    reinstall; any other import failure keeps its traceback."""
+    fake = tmp_path / 'torchvision'
+    fake.mkdir()
+    (fake / '__init__.py').write_text(f'raise RuntimeError({message!r})\n')
+    proc = subprocess.run([sys.executable, 'qwt_vit_and_deit.py', '--demo'], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, 'PYTHONPATH': str(tmp_path), 'PYTHONWARNINGS': 'ignore'})
+    if not one_line:
+        assert proc.returncode == 1 and 'Traceback' in proc.stderr and proc.stderr.rstrip().endswith(message)
+        return
+    base, _, tag = torch.__version__.partition('+')
+    index = f' --index-url https://download.pytorch.org/whl/{tag}' if tag else ''
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+    assert re.fullmatch(rf'error: torchvision \S+ does not fit torch {re.escape(torch.__version__)} \({message}\): '
+                        rf'install them as a pair from one index, e\.g\. pip install --force-reinstall '
+                        rf'torch=={re.escape(base)} torchvision{re.escape(index)}', proc.stderr.strip())
+
+
+@pytest.mark.parametrize('torch_version,vision_version,fix', [
+    ('2.13.0+cpu', '0.28.0', 'torch==2.13.0 torchvision --index-url https://download.pytorch.org/whl/cpu'),
+    ('2.5.0', '0.19.0', 'torch==2.5.0 torchvision'),
+])
+def test_torchvision_fix_names_the_index_of_the_torch_build(torch_version, vision_version, fix):
+    assert cli.mismatched_torchvision('operator torchvision::nms does not exist', torch_version, vision_version) == (
+        f'torchvision {vision_version} does not fit torch {torch_version} (operator torchvision::nms does not '
+        f'exist): install them as a pair from one index, e.g. pip install --force-reinstall {fix}')

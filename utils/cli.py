@@ -209,5 +209,23 @@ def main(family, argv=None):
     """Entry point of both scripts: flags first (no torch yet), then the run."""
     quiet_known_warnings()
     args = parse_args(family, argv)
-    from utils import pipeline  # imports torch and timm
+    try:
+        from utils import pipeline  # imports torch, torchvision and timm
+    except RuntimeError as e:
+        if 'torchvision::' not in str(e):
+            raise
+        import torch
+        from importlib.metadata import version
+        print(f"error: {mismatched_torchvision(e, torch.__version__, version('torchvision'))}", file=sys.stderr)
+        sys.exit(2)
     return pipeline.main(family, args)
+
+
+def mismatched_torchvision(error, torch_version, vision_version):
+    """The fix for a torchvision built for another torch (its operators fail to register at import):
+    reinstall the pair from the index the installed torch came from (its +cpu / +cuXYZ tag)."""
+    tag = torch_version.partition('+')[2]
+    index = f' --index-url https://download.pytorch.org/whl/{tag}' if tag else ''
+    return (f'torchvision {vision_version} does not fit torch {torch_version} ({error}): install them as a pair '
+            f'from one index, e.g. pip install --force-reinstall torch=={torch_version.partition("+")[0]} '
+            f'torchvision{index}')
