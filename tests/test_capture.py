@@ -124,3 +124,27 @@ def test_cpu_flag_lets_a_cuda_only_script_run(setup, tmp_path):
     names = sorted(os.path.join('train', c, f) for c in os.listdir(os.path.join(root, 'train'))
                    for f in os.listdir(os.path.join(root, 'train', c)))
     assert set(got['qwt_files']) <= set(names) and len(set(got['qwt_files'])) == 4
+
+
+def test_files_of_a_subset_loader_are_mapped_to_the_folder(setup):
+    """A loader over a Subset of the training folder: the recorded files are those of the Subset's indices,
+    in the order the loader yields them, and the images are the batches it yields."""
+    import torchvision.transforms as T
+    from timm.data import ImageDataset
+    from torch.utils.data import DataLoader, Subset
+    from utils.capture import InputCapture, InputsCaptured
+    _, root, _ = setup
+    base = ImageDataset(os.path.join(root, 'train'), transform=T.Compose([T.Resize((4, 4)), T.ToTensor()]))
+    order = [17, 3, 11, 0, 22, 5]
+    loader = DataLoader(Subset(base, order), batch_size=2, num_workers=2)
+    capture = InputCapture(root, qwt_images=4)
+    with capture.installed():
+        calib = next(iter(loader))[0]
+        seen = []
+        with pytest.raises(InputsCaptured):
+            for images, _ in loader:
+                seen.append(images)
+    assert capture.calib_files == [os.path.join('train', base.filename(i)) for i in order[:2]]
+    assert capture.payload()['qwt_files'] == [os.path.join('train', base.filename(i)) for i in order[:4]]
+    assert torch.equal(capture.calib, calib) and torch.equal(seen[0], capture.payload()['qwt'][:2])
+    assert torch.equal(capture.payload()['qwt'], torch.stack([base[i][0] for i in order[:4]]))

@@ -11,7 +11,7 @@ import runpy
 import sys
 
 import torch
-from torch.utils.data import dataloader
+from torch.utils.data import Subset, dataloader
 
 from utils.errors import UserError
 
@@ -21,12 +21,26 @@ class InputsCaptured(BaseException):
     ``except Exception`` does not swallow it."""
 
 
+def _inner(dataset):
+    inner = getattr(dataset, 'dataset', None)
+    return inner if inner is not None else getattr(dataset, 'base', None)
+
+
 def image_dataset(dataset):
     """The timm ImageDataset under ``dataset`` (through Subset-like ``.dataset`` / ``.base`` wrappers),
     which names the files; None if there is none."""
     while dataset is not None and getattr(getattr(dataset, 'parser', None), 'root', None) is None:
-        dataset = getattr(dataset, 'dataset', None) or getattr(dataset, 'base', None)
+        dataset = _inner(dataset)
     return dataset
+
+
+def file_name(dataset, index):
+    """The file of ``dataset[index]``, relative to its ImageDataset's folder (a Subset's index mapped)."""
+    while getattr(getattr(dataset, 'parser', None), 'root', None) is None:
+        if isinstance(dataset, Subset):
+            index = dataset.indices[index]
+        dataset = _inner(dataset)
+    return dataset.filename(index)
 
 
 class InputCapture:
@@ -70,7 +84,7 @@ class InputCapture:
             if it._capture_iteration is not None:
                 indices = it._capture_indices[it._capture_yielded]
                 it._capture_yielded += 1
-                capture._record(it._capture_iteration, batch, indices, image_dataset(it._dataset))
+                capture._record(it._capture_iteration, batch, indices, it._dataset)
             return batch
 
         cls.__init__, cls._next_index, cls.__next__ = patched_init, patched_next_index, patched_next
@@ -81,7 +95,7 @@ class InputCapture:
 
     def _record(self, iteration, batch, indices, dataset):
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        names = [os.path.join('train', dataset.filename(i)) for i in indices]  # the file sampled (timm may skip on)
+        names = [os.path.join('train', file_name(dataset, i)) for i in indices]  # the file sampled (timm may skip on)
         if iteration == 0 and self.calib is None:
             self.calib, self.calib_files = images.detach().float().cpu().clone(), names
         elif iteration == 1:
