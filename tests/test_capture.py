@@ -148,3 +148,40 @@ def test_files_of_a_subset_loader_are_mapped_to_the_folder(setup):
     assert capture.payload()['qwt_files'] == [os.path.join('train', base.filename(i)) for i in order[:4]]
     assert torch.equal(capture.calib, calib) and torch.equal(seen[0], capture.payload()['qwt'][:2])
     assert torch.equal(capture.payload()['qwt'], torch.stack([base[i][0] for i in order[:4]]))
+
+
+def _two_pass_script(path, root):
+    path.write_text(textwrap.dedent(f"""
+        from timm.data import ImageDataset
+        from torch.utils.data import DataLoader
+        import torchvision.transforms as T
+        data = ImageDataset({os.path.join(root, 'train')!r}, transform=T.Compose([T.Resize((4, 4)), T.ToTensor()]))
+        loader = DataLoader(data, batch_size=2, shuffle=True)
+        next(iter(loader))
+        for batch in loader:
+            pass
+    """))
+    return path
+
+
+def test_under_a_launcher_each_rank_writes_its_share(setup, tmp_path, monkeypatch):
+    """WORLD_SIZE 2, RANK 1: this process's 4 / 2 QwT images, written to OUT.rank1."""
+    _, root, _ = setup
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    monkeypatch.setenv('RANK', '1')
+    script = _two_pass_script(tmp_path / 'two_pass.py', root)
+    assert tool('capture', '--data_dir', root, '--out', tmp_path / 'out.pth', '--qwt_samples', 4, '--', script) == 0
+    assert not os.path.exists(tmp_path / 'out.pth')
+    got = torch.load(tmp_path / 'out.pth.rank1')
+    assert got['qwt'].shape == (2, 3, 4, 4) and len(got['qwt_files']) == 2 and len(got['calib_files']) == 2
+
+
+@pytest.mark.parametrize('world_size,samples', [(1, 0), (2, 3)])
+def test_qwt_samples_that_do_not_split_over_the_processes_are_refused(setup, tmp_path, monkeypatch, capsys,
+                                                                      world_size, samples):
+    _, root, _ = setup
+    monkeypatch.setenv('WORLD_SIZE', str(world_size))
+    script = _two_pass_script(tmp_path / 'two_pass.py', root)
+    assert tool('capture', '--data_dir', root, '--out', tmp_path / 'o.pth', '--qwt_samples', samples, '--', script) == 2
+    assert capsys.readouterr().err == (f'error: --qwt_samples {samples} must be a positive multiple of WORLD_SIZE '
+                                       f'{world_size}\n')
