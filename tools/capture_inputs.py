@@ -31,7 +31,7 @@ from utils.capture import capture_inputs, compare_inputs  # noqa: E402
 from utils.data import fix_posterize  # noqa: E402
 from utils.environment import env_int  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from utils.files import write_atomic  # noqa: E402
+from utils.files import rank_path, write_atomic  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -70,7 +70,7 @@ def capture(args):
     script_args = args.script_args[1:] if args.script_args[:1] == ['--'] else args.script_args
     with cuda_calls_stay_on_cpu() if args.cpu else contextlib.nullcontext():
         inputs = capture_inputs(args.script, script_args, args.data_dir, args.qwt_samples // world_size)
-    out = args.out if rank == 0 else f'{args.out}.rank{rank}'
+    out = rank_path(args.out, rank)
     write_atomic(out, lambda tmp: torch.save(inputs, tmp))
     print(f"wrote the calibration batch {tuple(inputs['calib'].shape)} and {len(inputs['qwt'])} QwT images "
           f'to {out}', file=sys.stderr)

@@ -21,6 +21,10 @@ class InputsCaptured(BaseException):
     ``except Exception`` does not swallow it."""
 
 
+def _names_files(dataset):
+    return getattr(getattr(dataset, 'parser', None), 'root', None) is not None
+
+
 def _inner(dataset):
     inner = getattr(dataset, 'dataset', None)
     return inner if inner is not None else getattr(dataset, 'base', None)
@@ -29,14 +33,14 @@ def _inner(dataset):
 def image_dataset(dataset):
     """The timm ImageDataset under ``dataset`` (through Subset-like ``.dataset`` / ``.base`` wrappers),
     which names the files; None if there is none."""
-    while dataset is not None and getattr(getattr(dataset, 'parser', None), 'root', None) is None:
+    while dataset is not None and not _names_files(dataset):
         dataset = _inner(dataset)
     return dataset
 
 
 def file_name(dataset, index):
     """The file of ``dataset[index]``, relative to its ImageDataset's folder (a Subset's index mapped)."""
-    while getattr(getattr(dataset, 'parser', None), 'root', None) is None:
+    while not _names_files(dataset):
         if isinstance(dataset, Subset):
             index = dataset.indices[index]
         dataset = _inner(dataset)

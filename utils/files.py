@@ -27,3 +27,9 @@ def write_text_atomic(path, text):
         with open(tmp, 'w', newline='') as f:
             f.write(text)
     write_atomic(path, write)
+
+
+def rank_path(path, rank):
+    """Where process ``rank`` writes its own copy of ``path`` (--dump_inputs, capture_inputs.py): ``path``
+    for rank 0, ``path.rank<r>`` for the others."""
+    return path if rank == 0 else f'{path}.rank{rank}'

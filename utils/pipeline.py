@@ -27,7 +27,7 @@ from utils.data import (ImageLog, eval_loader, eval_transform, image_dataset, re
 from utils.demo import make_demo_data
 from utils.errors import UserError, one_line
 from utils.evaluate import evaluate
-from utils.files import write_text_atomic
+from utils.files import rank_path, write_atomic, write_text_atomic
 from utils.logs import log_to_file, setup_logging, teardown_logging
 from utils.timing import Stopwatch
 
@@ -253,11 +253,10 @@ def quantize(run, splits):
 def dump_inputs(run, calib, calib_files, images, qwt_files):
     """--dump_inputs: the calibration batch and this process's QwT images, for comparison with the
     published run (rank r > 0 writes PATH.rank<r>)."""
-    path = run.args.dump_inputs if run.dist.is_main else f'{run.args.dump_inputs}.rank{run.dist.rank}'
+    path = rank_path(run.args.dump_inputs, run.dist.rank)
     rank_files = qwt_files[run.dist.rank * len(images):(run.dist.rank + 1) * len(images)]
     payload = {'calib': calib.float().cpu(), 'qwt': images.float().cpu(), 'calib_files': calib_files,
                'qwt_files': rank_files}
-    from utils.files import write_atomic
     write_atomic(path, lambda tmp: torch.save(payload, tmp))
     _logger.info('wrote the calibration batch %s and %d QwT images to %s', tuple(calib.shape), len(images), path)
 
