@@ -1,5 +1,6 @@
 """Shared test setup: the repository root on sys.path, and tiny random timm models (nothing is
 downloaded) prepared like the real ones."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -23,6 +24,21 @@ def _glibc_allocator_untouched(monkeypatch):
     later test; the real call is tested in a subprocess (test_allocator.py)."""
     from utils import pipeline
     monkeypatch.setattr(pipeline, 'keep_freed_memory', lambda: False)
+
+
+@contextlib.contextmanager
+def torch_flags(*settings):
+    """Set flags of torch's backend modules, ``(module, name, value)`` each, and restore their values on
+    exit. Not monkeypatch: ``torch.backends.cuda.matmul`` serves its flags through ``__getattr__``, and
+    pytest >= 9.2's undo deletes such an attribute instead of restoring it (an error at teardown)."""
+    saved = [(module, name, getattr(module, name)) for module, name, _ in settings]
+    try:
+        for module, name, value in settings:
+            setattr(module, name, value)
+        yield
+    finally:
+        for module, name, value in reversed(saved):
+            setattr(module, name, value)
 
 
 def randomize_layernorms(model, seed=0):

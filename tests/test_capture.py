@@ -78,7 +78,7 @@ def test_compare_names_the_first_differing_image():
         'calib: (2, 3, 4, 4) torch.float32 vs (2, 3, 4, 4) torch.float64']
 
 
-def test_a_script_that_never_draws_qwt_images_is_a_one_line_error(setup, tmp_path, capsys):
+def test_a_script_that_never_draws_qwt_images_is_a_one_line_error(setup, tmp_path, capfd):
     tmp, root, ckpt = setup
     script = tmp_path / 'calibrate_only.py'
     script.write_text(textwrap.dedent(f"""
@@ -89,7 +89,7 @@ def test_a_script_that_never_draws_qwt_images_is_a_one_line_error(setup, tmp_pat
         next(iter(DataLoader(data, batch_size=4, shuffle=True)))
     """))
     assert tool('capture', '--data_dir', root, '--out', tmp_path / 'x.pth', '--', script) == 2
-    assert capsys.readouterr().err.startswith(
+    assert capfd.readouterr().err.startswith(
         f"error: {script} finished after 1 iteration(s) over {os.path.realpath(os.path.join(root, 'train'))} "
         'and 0 QwT image(s)')
     assert not os.path.exists(tmp_path / 'x.pth')
@@ -150,8 +150,46 @@ def test_files_of_a_subset_loader_are_mapped_to_the_folder(setup):
     assert torch.equal(capture.payload()['qwt'], torch.stack([base[i][0] for i in order[:4]]))
 
 
-def _two_pass_script(path, root):
-    path.write_text(textwrap.dedent(f"""
+def test_the_script_imports_its_own_packages_not_the_projects(setup, tmp_path):
+    """The published code has `utils` and `quant` packages of its own: the script runs where this project's
+    packages do not shadow them (they did when it ran in the tool's process)."""
+    _, root, _ = setup
+    for package, module in (('utils', 'build_model'), ('quant', 'quant_model'), ('models', 'zoo')):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / '__init__.py').write_text('')
+        (tmp_path / package / f'{module}.py').write_text(f'NAME = {package + "." + module!r}\n')
+    script = _two_pass_script(tmp_path / 'published_like.py', root, prelude=textwrap.dedent("""
+        from utils.build_model import NAME as a
+        from quant.quant_model import NAME as b
+        from models.zoo import NAME as c
+        assert (a, b, c) == ('utils.build_model', 'quant.quant_model', 'models.zoo'), (a, b, c)
+        import utils
+        assert not hasattr(utils, 'capture'), 'the project utils package is visible'
+    """))
+    assert tool('capture', '--data_dir', root, '--out', tmp_path / 'o.pth', '--qwt_samples', 4, '--', script) == 0
+    got = torch.load(tmp_path / 'o.pth')
+    assert got['qwt'].shape == (4, 3, 4, 4) and len(got['calib_files']) == 2
+
+
+def test_cuda_on_cpu_maps_every_cuda_device_to_the_cpu():
+    from utils.capture import cuda_on_cpu
+    cpu = torch.device('cpu')
+    with cuda_on_cpu():
+        made = [torch.zeros(2, device='cuda:0'), torch.ones(1, device=torch.device('cuda')),
+                torch.arange(3).to('cuda'), torch.arange(3).to(torch.device('cuda', 0), torch.float64),
+                torch.arange(3).to(device='cuda:0'), torch.arange(3).cuda()]
+        module = torch.nn.Linear(2, 2).to('cuda:0').cuda()
+        torch.cuda.synchronize()
+        assert torch.zeros(3).to(torch.float16).dtype == torch.float16  # other .to() arguments kept
+    assert [t.device for t in made] == [cpu] * 6 and made[3].dtype == torch.float64
+    assert module.weight.device == cpu
+    if not torch.cuda.is_available():  # restored on exit
+        with pytest.raises((RuntimeError, AssertionError)):
+            torch.zeros(1, device='cuda')
+
+
+def _two_pass_script(path, root, prelude=''):
+    path.write_text(prelude + textwrap.dedent(f"""
         from timm.data import ImageDataset
         from torch.utils.data import DataLoader
         import torchvision.transforms as T

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import quant.quantizers as qz
-from conftest import make_tiny_swin, make_tiny_vit
+from conftest import make_tiny_swin, make_tiny_vit, torch_flags
 from quant import qwt_compensate, repq_vit
 from quant.layers import quantizers
 from quant.qwt import CompensatedBlock, compensated_blocks
@@ -22,11 +22,11 @@ DEVICES = [pytest.param('cuda', marks=[pytest.mark.cuda, pytest.mark.skipif(not 
 
 
 @pytest.fixture(autouse=True)
-def _no_tf32(monkeypatch):
+def _no_tf32():
     """Full float32 on the GPU (cuDNN convolutions default to TF32), so that CPU and GPU runs differ
     by summation order only."""
-    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
+    with torch_flags((torch.backends.cudnn, 'allow_tf32', False), (torch.backends.cuda.matmul, 'allow_tf32', False)):
+        yield
 
 
 @pytest.mark.parametrize('device', DEVICES)

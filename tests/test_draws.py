@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, free_port, save_random_checkpoint
+from conftest import ROOT, free_port, save_random_checkpoint, torch_flags
 from models.registry import IMAGENET_MEAN, IMAGENET_STD
 from published_reference import published_inputs
 from utils import cli
@@ -174,16 +174,17 @@ def test_unreadable_val_image_is_skipped_logged_listed_and_counted(tmp_path, cap
     assert json.load(open(os.path.join(out, 'result.json')))['skipped_images'] == ['val/n00000001/0.JPEG']
 
 
-def test_seed_everything_seeds_every_generator_and_sets_cudnn(monkeypatch):
+def test_seed_everything_seeds_every_generator_and_sets_cudnn():
     import random
 
     import numpy as np
     from utils.pipeline import seed_everything
-    monkeypatch.setattr(torch.backends.cudnn, 'benchmark', False)
-    monkeypatch.setattr(torch.backends.cudnn, 'deterministic', False)
-    seed_everything(5)
-    got = (random.random(), float(np.random.rand()), float(torch.rand(())))
+    cudnn = torch.backends.cudnn
+    with torch_flags((cudnn, 'benchmark', False), (cudnn, 'deterministic', False)):
+        seed_everything(5)
+        got = (random.random(), float(np.random.rand()), float(torch.rand(())))
+        set_by_seed = cudnn.benchmark, cudnn.deterministic
     want = (random.Random(5).random(), float(np.random.RandomState(5).rand()),
             float(torch.rand((), generator=torch.Generator().manual_seed(5))))
     assert got == want
-    assert torch.backends.cudnn.benchmark is True and torch.backends.cudnn.deterministic is True
+    assert set_by_seed == (True, True)

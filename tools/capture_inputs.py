@@ -6,8 +6,9 @@ itself, and compare two such files bit for bit: the published run against this p
     python qwt_vit_and_deit.py --model deit_tiny --data_dir DATA_DIR --dump_inputs ours.pth
     python tools/capture_inputs.py compare published.pth ours.pth
 
-`capture` runs the script in this process with RandAugment's posterize fixed for Pillow 13 (SPEC §1,
-'Known trap'), records the first batch of its first iteration over DATA_DIR/train and the first
+`capture` runs the script in a process of its own, where none of this project's packages shadow the script's
+own (the published code has its own `utils` and `quant`), with RandAugment's posterize fixed for Pillow 13
+(SPEC §1, 'Known trap'); it records the first batch of its first iteration over DATA_DIR/train and the first
 --qwt_samples / WORLD_SIZE images of the next one (SPEC §1b), then stops it and writes the file in
 --dump_inputs's format (under torchrun, rank r > 0 writes OUT.rank<r>). `compare` exits 0 when both files
 hold the same files and the same pixels, 1 (saying where they differ) otherwise.
@@ -15,6 +16,7 @@ hold the same files and the same pixels, 1 (saying where they differ) otherwise.
 import argparse
 import contextlib
 import os
+import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,9 +27,8 @@ from utils.cli import quiet_known_warnings  # noqa: E402
 
 quiet_known_warnings()  # timm 0.4.12's, before it is imported
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
-from utils.capture import capture_inputs, compare_inputs  # noqa: E402
+from utils.capture import capture_inputs, compare_inputs, cuda_on_cpu  # noqa: E402
 from utils.data import fix_posterize  # noqa: E402
 from utils.environment import env_int  # noqa: E402
 from utils.errors import UserError  # noqa: E402
@@ -42,7 +43,8 @@ def parse_args(argv=None):
     c.add_argument('--out', required=True, help='file to write, as --dump_inputs writes it')
     c.add_argument('--qwt_samples', type=int, default=512, help='QwT images over all processes (default 512)')
     c.add_argument('--cpu', action='store_true',
-                   help='make .cuda() of tensors and modules a no-op, for a script that calls it unconditionally')
+                   help='run a script written for one GPU on the CPU: .cuda() is a no-op, cuda devices become the CPU')
+    c.add_argument('--in_process', action='store_true', help=argparse.SUPPRESS)  # the child that runs the script
     c.add_argument('script', help='the script to run, then its own arguments (after --)')
     c.add_argument('script_args', nargs=argparse.REMAINDER)
     k = sub.add_parser('compare', help='compare two --dump_inputs files bit for bit')
@@ -51,25 +53,19 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-@contextlib.contextmanager
-def cuda_calls_stay_on_cpu():
-    saved = torch.Tensor.cuda, nn.Module.cuda
-    torch.Tensor.cuda = lambda self, *a, **k: self
-    nn.Module.cuda = lambda self, *a, **k: self
-    try:
-        yield
-    finally:
-        torch.Tensor.cuda, nn.Module.cuda = saved
-
-
-def capture(args):
+def capture(args, argv):
     world_size, rank = env_int('WORLD_SIZE', 1), env_int('RANK', 0)
     if args.qwt_samples <= 0 or args.qwt_samples % world_size:
         raise UserError(f'--qwt_samples {args.qwt_samples} must be a positive multiple of WORLD_SIZE {world_size}')
+    if not os.path.isfile(args.script):
+        raise UserError(f'script {args.script!r} not found')
+    if not args.in_process:  # the script's own process; its errors are its own lines, its exit code ours
+        return subprocess.call([sys.executable, os.path.abspath(__file__), 'capture', '--in_process', *argv[1:]])
     fix_posterize()  # the published code crashes on Pillow 13 without it
     script_args = args.script_args[1:] if args.script_args[:1] == ['--'] else args.script_args
-    with cuda_calls_stay_on_cpu() if args.cpu else contextlib.nullcontext():
-        inputs = capture_inputs(args.script, script_args, args.data_dir, args.qwt_samples // world_size)
+    with cuda_on_cpu() if args.cpu else contextlib.nullcontext():
+        inputs = capture_inputs(args.script, script_args, args.data_dir, args.qwt_samples // world_size,
+                                project_root=ROOT)
     out = rank_path(args.out, rank)
     write_atomic(out, lambda tmp: torch.save(inputs, tmp))
     print(f"wrote the calibration batch {tuple(inputs['calib'].shape)} and {len(inputs['qwt'])} QwT images "
@@ -87,9 +83,10 @@ def compare(args):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     try:
-        sys.exit(compare(args) if args.command == 'compare' else capture(args) or 0)
+        sys.exit(compare(args) if args.command == 'compare' else capture(args, argv) or 0)
     except (UserError, OSError) as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)

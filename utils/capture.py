@@ -4,13 +4,18 @@ published code, which has no dump option, against this project bit for bit (tool
 
 SPEC §1b: the first batch of the first iteration over the training split is the calibration batch; the
 next iteration's batches are the QwT images. Once this process's share of them is seen, the script is
-stopped, before the QwT fit."""
+stopped, before the QwT fit.
+
+The script runs in a process of its own (tools/capture_inputs.py starts it) with this project's packages
+out of the way: the published code has ``utils`` and ``quant`` packages of its own."""
 import contextlib
 import os
 import runpy
 import sys
 
 import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.data import Subset, dataloader
 
 from utils.errors import UserError
@@ -115,17 +120,85 @@ class InputCapture:
                 'qwt_files': self.qwt_files}
 
 
-def capture_inputs(script, script_args, data_dir, qwt_images):
+def _cpu(device):
+    if isinstance(device, torch.device) and device.type == 'cuda':
+        return torch.device('cpu')
+    if isinstance(device, str) and device.split(':')[0] == 'cuda':
+        return 'cpu'
+    return device
+
+
+class _CudaOnCpu(TorchFunctionMode):
+    """Every ``device=cuda...`` argument of a torch function and every ``.to(cuda...)`` becomes the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if 'device' in kwargs:
+            kwargs['device'] = _cpu(kwargs['device'])
+        if func is torch.Tensor.to:
+            args = tuple(_cpu(a) for a in args)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def cuda_on_cpu():
+    """A script written for one GPU runs on the CPU: ``.cuda()`` of tensors and modules is a no-op, cuda
+    devices in torch calls and ``.to()`` become the CPU, and ``torch.cuda.synchronize`` does nothing."""
+    saved = torch.Tensor.cuda, nn.Module.cuda, torch.cuda.synchronize
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    nn.Module.cuda = lambda self, *a, **k: self
+    torch.cuda.synchronize = lambda *a, **k: None
+    try:
+        with _CudaOnCpu():
+            yield
+    finally:
+        torch.Tensor.cuda, nn.Module.cuda, torch.cuda.synchronize = saved
+
+
+def top_level_names(root):
+    """The importable top-level packages and modules of the folder ``root``."""
+    names = set()
+    for entry in os.listdir(root):
+        path = os.path.join(root, entry)
+        if entry.endswith('.py'):
+            names.add(entry[:-3])
+        elif os.path.isfile(os.path.join(path, '__init__.py')):
+            names.add(entry)
+    return names
+
+
+@contextlib.contextmanager
+def without_packages_of(root):
+    """``root`` off sys.path and its packages out of sys.modules for the duration, so that a script's own
+    ``utils`` or ``quant`` is the one it imports (functions already imported from ``root`` keep working)."""
+    names = top_level_names(root)
+    real = os.path.realpath(root)
+    path = list(sys.path)
+    shadowing = {k: m for k, m in sys.modules.items() if k.split('.')[0] in names}
+    for k in shadowing:
+        del sys.modules[k]
+    sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != real]
+    try:
+        yield
+    finally:
+        sys.path[:] = path
+        for k in [k for k in sys.modules if k.split('.')[0] in names]:
+            del sys.modules[k]
+        sys.modules.update(shadowing)
+
+
+def capture_inputs(script, script_args, data_dir, qwt_images, project_root=None):
     """Runs ``script`` as ``__main__`` with ``script_args`` and returns its ``--dump_inputs`` dict, stopping
-    it once ``qwt_images`` QwT images are seen."""
+    it once ``qwt_images`` QwT images are seen. With ``project_root``, that folder's packages are hidden from
+    the script (tools/capture_inputs.py runs this in a process of its own)."""
     if not os.path.isfile(script):
         raise UserError(f'script {script!r} not found')
     capture = InputCapture(data_dir, qwt_images)
     argv, path = sys.argv, list(sys.path)
     sys.argv = [script, *script_args]
-    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))  # as `python script` would
     try:
-        with capture.installed():
+        with without_packages_of(project_root) if project_root else contextlib.nullcontext(), capture.installed():
+            sys.path.insert(0, os.path.dirname(os.path.abspath(script)))  # as `python script` would
             runpy.run_path(script, run_name='__main__')
     except InputsCaptured:
         return capture.payload()
