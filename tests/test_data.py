@@ -309,6 +309,51 @@ def test_val_subset_is_fixed_and_spread():
             data.val_subset(ds, bad)
 
 
+@pytest.fixture(scope='module')
+def six_val_images(tmp_path_factory):
+    """make_image_folder's val/: 3 classes x 2 images, indices 0..5 in file order."""
+    from utils.demo import make_image_folder
+    return make_image_folder(str(tmp_path_factory.mktemp('six')), classes=3, train_per_class=4, val_per_class=2)
+
+
+def test_val_subset_is_a_documented_fixed_set_of_files(six_val_images):
+    """The documented rule (val_subset's docstring): a permutation from a generator of its own seeded 0, its first
+    N entries, in file order. torch.randperm(6, generator=torch.Generator().manual_seed(0)) is
+    [2, 5, 3, 0, 1, 4], so --num_val 3 evaluates indices 2, 3, 5 and --num_val 1 index 2, whatever --seed."""
+    ds = data.image_dataset(six_val_images, 'val')
+    assert [ds.relpath(i) for i in range(6)] == [f'val/n0000000{c}/{i}.JPEG' for c in range(3) for i in range(2)]
+    torch.manual_seed(1234)  # the global generator (--seed) plays no part
+    three, one = data.val_subset(ds, 3), data.val_subset(ds, 1)
+    assert [ds.relpath(i) for i in three.indices] == ['val/n00000001/0.JPEG', 'val/n00000001/1.JPEG',
+                                                      'val/n00000002/1.JPEG']
+    assert [ds.relpath(i) for i in one.indices] == ['val/n00000001/0.JPEG']
+
+
+def test_num_val_1_evaluates_exactly_one_image(six_val_images, tmp_path, monkeypatch):
+    """A whole --eval fp run of the tiny conftest ViT with --num_val 1: one val image evaluated, recorded as
+    num_val 1 of val_total 6, top-1 0 or 100 %."""
+    import json
+    import os
+    from conftest import save_random_checkpoint
+    from utils import cli, pipeline
+    counted = []
+    real_evaluate = pipeline.evaluate
+
+    def spy(variants, loader, *args, **kwargs):
+        out = real_evaluate(variants, loader, *args, **kwargs)
+        counted.append({name: res['count'] for name, res in out.items()})
+        return out
+    monkeypatch.setattr(pipeline, 'evaluate', spy)
+    ckpt = save_random_checkpoint('vit_test_tiny', str(tmp_path / 'tiny.pth'))
+    out = str(tmp_path / 'out')
+    result = cli.main('vit', ['--model', 'vit_test_tiny', '--data_dir', six_val_images, '--checkpoint', ckpt,
+                              '--eval', 'fp', '--num_val', '1', '--eval_workers', '0', '--device', 'cpu',
+                              '--output_dir', out])
+    assert counted == [{'fp': 1}]
+    assert (result['num_val'], result['val_total'], result['fp_top1']) in ((1, 6, 0.0), (1, 6, 100.0))
+    assert json.load(open(os.path.join(out, 'result.json')))['num_val'] == 1
+
+
 # SPEC §1, typed from its table: (mean, std, Resize size = int(224 / crop_pct)).
 _IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 SPEC_TRANSFORMS = {

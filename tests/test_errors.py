@@ -118,6 +118,15 @@ def test_bad_flag_values(capsys, image_root, family, args, message):
     assert message in fails(capsys, family, *argv)
 
 
+def test_seed_up_to_2_to_the_32_minus_1(capsys, image_root):
+    """numpy's seed range: --seed 4294967295 (2^32 - 1) is accepted, 4294967296 refused."""
+    from utils.cli import parse_args
+    argv = ['--model', 'deit_tiny', '--data_dir', image_root, '--seed']
+    assert parse_args('vit', argv + ['4294967295']).seed == 4294967295
+    line = fails(capsys, 'vit', *argv, '4294967296')
+    assert line.endswith("error: --seed 4294967296 is outside 0..2^32-1 (numpy's range)")
+
+
 def test_launcher_variable_not_an_integer(capsys, image_root, monkeypatch):
     monkeypatch.setenv('WORLD_SIZE', 'two')
     line = fails(capsys, 'vit', '--model', 'deit_tiny', '--data_dir', image_root)

@@ -160,6 +160,73 @@ def test_data_dir_is_required(capsys):
     assert (code, err) == (2, 'error: the following arguments are required: --data_dir\n')
 
 
+def test_exactly_gpus_per_run_gpus_is_one_slot(data_dir, tmp_path, capsys, monkeypatch):
+    """Two GPUs visible and --gpus_per_run 2: one slot of both GPUs, not 'needs at least 2 GPUs'."""
+    monkeypatch.setattr(reproduce, 'visible_gpus', lambda: ['0', '1'])
+    code, out, err = reproduce_main(capsys, '--data_dir', data_dir, '--output_dir', str(tmp_path), '--models',
+                                    'deit_tiny', '--bits', '4', '--gpus_per_run', '2', '--dry_run')
+    assert (code, err) == (0, '')
+    assert out.splitlines()[1] == 'on 1 GPU slot(s) (2 GPUs per cell, torchrun): 0,1'
+
+
+@pytest.mark.parametrize('bits, label', [('2', 'W2/A2'), ('8', 'W8/A8')])
+def test_bits_2_and_8_are_accepted(data_dir, tmp_path, capsys, bits, label):
+    code, out, err = reproduce_main(capsys, *cpu_args(data_dir, tmp_path, '--models', 'deit_tiny', '--bits', bits,
+                                                      '--dry_run'))
+    assert (code, err) == (0, '')
+    assert f'  deit_tiny  {label}  seed 0   to run' in out.splitlines()
+
+
+@pytest.mark.parametrize('bits', ['1', '9', '1/4', '4/1', '9/4', '4/9'])
+def test_bits_1_and_9_are_refused(data_dir, tmp_path, capsys, bits):
+    """Refused by --bits itself (not only later by the entry script's --w_bit check of each cell), for the
+    weights and for the activations."""
+    code, out, err = reproduce_main(capsys, *cpu_args(data_dir, tmp_path, '--models', 'deit_tiny', '--bits', bits,
+                                                      '--dry_run'))
+    assert (code, out, err) == (2, '', f'error: --bits {bits}: expected N or W/A with bit widths 2 to 8\n')
+
+
+def test_seeds_up_to_2_to_the_32_minus_1(data_dir, tmp_path, capsys):
+    """numpy's seed range: 2^32 - 1 = 4294967295 is the largest seed; 2^32 is refused by --seeds itself (not
+    only later by the entry script's --seed check of each cell, whose message differs)."""
+    argv = cpu_args(data_dir, tmp_path, '--models', 'deit_tiny', '--bits', '4', '--dry_run')
+    code, out, err = reproduce_main(capsys, *argv, '--seeds', '4294967295')
+    assert (code, err) == (0, '')
+    assert '  deit_tiny  W4/A4  seed 4294967295 to run' in out.splitlines()
+    code, out, err = reproduce_main(capsys, *argv, '--seeds', '4294967296')
+    assert (code, out, err) == (2, '', 'error: --seeds 4294967296 is outside 0..2^32-1\n')
+
+
+@pytest.mark.parametrize('flags', [['--seeds', '0', '0'], ['--bits', '4', '4/4']])
+def test_a_repeated_seed_or_bit_width_is_one_cell(data_dir, tmp_path, flags):
+    """'4' and '4/4' are both W4/A4: each cell is planned once, in one folder."""
+    args = reproduce.build_parser().parse_args(cpu_args(data_dir, tmp_path, '--models', 'deit_tiny', '--bits', '4',
+                                                        *flags))
+    cells, _ = reproduce.plan(args)
+    assert [c.label for c in cells] == ['deit_tiny FP', 'deit_tiny W4/A4 seed 0']
+
+
+@pytest.mark.parametrize('affinity', [True, False])
+@pytest.mark.parametrize('parallel, threads', [(3, '2'), (16, '1')])
+def test_cpu_cell_threads_are_cores_over_parallel(data_dir, tmp_path, monkeypatch, affinity, parallel, threads):
+    """8 cores: --parallel 3 gives each cell 8 // 3 = 2 threads; --parallel 16 gives 1, never 0. The cores
+    are the process's CPU affinity, or os.cpu_count() where the platform has none."""
+    monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
+    if affinity:
+        monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(8)), raising=False)
+        monkeypatch.setattr(os, 'cpu_count', lambda: 64)  # not what counts when the affinity is known
+    else:
+        monkeypatch.delattr(os, 'sched_getaffinity', raising=False)
+        monkeypatch.setattr(os, 'cpu_count', lambda: 8)
+    args = reproduce.build_parser().parse_args(cpu_args(data_dir, tmp_path, '--models', 'deit_tiny', '--bits', '4',
+                                                        '--parallel', str(parallel)))
+    cells, launch = reproduce.plan(args)
+    assert len(launch.slots) == parallel
+    for slot in (0, parallel - 1):
+        _, child_env = reproduce.command(cells[1], launch, slot)
+        assert child_env['OMP_NUM_THREADS'] == threads
+
+
 # ---- running ---------------------------------------------------------------------------------------
 
 def test_second_run_starts_no_cell_and_other_flags_rerun(data_dir, tmp_path, capsys, env):
@@ -197,6 +264,38 @@ def test_second_run_starts_no_cell_and_other_flags_rerun(data_dir, tmp_path, cap
     assert code == 0 and len(runs(log)) == 9
     assert stdout.count('to run: other flags last time') == 4
     assert all(r['argv'][:2] == ['--qwt_samples', '64'] for r in runs(log)[5:])
+
+
+@pytest.mark.parametrize('done_with, asked', [(1, 2), (2, 1)])
+def test_a_cell_done_with_other_processes_per_cell_runs_again(data_dir, tmp_path, done_with, asked):
+    """A cell.json and result.json written by hand as a finished cell of --gpus 0 1 with --gpus_per_run
+    ``done_with``: done for that launch, not for --gpus_per_run ``asked`` (the same flags, device and script)."""
+    import hashlib
+
+    def planned(gpus_per_run):
+        args = reproduce.build_parser().parse_args(['--data_dir', data_dir, '--output_dir', str(tmp_path), '--models',
+                                                    'deit_tiny', '--bits', '4', '--gpus', '0', '1', '--gpus_per_run',
+                                                    str(gpus_per_run)])
+        cells, launch = reproduce.plan(args)
+        return cells[1], launch
+
+    cell, launch_done = planned(done_with)
+    other, launch_asked = planned(asked)
+    assert other == cell and launch_done.procs == done_with and launch_asked.procs == asked
+    os.makedirs(cell.folder)
+    result = {'timm_name': 'deit_tiny_patch16_224', 'eval': 'both', 'w_bits': 4, 'a_bits': 4, 'seed': 0,
+              'repq_top1': 50.0, 'qwt_top1': 55.0}
+    with open(cell.result_path, 'w') as f:
+        json.dump(result, f)
+    assert cell.flags[-2:] == ('--output_dir', cell.folder)
+    record = {'format': 1, 'script': 'qwt_vit_and_deit.py', 'flags': list(cell.flags[:-2]), 'device': 'cuda',
+              'procs': done_with, 'status': 'done', 'wall_s': 75.0,
+              'result_sha256': hashlib.sha256(open(cell.result_path, 'rb').read()).hexdigest()}
+    with open(cell.cell_path, 'w') as f:
+        json.dump(record, f)
+    state, detail, _ = reproduce.cell_state(cell, launch_done)
+    assert (state, detail) == ('done', '(1m15s)')
+    assert reproduce.cell_state(cell, launch_asked) == ('to run', 'other flags last time', None)
 
 
 def test_two_cells_run_at_once(data_dir, tmp_path, capsys, env):
@@ -356,6 +455,20 @@ def test_estimate_from_finished_cells():
     assert not rough and left == pytest.approx((231.0 + 231.0 + 131.0) / 2)
     # a single long cell bounds the time from below, however many slots
     assert reproduce.estimate([swin_q], [], timed, 8)[0] == pytest.approx(231.0)
+
+
+def test_estimate_is_never_below_the_longest_cell_left():
+    """Finished: deit quantized 100 s, swin quantized 300 s. Left: deit, deit, swin on 4 slots: the sum 500
+    spread over 4 slots is 125, but the swin cell alone takes 300. With swin running for 50 s (250 s left) and
+    two deit cells to start: 450 / 4 = 112.5, but 250."""
+    def cell(model, kind):
+        return reproduce.Cell(model, model, 'vit', kind, None if kind == 'fp' else 4, 4, 0, f'/x/{model}{kind}',
+                              'script', ())
+    deit_q, swin_q = cell('deit', 'quant'), cell('swin', 'quant')
+    timed = [(cell('deit', 'fp'), 10.0), (deit_q, 100.0), (cell('swin', 'fp'), 30.0), (swin_q, 300.0)]
+    assert reproduce.estimate([deit_q, deit_q, swin_q], [], timed, 4) == (300.0, False)
+    job = reproduce.Job(swin_q, 0, None, start=1000.0 - 50, started_at=0.0)
+    assert reproduce.estimate([deit_q, deit_q], [job], timed, 4, now=1000.0) == (250.0, False)
 
 
 def test_a_missing_checkpoint_blocks_only_its_model(data_dir, tmp_path, capsys, env):

@@ -170,6 +170,37 @@ def test_newest_run_of_a_configuration_and_seed_wins(tmp_path):
         'deit_small_patch16_224 FP: kept run1/result.json (newer), left out run0/result.json']
 
 
+def test_a_run_that_measured_nothing_stays_out_like_eval_none(tmp_path):
+    """--eval qwt on a --load file saved without QwT evaluates nothing: its result.json has eval 'qwt' and
+    null accuracies (utils/pipeline.py make_result). Like an --eval none run it is left out by default, and
+    the n column counts only the run with accuracies."""
+    nothing = result(repq=None, qwt=None, seed=1, eval='qwt', weights='loaded', source_weights='pretrained',
+                     loaded_from='deit_small_w4a4.pth', repq_top5=None, qwt_top5=None, num_qwt=None, qwt_blocks=[])
+    none = result(repq=None, qwt=None, seed=2, eval='none', repq_top5=None, qwt_top5=None)
+    paths = [write_result(tmp_path / name, r) for name, r in (('a', result()), ('b', nothing), ('c', none))]
+    rs = table.load_results(paths)
+    assert table.categories(rs[1]) == table.categories(rs[2]) == ['eval-none']
+    rows, warnings = table.build_rows(table.load_paper(), rs, only_results=True, include=frozenset())
+    assert [(r['model'], r['bits'], r['seeds'], r['n'], r['repq_n'], r['qwt_n']) for r in rows] == \
+        [('DeiT-S', 'W4/A4', '0', 1, 1, 1)]
+    assert table.to_markdown(rows).splitlines()[2].endswith('| 69.12 | 70.20 |  | +0.12 | -1.30 | 1 |  |')
+    assert warnings == [f'left out 2 run(s) not comparable with the paper (2 eval-none): {paths[1]}, {paths[2]}; '
+                        'add them with --include eval-none']
+
+
+def test_same_mtime_keeps_the_later_listed_run(tmp_path):
+    """Two runs of one row and seed with equal modification times: the later one in the input order is kept
+    (table._newest: 'mtime, then input order'), whichever path sorts first."""
+    a = write_result(tmp_path / 'a', result(repq=60.0))
+    b = write_result(tmp_path / 'b', result(repq=68.0))
+    for path in (a, b):
+        os.utime(path, ns=(1_500_000_000_000_000_000, 1_500_000_000_000_000_000))
+    for first, second, kept in ((a, b, 68.0), (b, a, 60.0)):
+        rows, warnings = table.build_rows(table.load_paper(), table.load_results([first, second]), only_results=True)
+        assert (rows[0]['repq'], rows[0]['n']) == (kept, 1)
+        assert warnings == [f'deit_small_patch16_224 W4/A4 seed 0: kept {second} (newer), left out {first}']
+
+
 def test_variants_get_rows_of_their_own():
     rs = loaded(result(), result(qwt_solver='lstsq', qwt=71.0), result(start_block=2, qwt_accumulate='normal'),
                 result(w=3, a=3, repq=1.0, qwt=2.0))
