@@ -1,5 +1,5 @@
 """RepQ-ViT + QwT on Swin transformers. See README.md."""
-from utils.cli import main
+from utils.run.cli import main
 
 if __name__ == '__main__':
     main('swin')

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models import build_model, randomize_layernorms  # noqa: E402
 from quant import qwt_compensate, repq_vit, set_compensation  # noqa: E402
 from quant.layers import quantizers  # noqa: E402
-from utils.allocator import keep_freed_memory  # noqa: E402
+from utils.core.allocator import keep_freed_memory  # noqa: E402
 
 
 def sync(device):
@@ -126,7 +126,7 @@ def main(argv=None):
     p.add_argument('--calibration-only', dest='calibration_only', action='store_true',
                    help='time RepQ-ViT calibration only (no QwT, no evaluation)')
     p.add_argument('--system-malloc', dest='system_malloc', action='store_true',
-                   help="CPU: keep glibc's allocator defaults (the pipeline keeps freed memory, utils/allocator.py)")
+                   help="CPU: keep glibc's allocator defaults (the pipeline keeps freed memory, utils/core/allocator.py)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -13,7 +13,7 @@ from models import swin, vit
 from models.attention import Attention, MatMul, WindowAttention
 from models.registry import MODELS, ModelSpec, data_config, default_cfg, resolve_model
 from models.slot import Slot
-from utils.errors import UserError, cause
+from utils.core.errors import UserError, cause
 
 
 def prepare_model(model):

@@ -2,7 +2,7 @@
 Importing this module does not import torch or timm (flags are checked before either loads)."""
 from dataclasses import dataclass
 
-from utils.errors import UserError
+from utils.core.errors import UserError
 
 _HALF = (0.5, 0.5, 0.5)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm.data.IMAGENET_DEFAULT_MEAN / _STD

@@ -12,8 +12,8 @@ from tqdm import tqdm
 from models import stem, walk
 from quant.layers import set_quant_state
 from quant.regression import NonFiniteSystem, NormalEquations, fit_concat, r2_score, solve_normal
-from utils import distributed
-from utils.timing import Stopwatch
+from utils.core import distributed
+from utils.core.timing import Stopwatch
 
 _logger = logging.getLogger(__name__)
 ACCUMULATE = ('normal', 'concat')

@@ -9,7 +9,7 @@ from quant.layers import QUANT_LAYERS, QuantConv2d, QuantLinear, set_quant_state
 from quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
 from quant.reparam import reparameterize
 from quant.wrap import quantize_model, replay_wrap_draws
-from utils.timing import Stopwatch
+from utils.core.timing import Stopwatch
 
 
 def _device_of(model):

@@ -14,8 +14,8 @@ from models import UntrustedObjects, build_model, load_tensors, state_dict_misma
 from quant.layers import QuantLinear, quantizers, set_quant_state
 from quant.qwt import CompensatedBlock, compensated_blocks
 from quant.wrap import quantize_model
-from utils.errors import UserError
-from utils.files import write_atomic
+from utils.core.errors import UserError
+from utils.core.files import write_atomic
 
 FORMAT = 'repq-vit+qwt'
 VERSION = 2

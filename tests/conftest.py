@@ -22,7 +22,7 @@ def pytest_configure(config):
 def _glibc_allocator_untouched(monkeypatch):
     """An in-process pipeline run on the CPU would change this process's malloc settings for every
     later test; the real call is tested in a subprocess (test_allocator.py)."""
-    from utils import pipeline
+    from utils.run import pipeline
     monkeypatch.setattr(pipeline, 'keep_freed_memory', lambda: False)
 
 

@@ -8,8 +8,9 @@ import sys
 import pytest
 
 from conftest import ROOT, save_random_checkpoint
-from utils import allocator, pipeline
-from utils.demo import make_image_folder
+from utils.run import cli, pipeline
+from utils.core import allocator
+from utils.run.demo import make_image_folder
 
 
 class FakeLibc:
@@ -48,7 +49,7 @@ def test_real_glibc_accepts_the_setting():
     except (OSError, AttributeError):
         pytest.skip('no glibc here')
     env = {k: v for k, v in os.environ.items() if k != 'QWT_SYSTEM_MALLOC'}
-    proc = subprocess.run([sys.executable, '-c', 'from utils import allocator; print(allocator.keep_freed_memory())'],
+    proc = subprocess.run([sys.executable, '-c', 'from utils.core import allocator; print(allocator.keep_freed_memory())'],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == 'True'
@@ -67,7 +68,7 @@ def test_pipeline_applies_it_on_the_cpu(tmp_path, monkeypatch):
     root = make_image_folder(str(tmp_path / 'imagenet'))
     ckpt = save_random_checkpoint('deit_tiny_patch16_224', str(tmp_path / 'deit_tiny.pth'))
     with pytest.raises(Stop):
-        pipeline.main('vit', ['--model', 'deit_tiny', '--data_dir', root, '--allow_class_subset', '--checkpoint', ckpt, '--batch_size', '4',
+        cli.main('vit', ['--model', 'deit_tiny', '--data_dir', root, '--allow_class_subset', '--checkpoint', ckpt, '--batch_size', '4',
                               '--qwt_samples', '8', '--num_workers', '0', '--device', 'cpu',
                               '--output_dir', str(tmp_path / 'out')])
     assert calls == [1]

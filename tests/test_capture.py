@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import ROOT, save_random_checkpoint
-from utils import cli
-from utils.capture import compare_inputs
-from utils.demo import make_image_folder
+from utils.run import cli
+from utils.table.capture import compare_inputs
+from utils.run.demo import make_image_folder
 
 TOOL = os.path.join(ROOT, 'tools', 'capture_inputs.py')
 ENTRY = os.path.join(ROOT, 'tests', 'tiny_entry.py')
@@ -132,7 +132,7 @@ def test_files_of_a_subset_loader_are_mapped_to_the_folder(setup):
     import torchvision.transforms as T
     from timm.data import ImageDataset
     from torch.utils.data import DataLoader, Subset
-    from utils.capture import InputCapture, InputsCaptured
+    from utils.table.capture import InputCapture, InputsCaptured
     _, root, _ = setup
     base = ImageDataset(os.path.join(root, 'train'), transform=T.Compose([T.Resize((4, 4)), T.ToTensor()]))
     order = [17, 3, 11, 0, 22, 5]
@@ -172,7 +172,7 @@ def test_the_script_imports_its_own_packages_not_the_projects(setup, tmp_path):
 
 
 def test_cuda_on_cpu_maps_every_cuda_device_to_the_cpu():
-    from utils.capture import cuda_on_cpu
+    from utils.table.capture import cuda_on_cpu
     cpu = torch.device('cpu')
     with cuda_on_cpu():
         made = [torch.zeros(2, device='cuda:0'), torch.ones(1, device=torch.device('cuda')),

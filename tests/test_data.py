@@ -1,4 +1,4 @@
-"""Data pieces of SPEC §1 (utils/data.py) and top-k counting (utils/evaluate.py)."""
+"""Data pieces of SPEC §1 (utils/run/data.py) and top-k counting (utils/run/evaluate.py)."""
 import numpy as np
 import pytest
 import torch
@@ -7,10 +7,10 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, auto_augment
 from torch.utils.data import TensorDataset
 from torchvision import transforms as T
 
-from utils import data
-from utils.distributed import DistInfo
-from utils.errors import ImageDecodeError, UserError
-from utils.evaluate import evaluate, topk_correct
+from utils.run import data
+from utils.core.distributed import DistInfo
+from utils.core.errors import ImageDecodeError, UserError
+from utils.run.evaluate import evaluate, topk_correct
 
 POSTERIZE_NAMES = ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal')
 
@@ -312,7 +312,7 @@ def test_val_subset_is_fixed_and_spread():
 @pytest.fixture(scope='module')
 def six_val_images(tmp_path_factory):
     """make_image_folder's val/: 3 classes x 2 images, indices 0..5 in file order."""
-    from utils.demo import make_image_folder
+    from utils.run.demo import make_image_folder
     return make_image_folder(str(tmp_path_factory.mktemp('six')), classes=3, train_per_class=4, val_per_class=2)
 
 
@@ -335,7 +335,7 @@ def test_num_val_1_evaluates_exactly_one_image(six_val_images, tmp_path, monkeyp
     import json
     import os
     from conftest import save_random_checkpoint
-    from utils import cli, pipeline
+    from utils.run import cli, pipeline
     counted = []
     real_evaluate = pipeline.evaluate
 
@@ -378,7 +378,7 @@ def test_pipeline_builds_the_spec_transforms(name, one_image_root):
     import argparse
     from types import SimpleNamespace
     from models import resolve_model
-    from utils import pipeline
+    from utils.run import pipeline
     mean, std, resize = SPEC_TRANSFORMS[name]
     args = argparse.Namespace(data_dir=one_image_root, num_val=None, strict_images=False, eval='both', batch_size=1,
                               qwt_samples=0, allow_class_subset=True)

@@ -15,9 +15,10 @@ from torch.utils.data import TensorDataset
 import quant
 from conftest import make_tiny_vit
 from quant.qwt import compensated_blocks, qwt_compensate
-from utils import data, distributed
-from utils.distributed import DistInfo
-from utils.evaluate import evaluate
+from utils.core import distributed
+from utils.run import data
+from utils.core.distributed import DistInfo
+from utils.run.evaluate import evaluate
 
 WORLD = 2
 N_QWT = 16

@@ -12,9 +12,9 @@ import torch
 from conftest import ROOT, free_port, save_random_checkpoint, torch_flags
 from models.registry import IMAGENET_MEAN, IMAGENET_STD
 from published_reference import published_inputs
-from utils import cli
-from utils.data import fix_posterize
-from utils.demo import make_image_folder
+from utils.run import cli
+from utils.run.data import fix_posterize
+from utils.run.demo import make_image_folder
 
 
 @pytest.fixture(scope='module')
@@ -71,7 +71,7 @@ def test_each_step_of_the_draw_order_matters(big_root, checkpoints, tmp_path, mo
                            batch_size=8, qwt_samples=16, workers=workers)
     flags = ('--model', 'deit_tiny', '--batch_size', '8', '--qwt_samples', '16', '--num_workers', str(workers))
     assert_same_inputs(dump('vit', big_root, checkpoints['deit_tiny'], str(tmp_path / 'a.pth'), *flags), ref)
-    from utils import pipeline
+    from utils.run import pipeline
     for name in ('replay_wrap_draws', 'replay_loader_iteration_draw'):
         with monkeypatch.context() as m:
             m.setattr(pipeline, name, lambda *a: None)
@@ -178,7 +178,7 @@ def test_seed_everything_seeds_every_generator_and_sets_cudnn():
     import random
 
     import numpy as np
-    from utils.pipeline import seed_everything
+    from utils.run.pipeline import seed_everything
     cudnn = torch.backends.cudnn
     with torch_flags((cudnn, 'benchmark', False), (cudnn, 'deterministic', False)):
         seed_everything(5)

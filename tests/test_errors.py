@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import run_script, save_random_checkpoint
-from utils import pipeline
-from utils.demo import make_image_folder
+from utils.run import cli, pipeline
+from utils.run.demo import make_image_folder
 
 
 @pytest.fixture(scope='module')
@@ -26,7 +26,7 @@ def deit_ckpt(tmp_path_factory):
 def fails(capsys, family, *args):
     """Run the entry point; assert exit code 2 and one line on stderr; return that line."""
     with pytest.raises(SystemExit) as exc:
-        pipeline.main(family, list(args))
+        cli.main(family, list(args))
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert 'Traceback' not in err
@@ -120,7 +120,7 @@ def test_bad_flag_values(capsys, image_root, family, args, message):
 
 def test_seed_up_to_2_to_the_32_minus_1(capsys, image_root):
     """numpy's seed range: --seed 4294967295 (2^32 - 1) is accepted, 4294967296 refused."""
-    from utils.cli import parse_args
+    from utils.run.cli import parse_args
     argv = ['--model', 'deit_tiny', '--data_dir', image_root, '--seed']
     assert parse_args('vit', argv + ['4294967295']).seed == 4294967295
     line = fails(capsys, 'vit', *argv, '4294967296')
@@ -196,14 +196,14 @@ def test_checkpoint_with_python_objects_needs_trust(capsys, image_root, tmp_path
     model = build_model('deit_tiny', checkpoint=full, trust_checkpoint=True)
     assert torch.equal(model.head.weight, state['head.weight'])
     assert unsafe == [True, False]
-    from utils.cli import parse_args
+    from utils.run.cli import parse_args
     args = parse_args('vit', quick(image_root, full, tmp_path, '--trust_checkpoint'))
     assert args.trust_checkpoint is True
     assert parse_args('vit', quick(image_root, full, tmp_path)).trust_checkpoint is False
     stop = RuntimeError('stop after loading the weights')
     monkeypatch.setattr(pipeline, 'repq_vit', lambda *a, **k: (_ for _ in ()).throw(stop))
     with pytest.raises(RuntimeError, match='stop after loading the weights'):
-        pipeline.main('vit', quick(image_root, full, tmp_path, '--trust_checkpoint'))
+        cli.main('vit', quick(image_root, full, tmp_path, '--trust_checkpoint'))
     assert unsafe[-1] is False
 
 
@@ -225,7 +225,7 @@ def test_offline_download_names_file_url_and_cache(image_root, tmp_path):
 
 def test_corrupt_cached_weights_say_delete(tmp_path, monkeypatch):
     from models import build_model
-    from utils.errors import UserError
+    from utils.core.errors import UserError
     monkeypatch.setenv('TORCH_HOME', str(tmp_path))
     cached = tmp_path / 'hub' / 'checkpoints' / 'deit_tiny_patch16_224-a1311bcf.pth'
     cached.parent.mkdir(parents=True)
@@ -235,7 +235,7 @@ def test_corrupt_cached_weights_say_delete(tmp_path, monkeypatch):
 
 
 def test_messages_are_one_line():
-    from utils.errors import ImageDecodeError, cause, one_line
+    from utils.core.errors import ImageDecodeError, cause, one_line
     wrapped = ImageDecodeError('Caught ImageDecodeError in DataLoader worker process 0.\nOriginal Traceback '
                                '(most recent call last):\n  File "x.py", line 1\nutils.errors.ImageDecodeError: '
                                'cannot decode image a.JPEG (OSError: truncated): replace or remove the file')
@@ -302,7 +302,7 @@ def test_a_bug_keeps_its_traceback(image_root, deit_ckpt, tmp_path, monkeypatch,
         raise exc
     monkeypatch.setattr(pipeline, 'repq_vit', bug)
     with pytest.raises(type(exc), match=str(exc)):
-        pipeline.main('vit', quick(image_root, deit_ckpt, tmp_path))
+        cli.main('vit', quick(image_root, deit_ckpt, tmp_path))
 
 
 # ---- nothing half-written ----------------------------------------------------------------------

@@ -8,7 +8,9 @@ import sys
 import pytest
 from PIL import Image
 
-from utils import figures, table
+from utils.table import figures
+
+from utils.table import results as table
 
 
 def results(seeds=(0, 1, 2)):

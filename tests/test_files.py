@@ -4,7 +4,7 @@ import stat
 
 import pytest
 
-from utils.files import write_atomic, write_text_atomic
+from utils.core.files import write_atomic, write_text_atomic
 
 
 def test_replaces_whole_file_without_leftovers(tmp_path):

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from conftest import ROOT, save_random_checkpoint
-from utils import cli, distributed
-from utils.demo import make_image_folder
-from utils.errors import UserError
+from utils.core import distributed
+from utils.run import cli
+from utils.run.demo import make_image_folder
+from utils.core.errors import UserError
 
 
 @pytest.fixture(scope='module')
@@ -189,7 +190,7 @@ def test_logged_command_is_quoted_and_reruns(tmp_path, tiny_ckpts):
 
 
 def test_flag_choices_are_the_librarys():
-    """utils/cli.py names the choices without importing the library (and torch): they must stay equal."""
+    """utils/run/cli.py names the choices without importing the library (and torch): they must stay equal."""
     from quant.qwt import ACCUMULATE
     from quant.regression import SOLVERS
     assert set(cli.SOLVER_CHOICES) == set(SOLVERS) and set(cli.ACCUMULATE_CHOICES) == set(ACCUMULATE)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import ROOT, save_random_checkpoint
-from utils.demo import make_image_folder
+from utils.run.demo import make_image_folder
 
 PUBLISHED = os.path.normpath(os.path.join(ROOT, '..', 'shared', 'published-qwt'))
 pytestmark = pytest.mark.skipif(

@@ -215,7 +215,7 @@ def _gate_case(seed=5, batches=2, tokens=10, c=4):
 
 
 def _fit(accumulate, block, xs, solver='inverse'):
-    from utils.timing import Stopwatch
+    from utils.core.timing import Stopwatch
     fit = qwt_module._fit_block_normal if accumulate == 'normal' else qwt_module._fit_block_concat
     return fit(block, [x.clone() for x in xs], True, solver, Stopwatch('cpu', ('passes', 'fit')))
 
@@ -259,7 +259,7 @@ def test_fit_of_a_width_changing_block(accumulate, batches):
     assert fit.r2 == pytest.approx(r2_ref, abs=1e-5) and fit.rms == pytest.approx(rms_ref, rel=1e-5)
     for x, out in zip(xs, fit.outs):
         torch.testing.assert_close(out, 2 * x[..., :3] - noise + x @ fit.weight + fit.bias)
-    from utils.timing import Stopwatch
+    from utils.core.timing import Stopwatch
     fit_fn = qwt_module._fit_block_normal if accumulate == 'normal' else qwt_module._fit_block_concat
     set_quant_state(block, False, False)  # the fit switches the block's quantization on itself
     skipped = fit_fn(block, [x.clone() for x in xs], False, 'inverse', Stopwatch('cpu', ('passes', 'fit')))
@@ -584,7 +584,7 @@ def test_one_pass_evaluation_equals_two_passes():
     """Both models evaluated on each batch give the counts of two separate passes over the data."""
     from torch.utils.data import DataLoader, TensorDataset
     from quant import set_compensation
-    from utils.evaluate import evaluate
+    from utils.run.evaluate import evaluate
     q = _quantized('vit')
     model = copy.deepcopy(q['model'])
     qwt_compensate(model, q['images'], batch_size=4)

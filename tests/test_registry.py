@@ -5,7 +5,7 @@ import timm
 from timm.models.registry import _model_default_cfgs
 
 from models.registry import MODELS, ModelSpec, resolve_model
-from utils.errors import UserError
+from utils.core.errors import UserError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)

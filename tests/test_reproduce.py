@@ -13,8 +13,12 @@ import time
 import pytest
 
 from conftest import ROOT, save_random_checkpoint
-from utils import figures, reproduce
-from utils.demo import make_image_folder
+from utils.table import figures
+from utils.runner import cells as table_cells
+from utils.runner import flags as runner_flags
+from utils.runner import local, progress
+from utils.runner import command as reproduce
+from utils.run.demo import make_image_folder
 
 STAND_IN = os.path.join(ROOT, 'tests', 'stand_in_entry.py')
 TINY_ENTRY = os.path.join(ROOT, 'tests', 'tiny_entry.py')
@@ -60,17 +64,17 @@ def test_plan_of_a_flag_set(data_dir, tmp_path, monkeypatch):
     os.makedirs(ckpts)
     (ckpts / 'deit_tiny_patch16_224-a1311bcf.pth').write_bytes(b'')  # only checked for existence at plan time
     out = tmp_path / 'out'
-    args = reproduce.build_parser().parse_args(
+    args = runner_flags.build_parser().parse_args(
         ['--data_dir', data_dir, '--models', 'deit_tiny', 'swin_tiny_patch4_window7_224', '--bits', '4', '4/8',
          '--seeds', '0', '1', '--device', 'cpu', '--parallel', '2', '--output_dir', str(out), '--checkpoint_dir',
          str(ckpts)])
-    cells, launch = reproduce.plan(args, ['--qwt_samples', '64'])
+    cells, launch = table_cells.plan(args, ['--qwt_samples', '64'])
     assert [c.label for c in cells] == [
         'deit_tiny FP', 'deit_tiny W4/A4 seed 0', 'deit_tiny W4/A4 seed 1', 'deit_tiny W4/A8 seed 0',
         'deit_tiny W4/A8 seed 1', 'swin_tiny FP', 'swin_tiny W4/A4 seed 0', 'swin_tiny W4/A4 seed 1',
         'swin_tiny W4/A8 seed 0', 'swin_tiny W4/A8 seed 1']
     cores = len(os.sched_getaffinity(0))
-    assert launch == reproduce.Launch('cpu', (None, None), 1, max(1, cores // 2))
+    assert launch == runner_flags.Launch('cpu', (None, None), 1, max(1, cores // 2))
     deit = cells[3]
     assert deit.script == os.path.join(ROOT, 'qwt_vit_and_deit.py') and cells[6].script == os.path.join(ROOT, 'qwt_swin.py')
     assert deit.folder == str(out / 'deit_tiny_w4a8_seed0')
@@ -83,23 +87,23 @@ def test_plan_of_a_flag_set(data_dir, tmp_path, monkeypatch):
     assert all(c.blocked == f'swin_tiny: no swin_tiny_patch4_window7_224.pth in {ckpts} (download '
                             'https://github.com/SwinTransformer/storage/releases/download/v1.0.0/'
                             'swin_tiny_patch4_window7_224.pth)' for c in cells[5:])
-    argv, child_env = reproduce.command(deit, launch, 1)
+    argv, child_env = local.command(deit, launch, 1)
     assert argv == [sys.executable, deit.script, *deit.flags]
     assert child_env['OMP_NUM_THREADS'] == str(max(1, cores // 2)) and 'CUDA_VISIBLE_DEVICES' not in child_env
-    assert reproduce.identity(deit, launch) == {
+    assert table_cells.identity(deit, launch) == {
         'format': 1, 'script': 'qwt_vit_and_deit.py', 'flags': [f for f in deit.flags if f not in ('--output_dir',
                                                                                                    deit.folder)],
         'device': 'cpu', 'procs': 1}
 
 
 def test_plan_on_gpus(data_dir, tmp_path):
-    args = reproduce.build_parser().parse_args(['--data_dir', data_dir, '--models', 'swin_small', '--seeds', '3',
+    args = runner_flags.build_parser().parse_args(['--data_dir', data_dir, '--models', 'swin_small', '--seeds', '3',
                                                 '--gpus', '0,1,2,3', '4', '--gpus_per_run', '2',
                                                 '--output_dir', str(tmp_path)])
-    cells, launch = reproduce.plan(args)
+    cells, launch = table_cells.plan(args)
     assert launch.slots == (('0', '1'), ('2', '3')) and launch.procs == 2  # GPU 4 is left over
     assert [c.label for c in cells] == ['swin_small FP', 'swin_small W4/A4 seed 3', 'swin_small W6/A6 seed 3']
-    argv, child_env = reproduce.command(cells[2], launch, 1)
+    argv, child_env = local.command(cells[2], launch, 1)
     assert argv == [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
                     os.path.join(ROOT, 'qwt_swin.py'), *cells[2].flags]
     assert child_env['CUDA_VISIBLE_DEVICES'] == '2,3' and '--device' in cells[2].flags
@@ -107,7 +111,7 @@ def test_plan_on_gpus(data_dir, tmp_path):
 
 
 def test_default_plan_is_the_whole_table(data_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(reproduce, 'visible_gpus', lambda: ['0', '1', '2', '3', '4', '5', '6', '7'])
+    monkeypatch.setattr(runner_flags, 'visible_gpus', lambda: ['0', '1', '2', '3', '4', '5', '6', '7'])
     code, out, err = reproduce_main(capsys, '--data_dir', data_dir, '--output_dir', str(tmp_path), '--dry_run')
     assert code == 0, err
     lines = out.splitlines()
@@ -148,7 +152,7 @@ def test_default_plan_is_the_whole_table(data_dir, tmp_path, capsys, monkeypatch
     (['--device', 'cpu', '--checkpoint_dir', '/no/such/dir'], '--checkpoint_dir /no/such/dir is not a directory'),
 ])
 def test_usage_errors(data_dir, tmp_path, capsys, monkeypatch, argv, message):
-    monkeypatch.setattr(reproduce, 'visible_gpus', lambda: [])
+    monkeypatch.setattr(runner_flags, 'visible_gpus', lambda: [])
     code, out, err = reproduce_main(capsys, '--data_dir', data_dir, '--output_dir', str(tmp_path), *argv)
     assert code == 2 and out == ''
     assert err.startswith('error: ') and err.count('\n') == 1
@@ -162,7 +166,7 @@ def test_data_dir_is_required(capsys):
 
 def test_exactly_gpus_per_run_gpus_is_one_slot(data_dir, tmp_path, capsys, monkeypatch):
     """Two GPUs visible and --gpus_per_run 2: one slot of both GPUs, not 'needs at least 2 GPUs'."""
-    monkeypatch.setattr(reproduce, 'visible_gpus', lambda: ['0', '1'])
+    monkeypatch.setattr(runner_flags, 'visible_gpus', lambda: ['0', '1'])
     code, out, err = reproduce_main(capsys, '--data_dir', data_dir, '--output_dir', str(tmp_path), '--models',
                                     'deit_tiny', '--bits', '4', '--gpus_per_run', '2', '--dry_run')
     assert (code, err) == (0, '')
@@ -200,9 +204,9 @@ def test_seeds_up_to_2_to_the_32_minus_1(data_dir, tmp_path, capsys):
 @pytest.mark.parametrize('flags', [['--seeds', '0', '0'], ['--bits', '4', '4/4']])
 def test_a_repeated_seed_or_bit_width_is_one_cell(data_dir, tmp_path, flags):
     """'4' and '4/4' are both W4/A4: each cell is planned once, in one folder."""
-    args = reproduce.build_parser().parse_args(cpu_args(data_dir, tmp_path, '--models', 'deit_tiny', '--bits', '4',
+    args = runner_flags.build_parser().parse_args(cpu_args(data_dir, tmp_path, '--models', 'deit_tiny', '--bits', '4',
                                                         *flags))
-    cells, _ = reproduce.plan(args)
+    cells, _ = table_cells.plan(args)
     assert [c.label for c in cells] == ['deit_tiny FP', 'deit_tiny W4/A4 seed 0']
 
 
@@ -218,12 +222,12 @@ def test_cpu_cell_threads_are_cores_over_parallel(data_dir, tmp_path, monkeypatc
     else:
         monkeypatch.delattr(os, 'sched_getaffinity', raising=False)
         monkeypatch.setattr(os, 'cpu_count', lambda: 8)
-    args = reproduce.build_parser().parse_args(cpu_args(data_dir, tmp_path, '--models', 'deit_tiny', '--bits', '4',
+    args = runner_flags.build_parser().parse_args(cpu_args(data_dir, tmp_path, '--models', 'deit_tiny', '--bits', '4',
                                                         '--parallel', str(parallel)))
-    cells, launch = reproduce.plan(args)
+    cells, launch = table_cells.plan(args)
     assert len(launch.slots) == parallel
     for slot in (0, parallel - 1):
-        _, child_env = reproduce.command(cells[1], launch, slot)
+        _, child_env = local.command(cells[1], launch, slot)
         assert child_env['OMP_NUM_THREADS'] == threads
 
 
@@ -273,10 +277,10 @@ def test_a_cell_done_with_other_processes_per_cell_runs_again(data_dir, tmp_path
     import hashlib
 
     def planned(gpus_per_run):
-        args = reproduce.build_parser().parse_args(['--data_dir', data_dir, '--output_dir', str(tmp_path), '--models',
+        args = runner_flags.build_parser().parse_args(['--data_dir', data_dir, '--output_dir', str(tmp_path), '--models',
                                                     'deit_tiny', '--bits', '4', '--gpus', '0', '1', '--gpus_per_run',
                                                     str(gpus_per_run)])
-        cells, launch = reproduce.plan(args)
+        cells, launch = table_cells.plan(args)
         return cells[1], launch
 
     cell, launch_done = planned(done_with)
@@ -293,9 +297,9 @@ def test_a_cell_done_with_other_processes_per_cell_runs_again(data_dir, tmp_path
               'result_sha256': hashlib.sha256(open(cell.result_path, 'rb').read()).hexdigest()}
     with open(cell.cell_path, 'w') as f:
         json.dump(record, f)
-    state, detail, _ = reproduce.cell_state(cell, launch_done)
+    state, detail, _ = table_cells.cell_state(cell, launch_done)
     assert (state, detail) == ('done', '(1m15s)')
-    assert reproduce.cell_state(cell, launch_asked) == ('to run', 'other flags last time', None)
+    assert table_cells.cell_state(cell, launch_asked) == ('to run', 'other flags last time', None)
 
 
 def test_two_cells_run_at_once(data_dir, tmp_path, capsys, env):
@@ -360,7 +364,7 @@ def test_ctrl_c_stops_every_child_and_keeps_finished_cells(data_dir, tmp_path, c
     finished = (tmp_path / 'deit_tiny_w4a4_seed0' / 'result.json').read_text()
     monkeypatch.setenv('STAND_IN_SLEEP', '60')
     monkeypatch.setenv('STAND_IN_DEAF', '1')  # the children ignore SIGINT: SIGKILL after the grace time
-    monkeypatch.setattr(reproduce, 'STOP_GRACE_S', 1.0)
+    monkeypatch.setattr(local, 'STOP_GRACE_S', 1.0)
     pids = []
 
     def interrupt_when_both_run():
@@ -440,21 +444,21 @@ def test_a_failing_cell_is_reported_and_the_others_finish(data_dir, tmp_path, ca
 
 def test_estimate_from_finished_cells():
     def cell(model, kind, seed=0):
-        return reproduce.Cell(model, model, 'vit', kind, None if kind == 'fp' else 4, 4, seed, f'/x/{model}{kind}{seed}',
+        return table_cells.Cell(model, model, 'vit', kind, None if kind == 'fp' else 4, 4, seed, f'/x/{model}{kind}{seed}',
                               'script', ())
     deit_fp, deit_q, swin_fp, swin_q = cell('deit', 'fp'), cell('deit', 'quant'), cell('swin', 'fp'), cell('swin', 'quant')
-    assert reproduce.estimate([deit_q], [], [], 2) is None  # nothing finished yet
+    assert progress.estimate([deit_q], [], [], 2) is None  # nothing finished yet
     # only an FP cell timed: a quantized cell is guessed at least as long as it (a rough lower bound)
-    assert reproduce.estimate([deit_q], [], [(deit_fp, 16.0)], 2) == (16.0, True)
+    assert progress.estimate([deit_q], [], [(deit_fp, 16.0)], 2) == (16.0, True)
     timed = [(deit_fp, 16.0), (deit_q, 80.0), (deit_q, 96.0), (swin_fp, 42.0)]
     # deit quantized: the mean 88 of its own cells, three of them on two slots: 264 / 2
-    assert reproduce.estimate([deit_q] * 3, [], timed, 2) == (132.0, False)
+    assert progress.estimate([deit_q] * 3, [], timed, 2) == (132.0, False)
     # swin quantized, never timed: 88 scaled by the FP cells, 42 / 16; one running for 100 s already
-    job = reproduce.Job(swin_q, 0, None, start=1000.0 - 100, started_at=0.0)
-    left, rough = reproduce.estimate([swin_q, swin_q], [job], timed, 2, now=1000.0)
+    job = local.Job(swin_q, 0, None, start=1000.0 - 100, started_at=0.0)
+    left, rough = progress.estimate([swin_q, swin_q], [job], timed, 2, now=1000.0)
     assert not rough and left == pytest.approx((231.0 + 231.0 + 131.0) / 2)
     # a single long cell bounds the time from below, however many slots
-    assert reproduce.estimate([swin_q], [], timed, 8)[0] == pytest.approx(231.0)
+    assert progress.estimate([swin_q], [], timed, 8)[0] == pytest.approx(231.0)
 
 
 def test_estimate_is_never_below_the_longest_cell_left():
@@ -462,13 +466,13 @@ def test_estimate_is_never_below_the_longest_cell_left():
     spread over 4 slots is 125, but the swin cell alone takes 300. With swin running for 50 s (250 s left) and
     two deit cells to start: 450 / 4 = 112.5, but 250."""
     def cell(model, kind):
-        return reproduce.Cell(model, model, 'vit', kind, None if kind == 'fp' else 4, 4, 0, f'/x/{model}{kind}',
+        return table_cells.Cell(model, model, 'vit', kind, None if kind == 'fp' else 4, 4, 0, f'/x/{model}{kind}',
                               'script', ())
     deit_q, swin_q = cell('deit', 'quant'), cell('swin', 'quant')
     timed = [(cell('deit', 'fp'), 10.0), (deit_q, 100.0), (cell('swin', 'fp'), 30.0), (swin_q, 300.0)]
-    assert reproduce.estimate([deit_q, deit_q, swin_q], [], timed, 4) == (300.0, False)
-    job = reproduce.Job(swin_q, 0, None, start=1000.0 - 50, started_at=0.0)
-    assert reproduce.estimate([deit_q, deit_q], [job], timed, 4, now=1000.0) == (250.0, False)
+    assert progress.estimate([deit_q, deit_q, swin_q], [], timed, 4) == (300.0, False)
+    job = local.Job(swin_q, 0, None, start=1000.0 - 50, started_at=0.0)
+    assert progress.estimate([deit_q, deit_q], [job], timed, 4, now=1000.0) == (250.0, False)
 
 
 def test_a_missing_checkpoint_blocks_only_its_model(data_dir, tmp_path, capsys, env):

@@ -10,8 +10,8 @@ from conftest import make_tiny_swin, make_tiny_vit, save_random_checkpoint
 from quant import qwt_compensate, repq_vit
 from quant.layers import quantizers
 from quant.saved_model import FORMAT, VERSION, load_quantized, read_saved, save_quantized
-from utils import pipeline
-from utils.errors import UserError
+from utils.run import cli, pipeline
+from utils.core.errors import UserError
 
 
 @functools.lru_cache(maxsize=None)
@@ -94,11 +94,11 @@ def fake_saved(path, timm_name='deit_tiny_patch16_224', w_bits=4, a_bits=4, vers
     ('vit', {'version': 99}, [], 'has format version 99; this code reads versions 1 and 2: re-run --save'),
 ])
 def test_load_conflicts(capsys, tmp_path, family, saved, flags, message):
-    from utils.demo import make_image_folder
+    from utils.run.demo import make_image_folder
     path = fake_saved(str(tmp_path / 's.pth'), **saved)
     root = make_image_folder(str(tmp_path / 'd'))
     with pytest.raises(SystemExit) as exc:
-        pipeline.main(family, ['--load', path, '--data_dir', root, '--allow_class_subset', '--output_dir', str(tmp_path / 'o'), *flags])
+        cli.main(family, ['--load', path, '--data_dir', root, '--allow_class_subset', '--output_dir', str(tmp_path / 'o'), *flags])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -283,7 +283,7 @@ def test_load_file_with_python_objects_needs_trust(tmp_path):
 def test_trust_checkpoint_flag_reaches_load(tmp_path, capsys, monkeypatch):
     """--load of a file with Python objects: a one-line error without the flag; with it, it is read."""
     import argparse
-    from utils.demo import make_image_folder
+    from utils.run.demo import make_image_folder
     path = str(tmp_path / 's.pth')
     torch.save({'format': FORMAT, 'version': VERSION, 'model': 'x', 'timm_name': 'deit_tiny_patch16_224',
                 'w_bits': 4, 'a_bits': 4, 'compensated': True, 'state_dict': {},
@@ -291,12 +291,12 @@ def test_trust_checkpoint_flag_reaches_load(tmp_path, capsys, monkeypatch):
     root = make_image_folder(str(tmp_path / 'd'))
     argv = ['--load', path, '--data_dir', root, '--allow_class_subset', '--output_dir', str(tmp_path / 'o')]
     with pytest.raises(SystemExit) as exc:
-        pipeline.main('vit', argv)
+        cli.main('vit', argv)
     assert exc.value.code == 2
     assert capsys.readouterr().err.strip().endswith('or pass --trust_checkpoint if you trust the file')
     seen = []
     monkeypatch.setattr(pipeline, 'load_quantized', lambda *a, **k: seen.append(a[2]) or (_ for _ in ()).throw(
         UserError('stop here')))
     with pytest.raises(SystemExit):
-        pipeline.main('vit', argv + ['--trust_checkpoint'])
+        cli.main('vit', argv + ['--trust_checkpoint'])
     assert len(seen) == 1 and isinstance(seen[0]['meta']['args'], argparse.Namespace)

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import run_script, save_random_checkpoint
-from utils.demo import make_image_folder
+from utils.run.demo import make_image_folder
 
 RESULT_KEYS = {'model', 'timm_name', 'w_bits', 'a_bits', 'seed', 'world_size', 'num_val', 'repq_top1', 'repq_top5',
                'qwt_top1', 'qwt_top5', 'repq_size_mb', 'qwt_size_mb', 'timings', 'versions'}
@@ -94,7 +94,7 @@ def check_save_load(script, result, saved, image_root, tmp_path):
     ('vit', ['--model', 'deit_tiny', '--start_block', '-1'], '--start_block must be >= 0'),
 ])
 def test_bad_flags_are_one_line_errors(image_root, capsys, family, args, message):
-    from utils.cli import parse_args
+    from utils.run.cli import parse_args
     with pytest.raises(SystemExit) as exc:
         parse_args(family, ['--data_dir', image_root, *args])
     assert exc.value.code == 2
@@ -102,7 +102,7 @@ def test_bad_flags_are_one_line_errors(image_root, capsys, family, args, message
 
 
 def test_missing_data_dir_is_a_clear_error(capsys):
-    from utils.cli import parse_args
+    from utils.run.cli import parse_args
     with pytest.raises(SystemExit) as exc:
         parse_args('vit', ['--model', 'deit_tiny', '--data_dir', '/no/such/dir'])
     assert exc.value.code == 2
@@ -110,7 +110,7 @@ def test_missing_data_dir_is_a_clear_error(capsys):
 
 
 def test_flag_aliases_and_defaults(image_root):
-    from utils.cli import parse_args
+    from utils.run.cli import parse_args
     a = parse_args('vit', ['--model', 'deit_small', '--data_dir', image_root, '--w_bits', '6', '--a_bit', '6',
                            '--local-rank', '3'])
     assert (a.w_bits, a.a_bits, a.local_rank) == (6, 6, 3)

@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from utils import table
-from utils.errors import UserError
+from utils.table import results as table
+from utils.core.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_CSV = os.path.join(ROOT, '..', 'shared', 'paper-results.csv')
@@ -172,7 +172,7 @@ def test_newest_run_of_a_configuration_and_seed_wins(tmp_path):
 
 def test_a_run_that_measured_nothing_stays_out_like_eval_none(tmp_path):
     """--eval qwt on a --load file saved without QwT evaluates nothing: its result.json has eval 'qwt' and
-    null accuracies (utils/pipeline.py make_result). Like an --eval none run it is left out by default, and
+    null accuracies (utils/run/pipeline.py make_result). Like an --eval none run it is left out by default, and
     the n column counts only the run with accuracies."""
     nothing = result(repq=None, qwt=None, seed=1, eval='qwt', weights='loaded', source_weights='pretrained',
                      loaded_from='deit_small_w4a4.pth', repq_top5=None, qwt_top5=None, num_qwt=None, qwt_blocks=[])

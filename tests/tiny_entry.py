@@ -6,7 +6,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import conftest  # noqa: E402,F401  (registers the tiny models; puts the repository on sys.path)
-from utils.cli import main  # noqa: E402
+from utils.run.cli import main  # noqa: E402
 
 if __name__ == '__main__':
     model = sys.argv[sys.argv.index('--model') + 1] if '--model' in sys.argv else ''

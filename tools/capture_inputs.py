@@ -23,16 +23,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from utils.cli import quiet_known_warnings  # noqa: E402
+from utils.run.cli import quiet_known_warnings  # noqa: E402
 
 quiet_known_warnings()  # timm 0.4.12's, before it is imported
 import torch  # noqa: E402
 
-from utils.capture import capture_inputs, compare_inputs, cuda_on_cpu  # noqa: E402
-from utils.data import fix_posterize  # noqa: E402
-from utils.environment import env_int  # noqa: E402
-from utils.errors import UserError  # noqa: E402
-from utils.files import rank_path, write_atomic  # noqa: E402
+from utils.table.capture import capture_inputs, compare_inputs, cuda_on_cpu  # noqa: E402
+from utils.run.data import fix_posterize  # noqa: E402
+from utils.core.environment import env_int  # noqa: E402
+from utils.core.errors import UserError  # noqa: E402
+from utils.core.files import rank_path, write_atomic  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -19,9 +19,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from utils import figures, table  # noqa: E402
-from utils.errors import UserError  # noqa: E402
-from utils.files import write_text_atomic  # noqa: E402
+from utils.core.errors import UserError  # noqa: E402
+from utils.table import figures  # noqa: E402
+from utils.table import results as table  # noqa: E402
+from utils.table.write import write_table  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -48,18 +49,10 @@ def main(argv=None):
         rows, warnings = table.build_rows(table.load_paper(args.paper), results, args.only_results, include=include)
         for w in warnings:
             print(f'warning: {w}', file=sys.stderr)
-        md = table.to_markdown(rows)
-        write_text_atomic(args.output + '.md', md)
-        write_text_atomic(args.output + '.csv', table.to_csv(rows))
-        written = [args.output + '.md', args.output + '.csv']
-        if figures.results_figure(rows, args.output + '.png'):
-            written.append(args.output + '.png')
-            if args.r2:
-                kept, _ = table.select(results, include)
-                for r in kept:
-                    if not table.is_fp(r):
-                        figures.r2_figure(r, os.path.join(os.path.dirname(r['path']), 'r2.png'))
-                written.append(f'r2.png next to {sum(not table.is_fp(r) for r in kept)} result.json file(s)')
+        r2 = [r for r in table.select(results, include)[0] if not table.is_fp(r)] if args.r2 else []
+        md, written, n_r2 = write_table(rows, args.output, r2)
+        if args.r2 and len(written) > 2:
+            written.append(f'r2.png next to {n_r2} result.json file(s)')
     except (UserError, OSError) as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)

@@ -12,8 +12,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.errors import UserError  # noqa: E402
-from utils.imagenet import devkit_labels, kaggle_labels, sort_val  # noqa: E402
+from utils.core.errors import UserError  # noqa: E402
+from utils.run.imagenet import devkit_labels, kaggle_labels, sort_val  # noqa: E402
 
 
 def main(argv=None):

@@ -13,7 +13,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated')  # timm 0.4.12 on a new torch
-from utils.reproduce import main  # noqa: E402
+from utils.runner.command import main  # noqa: E402
 
 if __name__ == '__main__':
     sys.exit(main())

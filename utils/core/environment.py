@@ -1,7 +1,7 @@
 """Launcher variables (torchrun, torch.distributed.launch), read without importing torch."""
 import os
 
-from utils.errors import UserError
+from utils.core.errors import UserError
 
 
 def env_int(name, default):

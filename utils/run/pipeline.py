@@ -19,17 +19,18 @@ from quant import model_size_mb, qwt_compensate, repq_vit, set_compensation
 from quant.qwt import compensated_blocks
 from quant.saved_model import load_quantized, read_saved, save_quantized
 from quant.wrap import replay_wrap_draws
-from utils import distributed, table
-from utils.allocator import keep_freed_memory
-from utils.cli import FAMILY_SCRIPTS, parse_args
-from utils.data import (ImageLog, eval_loader, eval_transform, image_dataset, replay_loader_iteration_draw,
+from utils.core import distributed
+from utils.table import results as table
+from utils.core.allocator import keep_freed_memory
+from utils.run.naming import FAMILY_SCRIPTS, output_folder
+from utils.run.data import (ImageLog, eval_loader, eval_transform, image_dataset, replay_loader_iteration_draw,
                         train_loader, train_transform, val_subset)
-from utils.demo import make_demo_data
-from utils.errors import UserError, one_line
-from utils.evaluate import evaluate
-from utils.files import rank_path, write_atomic, write_text_atomic
-from utils.logs import log_to_file, setup_logging, teardown_logging
-from utils.timing import Stopwatch
+from utils.run.demo import make_demo_data
+from utils.core.errors import UserError, one_line
+from utils.run.evaluate import evaluate
+from utils.core.files import rank_path, write_atomic, write_text_atomic
+from utils.run.logs import log_to_file, setup_logging, teardown_logging
+from utils.core.timing import Stopwatch
 
 _logger = logging.getLogger('qwt')
 VARIANTS = {'both': ('repq', 'qwt'), 'repq': ('repq',), 'qwt': ('qwt',), 'none': (), 'fp': ('fp',)}
@@ -99,8 +100,7 @@ def prepare(args, family):
     payload = read_saved(args.load, trust=args.trust_checkpoint) if args.load else None
     spec, w_bits, a_bits = resolve_run_model(args, family, payload)
     if args.output_dir is None:  # --load: name the folder after the saved model
-        args = argparse.Namespace(**{**vars(args), 'output_dir': os.path.join(
-            'output', f"{spec.name}_w{w_bits}a{a_bits}_loaded")})
+        args = argparse.Namespace(**{**vars(args), 'output_dir': output_folder(spec.name, w_bits, a_bits, loaded=True)})
     dist_info = distributed.init_distributed(args.device, args.local_rank)
     if dist_info.device.type == 'cpu':
         keep_freed_memory()
@@ -201,21 +201,39 @@ def progress(iterable, run, desc, total=None):
 
 # ---- the stages ----------------------------------------------------------------------------------
 
-def quantize(run, splits):
-    """SPEC §1b steps 2-7 around RepQ-ViT and QwT. Returns (model, weights, meta: how the model was made,
-    also stored by --save, accuracies of an evaluation made before QwT, stage seconds); with
-    --dump_inputs, writes the inputs and returns None."""
-    args, timer = run.args, run.timer
-    with timer('calibration_data'):
+@dataclass
+class Quantized:
+    """What RepQ-ViT + QwT made."""
+    model: object
+    weights: str             # where the float weights came from
+    meta: dict               # how the model was made (also stored by --save)
+    accuracy: dict           # of an evaluation made before QwT (--eval repq), else empty
+    stage_times: dict        # seconds of the calibration and QwT stages
+
+
+def calibration_and_model(run, splits):
+    """SPEC §1b steps 2-3: the calibration batch (before any model), then the float model."""
+    with run.timer('calibration_data'):
         calib, calib_files = calibration_batch(run, splits.train)
-    with timer('build'):
+    with run.timer('build'):
         model, weights = build_float_model(run)
-    if args.dump_inputs:
-        replay_wrap_draws(model)  # step 4's draws; calibration (step 5) makes none
-        replay_loader_iteration_draw()  # step 6: the RepQ-ViT evaluation's loader
-        images, qwt_files = qwt_batches(run, splits.train)
-        dump_inputs(run, calib, calib_files, images, qwt_files)
-        return None
+    return calib, calib_files, model, weights
+
+
+def draw_inputs(run, splits):
+    """--dump_inputs: every draw of SPEC §1b up to the QwT images, as a full run makes them, then the
+    calibration batch and QwT images written for comparison with the published run."""
+    calib, calib_files, model, _ = calibration_and_model(run, splits)
+    replay_wrap_draws(model)  # step 4's draws; calibration (step 5) makes none
+    replay_loader_iteration_draw()  # step 6: the RepQ-ViT evaluation's loader
+    images, qwt_files = qwt_batches(run, splits.train)
+    dump_inputs(run, calib, calib_files, images, qwt_files)
+
+
+def quantize(run, splits):
+    """SPEC §1b steps 2-7 around RepQ-ViT and QwT: a Quantized."""
+    args, timer = run.args, run.timer
+    calib, calib_files, model, weights = calibration_and_model(run, splits)
     repq_times = {}
     with timer('repq'):  # steps 4 and 5
         repq_vit(model, calib, run.w_bits, run.a_bits, per_channel_loop=args.calib_search == 'per_channel',
@@ -247,7 +265,7 @@ def quantize(run, splits):
         _logger.info('saved the quantized model to %s', args.save)
     stage_times = {**{f'repq_{k}': round(v, 3) for k, v in repq_times.items()},
                    **{f'qwt_{k}': round(v, 3) for k, v in qwt_times.items()}}
-    return model, weights, meta, early, stage_times
+    return Quantized(model, weights, meta, early, stage_times)
 
 
 def dump_inputs(run, calib, calib_files, images, qwt_files):
@@ -297,11 +315,12 @@ def run(args, family):
     elif args.eval == 'fp':
         with r.timer('build'):
             model, weights = build_float_model(r)
+    elif args.dump_inputs:
+        draw_inputs(r, splits)
+        return None  # --dump_inputs ends the run here, before calibration
     else:
-        out = quantize(r, splits)
-        if out is None:
-            return None
-        model, weights, meta, accuracy, stage_times = out
+        q = quantize(r, splits)
+        model, weights, meta, accuracy, stage_times = q.model, q.weights, q.meta, q.accuracy, q.stage_times
     wanted = [v for v in VARIANTS[args.eval] if v not in accuracy]
     if not compensated_blocks(model):  # a --load file saved without QwT
         wanted = [w for w in wanted if w != 'qwt']
@@ -381,12 +400,10 @@ def _out_of_memory(e):
     return isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e)
 
 
-def main(family, args=None):
-    """Run parsed ``args`` (or parse ``sys.argv``), then clean up. A UserError, or running out of memory,
-    exits 2 with one line on stderr and no traceback (QWT_TRACEBACK=1 shows it); anything else is a bug
-    and keeps its traceback; Ctrl-C exits 130."""
-    if args is None or isinstance(args, (list, tuple)):
-        args = parse_args(family, args)
+def main(family, args):
+    """Run parsed ``args`` (utils.run.cli.parse_args), then clean up. A UserError, or running out of
+    memory, exits 2 with one line on stderr and no traceback (QWT_TRACEBACK=1 shows it); anything else is
+    a bug and keeps its traceback; Ctrl-C exits 130."""
     try:
         return run(args, family)
     except KeyboardInterrupt:

@@ -6,11 +6,11 @@ import sys
 import warnings
 
 from models.registry import resolve_model, table_names
-from utils.demo import DEMO_DEFAULTS
-from utils.environment import env_int
-from utils.errors import UserError
+from utils.run.demo import DEMO_DEFAULTS
+from utils.run.naming import FAMILY_SCRIPTS, output_folder
+from utils.core.environment import env_int
+from utils.core.errors import UserError
 
-FAMILY_SCRIPTS = {'vit': 'qwt_vit_and_deit.py', 'swin': 'qwt_swin.py'}
 EVAL_CHOICES = ('both', 'repq', 'qwt', 'none', 'fp')
 SOLVER_CHOICES = ('inverse', 'lstsq')      # quant.regression.SOLVERS
 ACCUMULATE_CHOICES = ('concat', 'normal')  # quant.qwt.ACCUMULATE
@@ -24,7 +24,17 @@ EVAL_WORKERS = min(8, os.cpu_count() or 1)
 
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser that remembers which spelling of each option the user typed, so messages name
-    the flag as given (``--w_bit``, not ``--w_bits``)."""
+    the flag as given (``--w_bit``, not ``--w_bits``). With ``raise_errors`` a usage error is raised as a
+    UserError instead of exiting (the table runner checks its cells' flags with this parser)."""
+
+    def __init__(self, *a, raise_errors=False, **k):
+        super().__init__(*a, **k)
+        self.raise_errors = raise_errors
+
+    def error(self, message):
+        if self.raise_errors:
+            raise UserError(message)
+        super().error(message)
 
     def parse_args(self, args=None, namespace=None):
         argv = sys.argv[1:] if args is None else list(args)
@@ -43,8 +53,8 @@ def flag(args, dest):
     return getattr(args, '_typed', {}).get(dest, '--' + dest)
 
 
-def build_parser(family):
-    p = Parser(prog=FAMILY_SCRIPTS[family],
+def build_parser(family, raise_errors=False):
+    p = Parser(raise_errors=raise_errors, prog=FAMILY_SCRIPTS[family],
                description='RepQ-ViT post-training quantization, then QwT compensation, evaluated on ImageNet.')
     p.add_argument('--model', default=None, help=f"{', '.join(table_names(family))}, or a full timm 0.4.12 name")
     p.add_argument('--data_dir', default=None, help='ImageNet root holding train/<class>/* and val/<class>/*')
@@ -120,14 +130,15 @@ def parse_args(family, argv=None):
         parser.set_defaults(**DEMO_DEFAULTS[family])
     args = parser.parse_args(argv)
     try:
-        check_args(args, family)
+        check_args(args, family, env_int('WORLD_SIZE', 1))
     except UserError as e:
         parser.error(str(e))
-    return args
+    return fill_defaults(args)
 
 
-def check_args(args, family):
-    """Raise UserError for the first problem with the flags that needs no data and no weights."""
+def check_args(args, family, world_size):
+    """Raise UserError for the first problem with the flags that needs no data and no weights, for a run
+    over ``world_size`` processes. Changes nothing."""
     if args.model is None and args.load is None:
         raise UserError(f"--model is required ({', '.join(table_names(family))}), unless --load PATH or --demo")
     if args.data_dir is None and not args.demo:
@@ -152,7 +163,7 @@ def check_args(args, family):
         problem = path is not None and unwritable(path)
         if problem:
             raise UserError(f"--{dest} {path}: {problem}; choose another path (checked now, so that no work is lost)")
-    world = env_int('WORLD_SIZE', 1)
+    world = world_size
     step = args.batch_size * world  # SPEC §3: qwt_samples // batch // world_size batches per process
     if args.load is None and args.eval != 'fp' and args.qwt_samples % step:
         below, above = args.qwt_samples // step * step, (args.qwt_samples // step + 1) * step
@@ -178,11 +189,17 @@ def check_args(args, family):
         spec = resolve_model(args.model, family)
         if spec.family != family:
             raise UserError(f"--model {args.model} is a {spec.family} model: run it with {FAMILY_SCRIPTS[spec.family]}")
-    if args.load is None:  # with --load the file has the bits; flags given must agree with it
+
+
+def fill_defaults(args):
+    """The defaults that depend on other flags: bit widths (unless --load, whose file has them) and the
+    output folder (--load's is named once the file is read). Returns ``args``."""
+    if args.load is None:
         args.w_bits, args.a_bits = args.w_bits or DEFAULT_BITS, args.a_bits or DEFAULT_BITS
         if args.output_dir is None:
-            bits = 'fp' if args.eval == 'fp' else f'w{args.w_bits}a{args.a_bits}'
-            args.output_dir = os.path.join('output', f"{'demo_' if args.demo else ''}{args.model}_{bits}")
+            fp = args.eval == 'fp'
+            args.output_dir = output_folder(args.model, None if fp else args.w_bits, args.a_bits, demo=args.demo)
+    return args
 
 
 def unwritable(path):
@@ -210,7 +227,7 @@ def main(family, argv=None):
     quiet_known_warnings()
     args = parse_args(family, argv)
     try:
-        from utils import pipeline  # imports torch, torchvision and timm
+        from utils.run import pipeline  # imports torch, torchvision and timm
     except RuntimeError as e:
         if 'torchvision::' not in str(e):
             raise

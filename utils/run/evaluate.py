@@ -2,7 +2,7 @@
 import torch
 from tqdm import tqdm
 
-from utils import distributed
+from utils.core import distributed
 
 
 def topk_correct(logits, target, ks=(1, 5)):

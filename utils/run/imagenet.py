@@ -8,7 +8,7 @@ import shutil
 import tarfile
 import tempfile
 
-from utils.errors import UserError
+from utils.core.errors import UserError
 
 GROUND_TRUTH = 'ILSVRC2012_validation_ground_truth.txt'
 

@@ -10,7 +10,7 @@ from timm.data import ImageDataset as TimmImageDataset, auto_augment, create_tra
 from timm.data.parsers.constants import IMG_EXTENSIONS
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from utils.errors import ImageDecodeError, UserError, cause
+from utils.core.errors import ImageDecodeError, UserError, cause
 
 _logger = logging.getLogger('qwt')
 IMG_SIZE = 224

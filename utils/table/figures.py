@@ -3,7 +3,7 @@ of one run. matplotlib is optional: it is imported only here, lazily, with its A
 no global backend change)."""
 import math
 
-from utils.files import write_atomic
+from utils.core.files import write_atomic
 
 NO_MATPLOTLIB = 'figures not written: matplotlib is not installed (pip install matplotlib)'
 

@@ -18,7 +18,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.data import Subset, dataloader
 
-from utils.errors import UserError
+from utils.core.errors import UserError
 
 
 class InputsCaptured(BaseException):

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from utils.environment import env_int
-from utils.errors import UserError, cause
+from utils.core.environment import env_int
+from utils.core.errors import UserError, cause
 
 
 @dataclass(frozen=True)

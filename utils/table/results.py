@@ -21,7 +21,7 @@ import math
 import os
 import statistics
 
-from utils.errors import UserError
+from utils.core.errors import UserError
 
 PAPER_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'paper_results.csv')
 PAPER_COLUMNS = ('model', 'timm_name', 'fp_top1', 'bits', 'repq_vit_top1', 'repq_vit_qwt_top1')

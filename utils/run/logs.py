@@ -3,7 +3,7 @@ Console lines go through tqdm, so a log line never lands on the line of a progre
 import logging
 import sys
 
-from utils.errors import UserError
+from utils.core.errors import UserError
 
 LOGGERS = ('qwt', 'quant')
 

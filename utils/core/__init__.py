@@ -1,0 +1,1 @@
+"""The foundations: imports nothing from utils.run, utils.table or utils.runner (see utils/__init__.py)."""

@@ -1,0 +1,1 @@
+"""One run of an entry script (qwt_vit_and_deit.py, qwt_swin.py): see utils/__init__.py for the map."""

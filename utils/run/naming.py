@@ -1,0 +1,13 @@
+"""Names a run is known by: the entry script of each model family and the folder a run writes to.
+Imports nothing of torch, so that flags are checked before torch loads."""
+import os
+
+FAMILY_SCRIPTS = {'vit': 'qwt_vit_and_deit.py', 'swin': 'qwt_swin.py'}
+
+
+def output_folder(model, w_bits=None, a_bits=None, seed=None, demo=False, loaded=False, parent='output'):
+    """``parent/[demo_]<model>_<w4a4|fp>[_seed<S>][_loaded]``: ``w_bits`` None is the full-precision model;
+    ``seed`` is named by the table runner, whose cells differ by seed; ``loaded`` marks a --load run."""
+    bits = 'fp' if w_bits is None else f'w{w_bits}a{a_bits}'
+    name = f"{'demo_' if demo else ''}{model}_{bits}{'' if seed is None else f'_seed{seed}'}{'_loaded' if loaded else ''}"
+    return os.path.join(parent, name)

@@ -1,0 +1,240 @@
+"""The cells of the table and their records, with no process handling: what a cell runs (``Cell``, the
+plan), when a finished cell counts as done (its identity and result.json), and cell.json as a cell starts
+and ends. Every backend (local processes, SLURM jobs) keeps its books through these functions.
+
+A cell is done when its folder holds a complete result.json and a cell.json, written after the run
+succeeded, that records the same script, flags (all but --output_dir), device and number of processes, and
+the result.json's checksum."""
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+
+from models.registry import resolve_model
+from utils.core.errors import UserError
+from utils.core.files import write_text_atomic
+from utils.run import cli
+from utils.run.naming import FAMILY_SCRIPTS, output_folder
+from utils.runner.flags import _unique, check_extra, checkpoint_file, make_launch, parse_bits
+from utils.runner.progress import _duration
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CELL_FILE = 'cell.json'      # what the cell was run with, and how it ended
+CONSOLE_FILE = 'console.txt'  # the child's stdout and stderr (log.txt is the run's own log)
+CELL_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Cell:
+    model: str             # table name (or the timm name outside the table)
+    timm_name: str
+    family: str            # 'vit' or 'swin'
+    kind: str              # 'quant' (RepQ-ViT and + QwT) or 'fp' (the float model, --eval fp)
+    w_bits: int            # None for 'fp'
+    a_bits: int
+    seed: int
+    folder: str            # absolute
+    script: str            # absolute path of the entry script
+    flags: tuple           # entry-script flags, --output_dir included
+    blocked: str = None    # why it cannot start (a missing checkpoint), or None
+
+    @property
+    def bits(self):
+        return 'FP' if self.kind == 'fp' else f'W{self.w_bits}/A{self.a_bits}'
+
+    @property
+    def label(self):
+        return f'{self.model} FP' if self.kind == 'fp' else f'{self.model} {self.bits} seed {self.seed}'
+
+    @property
+    def result_path(self):
+        return os.path.join(self.folder, 'result.json')
+
+    @property
+    def cell_path(self):
+        return os.path.join(self.folder, CELL_FILE)
+
+    @property
+    def console_path(self):
+        return os.path.join(self.folder, CONSOLE_FILE)
+
+
+def plan(args, extra=(), launch=None):
+    """The cells of ``args`` (parsed by build_parser), in order: per model its FP cell, then each bit width
+    and seed. Every runnable cell's flags are checked with the entry script's own checks now, so that a
+    typo fails at once rather than in every cell."""
+    check_extra(extra)
+    launch = launch or make_launch(args)
+    bits = _unique(parse_bits(b) for b in args.bits)
+    seeds = _unique(args.seeds)
+    for s in seeds:
+        if not 0 <= s < 2 ** 32:
+            raise UserError(f'--seeds {s} is outside 0..2^32-1')
+    specs = _unique(resolve_model(m) for m in args.models)
+    if not os.path.isdir(args.data_dir):
+        raise UserError(f'--data_dir {args.data_dir} is not a directory (expected DATA_DIR/train/<class>/* and '
+                        'DATA_DIR/val/<class>/*)')
+    if args.checkpoint_dir is not None and not os.path.isdir(args.checkpoint_dir):
+        raise UserError(f'--checkpoint_dir {args.checkpoint_dir} is not a directory')
+    if args.script is not None and not os.path.isfile(args.script):
+        raise UserError(f'--script {args.script} not found')
+    cells = [cell for spec in specs for cell in _cells_of_model(spec, args, bits, seeds, extra, launch)]
+    return cells, launch
+
+
+def _cells_of_model(spec, args, bits, seeds, extra, launch):
+    """One model's cells: its FP cell, then each bit width and seed; blocked where its checkpoint is missing."""
+    script = os.path.abspath(args.script) if args.script else os.path.join(ROOT, FAMILY_SCRIPTS[spec.family])
+    out = os.path.abspath(args.output_dir)
+    common, blocked = ['--model', spec.name, '--data_dir', os.path.abspath(args.data_dir)], None
+    if args.checkpoint_dir is not None:
+        name, url = checkpoint_file(spec.timm_name)
+        path = os.path.join(os.path.abspath(args.checkpoint_dir), name)
+        common += ['--checkpoint', path]
+        if not os.path.isfile(path):
+            blocked = f"{spec.name}: no {name} in {args.checkpoint_dir}" + (f' (download {url})' if url else '')
+    variants = [('fp', None, None, 0, output_folder(spec.name, parent=out), ['--eval', 'fp'])]
+    variants += [('quant', w, a, s, output_folder(spec.name, w, a, seed=s, parent=out),
+                  ['--w_bit', str(w), '--a_bit', str(a), '--seed', str(s), '--eval', 'both'])
+                 for w, a in bits for s in seeds]
+    cells = []
+    for kind, w, a, seed, folder, own in variants:
+        flags = (*extra, *common, *own, '--device', launch.device, '--output_dir', folder)  # the cell's own last: they win
+        cell = Cell(spec.name, spec.timm_name, spec.family, kind, w, a, seed, folder, script, flags, blocked)
+        if not blocked:
+            check_cell_flags(cell, launch)
+        cells.append(cell)
+    return cells
+
+
+def check_cell_flags(cell, launch):
+    """The entry script's checks of the cell's flags (no data, no weights), over the launch's processes."""
+    parser = cli.build_parser(cell.family, raise_errors=True)
+    try:
+        cli.check_args(parser.parse_args(list(cell.flags)), cell.family, launch.procs)
+    except UserError as e:
+        raise UserError(f'{cell.label}: {e}') from None
+
+
+# ---- done or not -----------------------------------------------------------------------------------
+
+def identity(cell, launch):
+    """What must match for a finished cell to count as done: the script, the flags (the output folder
+    aside), the device type and the processes per cell."""
+    flags, skip = [], False
+    for f in cell.flags:
+        if skip:
+            skip = False
+        elif f == '--output_dir':
+            skip = True
+        else:
+            flags.append(f)
+    return {'format': CELL_FORMAT, 'script': os.path.basename(cell.script), 'flags': flags,
+            'device': launch.device, 'procs': launch.procs}
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _sha256(path):
+    with open(path, 'rb') as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def result_problem(cell, r):
+    """Why ``r`` (a parsed result.json) is not a complete result of ``cell``, or None."""
+    if not isinstance(r, dict):
+        return 'no readable result.json'
+    expect = {'timm_name': cell.timm_name, 'eval': 'fp' if cell.kind == 'fp' else 'both'}
+    if cell.kind == 'quant':
+        expect.update(w_bits=cell.w_bits, a_bits=cell.a_bits, seed=cell.seed)
+    for key, value in expect.items():
+        if r.get(key) != value:
+            return f'result.json has {key} {r.get(key)!r}, expected {value!r}'
+    for key in (('fp_top1',) if cell.kind == 'fp' else ('repq_top1', 'qwt_top1')):
+        if not isinstance(r.get(key), (int, float)):
+            return f'result.json has no {key}'
+    return None
+
+
+def cell_state(cell, launch):
+    """('done' | 'to run' | 'blocked', detail, the cell.json record or None)."""
+    record = _read_json(cell.cell_path)
+    same = isinstance(record, dict) and all(record.get(k) == v for k, v in identity(cell, launch).items())
+    status = record.get('status') if same else None
+    if status == 'done':
+        try:
+            intact = _sha256(cell.result_path) == record.get('result_sha256')
+        except OSError:
+            intact = False
+        problem = 'result.json changed since' if not intact else result_problem(cell, _read_json(cell.result_path))
+        if problem is None:
+            return 'done', f"({_duration(record.get('wall_s'))})", record
+    if cell.blocked:
+        return 'blocked', cell.blocked, None
+    if status == 'done':
+        return 'to run', problem, None
+    if not isinstance(record, dict):
+        return 'to run', '', None
+    if not same:
+        return 'to run', 'other flags last time', None
+    if status == 'failed':
+        return 'to run', f"failed last time: {record.get('last_line', '')}", None
+    return 'to run', 'interrupted last time', None
+
+
+# ---- records --------------------------------------------------------------------------------------
+
+def write_json(path, obj):
+    write_text_atomic(path, json.dumps(obj, indent=2) + '\n')
+
+
+def last_line(path, prefer='error:'):
+    """The last line of the file starting with ``prefer`` (the entry scripts' one-line errors), else its
+    last non-empty line (a traceback's last line); progress bars' carriage returns count as line ends."""
+    try:
+        with open(path, 'rb') as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 65536))
+            text = f.read().decode('utf-8', 'replace')
+    except OSError:
+        return ''
+    text = text.rsplit('\n==== ', 1)[-1]  # this launch's part
+    lines = [ln.strip() for ln in text.replace('\r', '\n').split('\n') if ln.strip()]
+    return next((ln for ln in reversed(lines) if ln.startswith(prefer)), lines[-1] if lines else '')
+
+
+def record_start(cell, launch, command_line):
+    """cell.json as the cell starts (its folder made)."""
+    os.makedirs(cell.folder, exist_ok=True)
+    write_json(cell.cell_path, {**identity(cell, launch), 'status': 'running', 'command': command_line,
+                                'started': time.strftime('%Y-%m-%d %H:%M:%S')})
+
+
+def record_end(cell, launch, command_line, returncode, wall, started_at):
+    """cell.json once the cell's run has ended with ``returncode`` after ``wall`` seconds (started at
+    ``started_at``, time.time()): done if it wrote a complete result.json since, else failed with the
+    console's error line. Returns (True, the result dict) or (False, why)."""
+    record = {**identity(cell, launch), 'command': command_line, 'wall_s': round(wall, 1),
+              'finished': time.strftime('%Y-%m-%d %H:%M:%S'), 'returncode': returncode}
+    problem = None if returncode == 0 else last_line(cell.console_path) or f'exit code {returncode}'
+    if problem is None:
+        r = _read_json(cell.result_path)
+        fresh = os.path.exists(cell.result_path) and os.stat(cell.result_path).st_mtime >= started_at - 1
+        problem = result_problem(cell, r) if fresh else 'exited 0 without writing result.json'
+    if problem is None:
+        write_json(cell.cell_path, {**record, 'status': 'done', 'result_sha256': _sha256(cell.result_path)})
+        return True, r
+    write_json(cell.cell_path, {**record, 'status': 'failed', 'last_line': problem})
+    return False, problem
+
+
+def record_interrupted(cell):
+    """cell.json of a cell stopped before it ended (it stays not done)."""
+    write_json(cell.cell_path, {**(_read_json(cell.cell_path) or {}), 'status': 'interrupted'})

@@ -1,0 +1,181 @@
+"""tools/reproduce.py's own flags, the entry-script flags it passes on (after --), and where cells run:
+GPU slots or CPU slots. Imports neither torch nor timm unless GPUs must be counted or checkpoint file names
+looked up."""
+import argparse
+import os
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+from utils.core.errors import UserError
+from utils.run import cli
+from utils.table import results as table
+
+# Entry-script flags that this command sets per cell, and what to use instead.
+MANAGED = {'model': 'use --models', 'data_dir': 'use --data_dir before --', 'w_bits': 'use --bits',
+           'a_bits': 'use --bits', 'seed': 'use --seeds', 'output_dir': 'use --output_dir before --',
+           'checkpoint': 'use --checkpoint_dir', 'device': 'use --device (and --gpus) before --',
+           'eval': 'every quantized cell runs --eval both, and each model one --eval fp cell',
+           'save': 'not for table cells', 'load': 'not for table cells', 'demo': 'not for table cells',
+           'dump_inputs': 'not for table cells', 'local_rank': 'set by the launcher'}
+
+EPILOG = """\
+examples:
+  # the whole table (10 models x W4/A4, W6/A6) on every GPU of the node, one cell per GPU at a time
+  python tools/reproduce.py --data_dir /path/to/imagenet --seeds 0 1 2
+  # two models, W4/A4 only, on the CPU, two cells at a time, smaller runs (flags after -- go to every run)
+  python tools/reproduce.py --models deit_tiny swin_tiny --bits 4 --device cpu --parallel 2 \\
+      --data_dir DIR --checkpoint_dir CKPTS -- --qwt_samples 64 --num_val 100
+
+Each cell runs in OUTPUT_DIR/<model>_w<W>a<A>_seed<S>/ (FP: OUTPUT_DIR/<model>_fp/) with its own log.txt,
+result.json, console.txt (the child's output) and cell.json. Run the same command again to resume: cells
+already done with the same flags are skipped. The table goes to OUTPUT_DIR/results_table.{md,csv,png}.
+Exit code: 0 when every cell is done, 1 when some failed or could not start, 2 for a usage error,
+130 after Ctrl-C (finished cells are kept).
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UserError(message)
+
+
+def table_models():
+    """The table's models, in its order."""
+    return _unique(p['model'] for p in table.load_paper())
+
+
+
+def build_parser():
+    p = _Parser(prog='tools/reproduce.py', formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+                usage='%(prog)s --data_dir DIR [options] [-- FLAG ...]',
+                description='Run every cell of the QwT table (RepQ-ViT and RepQ-ViT + QwT for each model, bit width\n'
+                            'and seed, and the full-precision model once per model), then write the table next to the\n'
+                            'published figures (mean ± std over seeds) and its figures.')
+    p.add_argument('--data_dir', required=True, help='ImageNet root with train/ and val/')
+    p.add_argument('--models', nargs='+', default=table_models(), metavar='MODEL',
+                   help='table names or timm names (default: the 10 table models)')
+    p.add_argument('--bits', nargs='+', default=['4', '6'], metavar='BITS',
+                   help="bit widths: '4' is W4/A4, '4/8' is W4/A8 (default: 4 6)")
+    p.add_argument('--seeds', nargs='+', type=int, default=[0], metavar='SEED', help='seeds (default: 0)')
+    p.add_argument('--output_dir', default=os.path.join('output', 'table'),
+                   help='folder of the cells and the table (default output/table)')
+    p.add_argument('--checkpoint_dir', default=None,
+                   help="offline weights, each under timm's file name (e.g. deit_tiny_patch16_224-a1311bcf.pth); "
+                        'default: timm downloads them')
+    p.add_argument('--gpus', nargs='+', default=None, metavar='ID',
+                   help='GPU ids as CUDA_VISIBLE_DEVICES takes them, e.g. 0 1 2 3 or 0,1,2,3 (default: every '
+                        'visible GPU); one cell runs on each at a time')
+    p.add_argument('--gpus_per_run', type=int, default=1,
+                   help='GPUs of one cell; more than 1 runs each cell with torchrun over that many (default 1)')
+    p.add_argument('--device', choices=('cuda', 'cpu'), default='cuda',
+                   help='cuda (default) or cpu; with cpu, --parallel cells run at a time')
+    p.add_argument('--parallel', type=int, default=None, metavar='N',
+                   help='with --device cpu: cells at a time (default 1); each gets cores/N threads')
+    p.add_argument('--dry_run', action='store_true', help='print the plan and stop')
+    p.add_argument('--script', default=None, metavar='PATH',
+                   help='(for testing) run PATH instead of the entry script of each model family; it gets the '
+                        "same flags and must write OUTPUT_DIR/result.json")
+    return p
+
+
+@dataclass(frozen=True)
+class Launch:
+    device: str            # 'cuda' or 'cpu'
+    slots: tuple           # per slot: a tuple of GPU ids, or None for a CPU slot
+    procs: int = 1         # processes per cell (torchrun when > 1)
+    threads: int = None    # OMP_NUM_THREADS of a CPU cell (None: left as it is)
+
+    def describe(self):
+        if self.device == 'cpu':
+            threads = f', OMP_NUM_THREADS={self.threads}' if self.threads else ''
+            return f'{len(self.slots)} CPU slot(s){threads}'
+        per = f' ({self.procs} GPUs per cell, torchrun)' if self.procs > 1 else ''
+        return f"{len(self.slots)} GPU slot(s){per}: {' | '.join(','.join(s) for s in self.slots)}"
+
+
+def parse_bits(text):
+    """'4' -> (4, 4), '4/8' -> (4, 8)."""
+    parts = text.split('/')
+    try:
+        w, a = (int(parts[0]), int(parts[0])) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
+    except ValueError:
+        raise UserError(f"--bits {text}: expected N (WN/AN) or W/A such as 4/8") from None
+    if len(parts) > 2 or not (2 <= w <= 8 and 2 <= a <= 8):
+        raise UserError(f"--bits {text}: expected N or W/A with bit widths 2 to 8")
+    return w, a
+
+
+def _unique(items):
+    return list(dict.fromkeys(items))
+
+
+def split_argv(argv):
+    """(this command's flags, the flags after '--' for every run)."""
+    argv = list(argv)
+    if '--' in argv:
+        i = argv.index('--')
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
+def check_extra(extra):
+    """The flags after '--' must be entry-script flags that this command does not set itself."""
+    for family in ('vit', 'swin'):
+        parser = cli.build_parser(family, raise_errors=True)
+        try:
+            ns = parser.parse_args(list(extra))
+        except UserError as e:
+            raise UserError(f"after --: {e}") from None
+        for dest, hint in MANAGED.items():  # typed (even with the default value), or abbreviated to a new value
+            if dest in ns._typed or getattr(ns, dest) != parser.get_default(dest):
+                raise UserError(f"after --: --{dest} is set by tools/reproduce.py for each cell ({hint})")
+
+
+def checkpoint_file(timm_name):
+    """(file name, url) of timm's pretrained weights of ``timm_name``; '<timm_name>.pth' where timm has no url."""
+    from models.registry import default_cfg  # imports timm
+    try:
+        url = default_cfg(timm_name).get('url') or ''
+    except KeyError:
+        url = ''
+    return os.path.basename(urlparse(url).path) or f'{timm_name}.pth', url
+
+
+def visible_gpus():
+    """The ids of the GPUs this process sees, as CUDA_VISIBLE_DEVICES names them."""
+    import torch
+    n = torch.cuda.device_count()
+    listed = [g.strip() for g in os.environ.get('CUDA_VISIBLE_DEVICES', '').split(',') if g.strip()]
+    return listed[:n] if listed else [str(i) for i in range(n)]
+
+
+def make_launch(args):
+    """The slots cells run in: GPU groups of --gpus_per_run, or --parallel CPU slots."""
+    if args.gpus_per_run < 1:
+        raise UserError(f'--gpus_per_run must be positive, got {args.gpus_per_run}')
+    if args.device == 'cpu':
+        if args.gpus is not None:
+            raise UserError('--gpus and --device cpu exclude each other')
+        if args.gpus_per_run != 1:
+            raise UserError('--gpus_per_run is for GPUs; on the CPU use --parallel N for cells at a time')
+        n = 1 if args.parallel is None else args.parallel
+        if n < 1:
+            raise UserError(f'--parallel must be positive, got {n}')
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+        threads = None if 'OMP_NUM_THREADS' in os.environ else max(1, cores // n)
+        return Launch('cpu', (None,) * n, 1, threads)
+    if args.parallel is not None:
+        raise UserError('--parallel is for --device cpu; on GPUs one cell runs on each GPU (--gpus, --gpus_per_run)')
+    if args.gpus is not None:
+        gpus = [g.strip() for token in args.gpus for g in token.split(',') if g.strip()]
+        if len(set(gpus)) != len(gpus):
+            raise UserError(f"--gpus {' '.join(args.gpus)}: a GPU is named twice")
+    else:
+        gpus = visible_gpus()
+        if not gpus:
+            raise UserError('no GPU visible (torch.cuda.device_count() is 0): pass --device cpu [--parallel N] to '
+                            'run on the CPU')
+    k = args.gpus_per_run
+    if len(gpus) < k:
+        raise UserError(f'--gpus_per_run {k} needs at least {k} GPUs; {len(gpus)} given or visible')
+    return Launch('cuda', tuple(tuple(gpus[i:i + k]) for i in range(0, len(gpus) - k + 1, k)), k)
