@@ -18,6 +18,20 @@ ACCUMULATE_CHOICES = ('concat', 'normal')  # quant.qwt.ACCUMULATE
 KNOWN_WARNINGS = ((FutureWarning, r'`torch\.jit\.script` is deprecated'),
                   (UserWarning, r'torch\.meshgrid: in an upcoming release, it will be required to pass the indexing'))
 DEFAULT_BITS = 4
+# (option, choices with the default first, help): choices beyond the published procedure; the defaults give
+# the published results
+BEYOND_PUBLISHED = (
+    ('--qwt_solver', SOLVER_CHOICES,
+     "QwT least squares: 'inverse' = published float32 inverse of [X,1]^T[X,1] (default); 'lstsq' = float64 least "
+     "squares, better conditioned"),
+    ('--qwt_accumulate', ACCUMULATE_CHOICES,
+     "'concat' = the published concatenate-every-token-then-invert (default); 'normal' = normal equations summed "
+     "batch by batch on the device and all-reduced across processes: the same fit to float tolerance, faster, "
+     "less memory"),
+    ('--calib_search', ('vectorized', 'per_channel'),
+     "quantizer initialisation: all channels at once (default) or the published one-channel-at-a-time loop; both "
+     "give identical parameters"),
+)
 TRAIN_WORKERS = 4   # SPEC §1b: the published loaders' workers; each worker's seed decides its augmentations
 EVAL_WORKERS = min(8, os.cpu_count() or 1)
 
@@ -105,16 +119,8 @@ def build_parser(family, raise_errors=False):
                    help='run everything on a small generated image folder and a random-weight (or cached '
                         'pretrained) model: no data set, no download; about half a minute on a CPU')
     # Options beyond the published procedure (defaults are the published behaviour).
-    p.add_argument('--qwt_solver', choices=SOLVER_CHOICES, default='inverse',
-                   help="QwT least squares: 'inverse' = published float32 inverse of [X,1]^T[X,1] (default); "
-                        "'lstsq' = float64 least squares, better conditioned")
-    p.add_argument('--qwt_accumulate', choices=ACCUMULATE_CHOICES, default='concat',
-                   help="'concat' = the published concatenate-every-token-then-invert (default); 'normal' = normal "
-                        "equations summed batch by batch on the device and all-reduced across processes: the same "
-                        "fit to float tolerance, faster, less memory")
-    p.add_argument('--calib_search', choices=('vectorized', 'per_channel'), default='vectorized',
-                   help="quantizer initialisation: all channels at once (default) or the published one-channel-"
-                        "at-a-time loop; both give identical parameters")
+    for option, choices, help_text in BEYOND_PUBLISHED:
+        p.add_argument(option, choices=choices, default=choices[0], help=help_text)
     p.add_argument('--eval', choices=EVAL_CHOICES, default='both',
                    help="val evaluation: 'both' models in one pass after QwT (default), 'repq' alone, right after "
                         "RepQ-ViT as published, 'qwt' alone, 'none', or 'fp': the full-precision model only (no "
