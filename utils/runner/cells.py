@@ -8,6 +8,7 @@ the result.json's checksum."""
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -163,11 +164,15 @@ def result_problem(cell, r):
     return None
 
 
-def cell_state(cell, launch):
-    """('done' | 'to run' | 'blocked', detail, the cell.json record or None)."""
+def cell_state(cell, launch, alive=None):
+    """('done' | 'running' | 'to run' | 'blocked', detail, the cell.json record or None). 'running': its
+    record says queued or running and ``alive(record)`` (the backends' check of its process or job) agrees."""
     record = _read_json(cell.cell_path)
     same = isinstance(record, dict) and all(record.get(k) == v for k, v in identity(cell, launch).items())
     status = record.get('status') if same else None
+    if status in ('queued', 'running') and alive is not None and alive(record):
+        where = f"job {record['job_id']}" if record.get('job_id') else f"pid {record.get('pid')} on {record.get('host')}"
+        return 'running', f"{status} since {record.get('submitted') or record.get('started')} ({where})", record
     if status == 'done':
         try:
             intact = _sha256(cell.result_path) == record.get('result_sha256')
@@ -195,6 +200,25 @@ def write_json(path, obj):
     write_text_atomic(path, json.dumps(obj, indent=2) + '\n')
 
 
+def read_record(cell):
+    """The cell's cell.json, or None."""
+    record = _read_json(cell.cell_path)
+    return record if isinstance(record, dict) else None
+
+
+def write_record(cell, launch, command_line, **fields):
+    """cell.json: the cell's identity, its command, and ``fields`` (status, times, the backend's ids)."""
+    write_json(cell.cell_path, {**identity(cell, launch), 'command': command_line, **fields})
+
+
+def cell_argv(cell, launch):
+    """The command of ``cell``: its entry script, or torchrun over the launch's processes per cell."""
+    if launch.procs > 1:
+        return [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(launch.procs),
+                cell.script, *cell.flags]
+    return [sys.executable, cell.script, *cell.flags]
+
+
 def last_line(path, prefer='error:'):
     """The last line of the file starting with ``prefer`` (the entry scripts' one-line errors), else its
     last non-empty line (a traceback's last line); progress bars' carriage returns count as line ends."""
@@ -210,18 +234,17 @@ def last_line(path, prefer='error:'):
     return next((ln for ln in reversed(lines) if ln.startswith(prefer)), lines[-1] if lines else '')
 
 
-def record_start(cell, launch, command_line):
-    """cell.json as the cell starts (its folder made)."""
+def record_start(cell, launch, command_line, **extra):
+    """cell.json as the cell starts (its folder made); ``extra``: the backend's ids (pid, job id, runs)."""
     os.makedirs(cell.folder, exist_ok=True)
-    write_json(cell.cell_path, {**identity(cell, launch), 'status': 'running', 'command': command_line,
-                                'started': time.strftime('%Y-%m-%d %H:%M:%S')})
+    write_record(cell, launch, command_line, status='running', started=time.strftime('%Y-%m-%d %H:%M:%S'), **extra)
 
 
-def record_end(cell, launch, command_line, returncode, wall, started_at):
+def record_end(cell, launch, command_line, returncode, wall, started_at, **extra):
     """cell.json once the cell's run has ended with ``returncode`` after ``wall`` seconds (started at
     ``started_at``, time.time()): done if it wrote a complete result.json since, else failed with the
     console's error line. Returns (True, the result dict) or (False, why)."""
-    record = {**identity(cell, launch), 'command': command_line, 'wall_s': round(wall, 1),
+    record = {**identity(cell, launch), 'command': command_line, **extra, 'wall_s': round(wall, 1),
               'finished': time.strftime('%Y-%m-%d %H:%M:%S'), 'returncode': returncode}
     problem = None if returncode == 0 else last_line(cell.console_path) or f'exit code {returncode}'
     if problem is None:
@@ -235,6 +258,7 @@ def record_end(cell, launch, command_line, returncode, wall, started_at):
     return False, problem
 
 
-def record_interrupted(cell):
-    """cell.json of a cell stopped before it ended (it stays not done)."""
-    write_json(cell.cell_path, {**(_read_json(cell.cell_path) or {}), 'status': 'interrupted'})
+def record_interrupted(cell, why=None):
+    """cell.json of a cell stopped before it ended (it stays not done); ``why`` (a line) for a failure."""
+    record = {**(read_record(cell) or {}), 'status': 'interrupted' if why is None else 'failed'}
+    write_json(cell.cell_path, record if why is None else {**record, 'last_line': why})

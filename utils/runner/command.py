@@ -11,7 +11,7 @@ import sys
 
 from utils.core.errors import UserError
 from utils.runner.cells import cell_state, plan
-from utils.runner.flags import _unique, build_parser, split_argv
+from utils.runner.flags import _unique, build_parser, slurm_options, split_argv
 from utils.runner.local import LocalBackend
 from utils.runner.progress import Progress, Reporter, _eta_text, estimate
 from utils.table import figures
@@ -59,15 +59,29 @@ def print_plan(cells, launch, states, args, extra, timed, out, backend):
         print(f"  {c.model:<{width}}  {c.bits:<6} {where:<8} {state}{sep + detail if detail else ''}", file=out)
     for reason in _unique(c.blocked for c in cells if c.blocked):
         print(f'  blocked: {reason}', file=out)
-    counts = {s: sum(states[c][0] == s for c in cells) for s in ('done', 'to run', 'blocked')}
+    counts = {s: sum(states[c][0] == s for c in cells) for s in ('done', 'to run', 'blocked', 'running')}
     todo = [c for c in cells if states[c][0] == 'to run']
     est = estimate(todo, [], timed, len(launch.slots))
     eta = (f'; estimate{_eta_text(est)[1:]}' if est else
            '; estimate: once a first cell has finished') if todo else ''
-    print(f"{len(cells)} cells: {counts['done']} done, {counts['to run']} to run, {counts['blocked']} blocked{eta}",
-          file=out)
+    running = f", {counts['running']} queued or running already" if counts['running'] else ''
+    print(f"{len(cells)} cells: {counts['done']} done, {counts['to run']} to run, {counts['blocked']} blocked"
+          f"{running}{eta}", file=out)
     if todo:
         print(f'first command: {backend.command_line(todo[0])}', file=out)
+
+
+def make_backend(args, launch):
+    """The backend of --backend, its flags checked (SLURM flags are refused without --backend slurm)."""
+    options = slurm_options(args, launch)
+    if args.backend == 'slurm':
+        from utils.runner.slurm import SlurmBackend
+        return SlurmBackend(launch, options, os.path.join(os.path.abspath(args.output_dir), 'slurm'),
+                            wait=not args.no_wait)
+    for flag in ('no_wait', 'cancel'):
+        if getattr(args, flag):
+            raise UserError(f'--{flag} is for --backend slurm')
+    return LocalBackend(launch)
 
 
 def main(argv=None, out=None):
@@ -77,7 +91,8 @@ def main(argv=None, out=None):
     try:
         args = build_parser().parse_args(own)
         cells, launch = plan(args, extra)
-        states = {c: cell_state(c, launch) for c in cells}
+        backend = make_backend(args, launch)
+        states = {c: cell_state(c, launch, backend.alive) for c in cells}
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
@@ -85,26 +100,47 @@ def main(argv=None, out=None):
         print('error: interrupted', file=sys.stderr)
         return 130
     timed = [(c, s[2]['wall_s']) for c, s in states.items() if s[0] == 'done' and s[2].get('wall_s')]
-    backend = LocalBackend(launch)
     print_plan(cells, launch, states, args, extra, timed, out, backend)
     if args.dry_run:
         return 0
+    running = [(c, states[c][2]) for c in cells if states[c][0] == 'running']
+    try:
+        if args.cancel:
+            print(backend.cancel(running), file=out)
+            return 0
+        backend.check_running(running)
+    except UserError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
     todo = [c for c in cells if states[c][0] == 'to run']
+    code, outcome = run_todo(backend, todo, [c for c, _ in running], cells, states, timed, launch, out)
+    if code is not None:
+        return code
+    write_cells_table(cells, launch, args.output_dir, out)
+    return report_end(cells, states, outcome, out)
+
+
+def run_todo(backend, todo, waiting, cells, states, timed, launch, out):
+    """Run (or submit and follow) the cells: (None, their outcomes), or (exit code, None) where the command
+    ends without the table (a submission refused: 2; Ctrl-C: 130; --no_wait: 0)."""
     done = sum(s[0] == 'done' for s in states.values())
-    progress = Progress(Reporter(out), len(cells), done, timed, len(launch.slots))
+    progress = Progress(Reporter(out), len(cells), done, timed, max(len(launch.slots), 1))
     previous = _terminate_as_interrupt()
     try:
-        outcome = backend.run(todo, progress) if todo else {}
+        if not (todo or waiting):
+            print('nothing to run: every cell that can run is done', file=out)
+            return None, {}
+        outcome = backend.run(todo, progress, waiting)
+        return (None, outcome) if backend.wait else (0, None)
+    except UserError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2, None
     except KeyboardInterrupt:
-        print('stopped: finished cells are kept; run the same command again to resume', file=out)
-        return 130
+        print(backend.interrupted_line, file=out)
+        return 130, None
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    if not todo:
-        print('nothing to run: every cell that can run is done', file=out)
-    write_cells_table(cells, launch, args.output_dir, out)
-    return report_end(cells, states, outcome, out)
 
 
 def report_end(cells, states, outcome, out):

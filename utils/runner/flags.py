@@ -34,6 +34,12 @@ Exit code: 0 when every cell is done, 1 when some failed or could not start, 2 f
 """
 
 
+BACKENDS = ('local', 'slurm')
+DEFAULT_TIME_MIN = 360
+SLURM_FLAGS = ('partition', 'time', 'account', 'qos', 'constraint', 'mem', 'cpus_per_task', 'array_parallelism',
+               'slurm_opt', 'no_wait', 'cancel')
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         raise UserError(message)
@@ -75,7 +81,79 @@ def build_parser():
     p.add_argument('--script', default=None, metavar='PATH',
                    help='(for testing) run PATH instead of the entry script of each model family; it gets the '
                         "same flags and must write OUTPUT_DIR/result.json")
+    p.add_argument('--backend', choices=BACKENDS, default='local',
+                   help="local: child processes on this node's GPUs or CPU slots (default); slurm: one SLURM job "
+                        'per cell, submitted as a job array through submitit')
+    s = p.add_argument_group('SLURM (--backend slurm)')
+    s.add_argument('--partition', help='partition of the jobs (default: the cluster\'s default partition)')
+    s.add_argument('--time', default=str(DEFAULT_TIME_MIN), metavar='TIME',
+                   help=f'time limit of one cell: minutes, or [D-]HH:MM[:SS] (default {DEFAULT_TIME_MIN} min); a '
+                        'cell that reaches it is requeued and starts again')
+    s.add_argument('--account', help='account to charge')
+    s.add_argument('--qos', help='quality of service')
+    s.add_argument('--constraint', help='node features, as sbatch --constraint takes them')
+    s.add_argument('--mem', metavar='SIZE', help="memory of one cell's job, e.g. 64G (default: the cluster's)")
+    s.add_argument('--cpus_per_task', type=int, metavar='N',
+                   help="CPUs of one cell's job (default: the cluster's); on --device cpu also its OMP_NUM_THREADS")
+    s.add_argument('--array_parallelism', type=int, metavar='N',
+                   help='at most N cells running at once (default: as many as the cluster gives)')
+    s.add_argument('--slurm_opt', action='append', default=[], metavar='KEY=VALUE',
+                   help='any other sbatch option, e.g. --slurm_opt reservation=mine (repeatable)')
+    s.add_argument('--no_wait', action='store_true', help='submit and exit; run the same command again to follow '
+                                                          'the jobs and write the table')
+    s.add_argument('--cancel', action='store_true', help="scancel this plan's queued and running jobs, then exit")
     return p
+
+
+def parse_time(text):
+    """sbatch's time forms in whole minutes: '90', '1:30:00', '2-00:00' (rounded up)."""
+    try:
+        days, _, clock = text.rpartition('-') if '-' in text else ('0', '', text)
+        parts = [int(x) for x in clock.split(':')]
+        if len(parts) == 1:
+            hours, minutes, seconds = 0, parts[0], 0
+        elif len(parts) in (2, 3):
+            hours, minutes, seconds = (parts + [0])[:3]
+        else:
+            raise ValueError
+        total = int(days) * 1440 * 60 + hours * 3600 + minutes * 60 + seconds
+    except ValueError:
+        raise UserError(f'--time {text}: expected minutes or [D-]HH:MM[:SS], e.g. 360 or 6:00:00') from None
+    if total <= 0:
+        raise UserError(f'--time {text} must be positive')
+    return -(-total // 60)
+
+
+def slurm_options(args, launch):
+    """submitit SlurmExecutor parameters of the SLURM flags, all checked now (nothing is submitted before);
+    SLURM flags without --backend slurm are refused."""
+    given = [f for f in SLURM_FLAGS if getattr(args, f) not in (None, False, [])]
+    if args.backend != 'slurm':
+        given = [f for f in given if not (f == 'time' and args.time == str(DEFAULT_TIME_MIN))]
+        if given:
+            raise UserError(f'--{given[0]} is for --backend slurm')
+        return None
+    options = {'time': parse_time(args.time)}
+    for dest in ('partition', 'account', 'qos', 'constraint', 'mem'):
+        if getattr(args, dest):
+            options[dest] = getattr(args, dest)
+    for dest in ('cpus_per_task', 'array_parallelism'):
+        value = getattr(args, dest)
+        if value is not None:
+            if value < 1:
+                raise UserError(f'--{dest} must be positive, got {value}')
+            options[dest] = value
+    if launch.device == 'cuda':
+        options['gpus_per_node'] = launch.procs
+    extra = {}
+    for item in args.slurm_opt:
+        key, sep, value = item.partition('=')
+        if not sep or not key.strip():
+            raise UserError(f'--slurm_opt {item}: expected KEY=VALUE, e.g. reservation=mine')
+        extra[key.strip().lstrip('-').replace('-', '_')] = value
+    if extra:
+        options['additional_parameters'] = extra
+    return options
 
 
 @dataclass(frozen=True)
@@ -84,8 +162,13 @@ class Launch:
     slots: tuple           # per slot: a tuple of GPU ids, or None for a CPU slot
     procs: int = 1         # processes per cell (torchrun when > 1)
     threads: int = None    # OMP_NUM_THREADS of a CPU cell (None: left as it is)
+    backend: str = 'local'
 
     def describe(self):
+        if self.backend == 'slurm':
+            gpus = f', {self.procs} GPU(s) per cell' + (' (torchrun)' if self.procs > 1 else '') if self.device == 'cuda' else ''
+            threads = f', OMP_NUM_THREADS={self.threads}' if self.threads else ''
+            return f'SLURM jobs on {self.device}{gpus}{threads}'
         if self.device == 'cpu':
             threads = f', OMP_NUM_THREADS={self.threads}' if self.threads else ''
             return f'{len(self.slots)} CPU slot(s){threads}'
@@ -150,9 +233,12 @@ def visible_gpus():
 
 
 def make_launch(args):
-    """The slots cells run in: GPU groups of --gpus_per_run, or --parallel CPU slots."""
+    """The slots cells run in: GPU groups of --gpus_per_run, or --parallel CPU slots; with --backend slurm,
+    SLURM's (one slot per cell the array may run at once)."""
     if args.gpus_per_run < 1:
         raise UserError(f'--gpus_per_run must be positive, got {args.gpus_per_run}')
+    if getattr(args, 'backend', 'local') == 'slurm':
+        return slurm_launch(args)
     if args.device == 'cpu':
         if args.gpus is not None:
             raise UserError('--gpus and --device cpu exclude each other')
@@ -179,3 +265,16 @@ def make_launch(args):
     if len(gpus) < k:
         raise UserError(f'--gpus_per_run {k} needs at least {k} GPUs; {len(gpus)} given or visible')
     return Launch('cuda', tuple(tuple(gpus[i:i + k]) for i in range(0, len(gpus) - k + 1, k)), k)
+
+
+def slurm_launch(args):
+    """--backend slurm: SLURM chooses the GPUs (--gpus_per_run of one node per cell) and cores."""
+    for dest, hint in (('gpus', 'SLURM allocates the GPUs: --gpus_per_run per cell'),
+                       ('parallel', 'use --array_parallelism for cells at a time')):
+        if getattr(args, dest) is not None:
+            raise UserError(f'--{dest} is for --backend local; {hint}')
+    if args.device == 'cpu' and args.gpus_per_run != 1:
+        raise UserError('--gpus_per_run is for GPUs; on the CPU each cell is one process')
+    slots = (None,) * (args.array_parallelism or 1)
+    threads = args.cpus_per_task if args.device == 'cpu' else None
+    return Launch(args.device, slots, args.gpus_per_run if args.device == 'cuda' else 1, threads, 'slurm')

@@ -2,16 +2,19 @@
 has several) in one of the launch's slots, GPU groups or CPU slots, at most one cell per slot; Ctrl-C stops
 them all. Backends share one interface: ``run(todo, progress) -> {cell: (ok, detail)}`` and
 ``command_line(cell)``."""
+import ctypes
 import os
 import shlex
 import signal
+import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 
-from utils.runner.cells import Cell, record_end, record_interrupted, record_start
+from utils.core.errors import UserError
+from utils.runner.cells import Cell, cell_argv, record_end, record_interrupted, record_start
 
+PR_SET_PDEATHSIG = 1
 POLL_S = 0.2
 STOP_GRACE_S = 10.0          # after Ctrl-C: how long children get to stop on SIGINT before SIGKILL
 LAUNCHER_VARS = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT',
@@ -30,11 +33,7 @@ class Job:
 
 def command(cell, launch, slot):
     """(argv, env) of ``cell`` on slot ``slot``."""
-    if launch.procs > 1:
-        argv = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(launch.procs),
-                cell.script, *cell.flags]
-    else:
-        argv = [sys.executable, cell.script, *cell.flags]
+    argv = cell_argv(cell, launch)
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
     gpus = launch.slots[slot]
     if gpus is not None:
@@ -44,15 +43,46 @@ def command(cell, launch, slot):
     return argv, env
 
 
+def _die_with_parent():
+    """In the child, before exec: SIGTERM when this command's process dies, even by SIGKILL (Linux's
+    PR_SET_PDEATHSIG), so that no cell outlives the command that runs it (torchrun passes SIGTERM on)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: a rerun still finds a live cell by its pid
+        pass
+
+
+def process_start_ticks(pid):
+    """The start time of process ``pid`` in clock ticks since boot (/proc), or None: with the pid, it tells
+    a live process from a later one that got the same pid."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return int(f.read().rsplit(')', 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def pid_alive(record):
+    """Whether the process a local cell.json ``record`` names still runs (on this host; a record from another
+    host counts as alive: it cannot be checked from here)."""
+    if record.get('host') != socket.gethostname():
+        return bool(record.get('pid'))
+    ticks = process_start_ticks(record.get('pid'))
+    return ticks is not None and ticks == record.get('pid_start')
+
+
 def start(cell, launch, slot):
     """Start ``cell`` in a process group of its own (Ctrl-C reaches only this process; it stops them)."""
     argv, env = command(cell, launch, slot)
-    record_start(cell, launch, shlex.join(argv))
+    os.makedirs(cell.folder, exist_ok=True)
     console = open(cell.console_path, 'a')
     console.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(argv)}\n")
     console.flush()
     proc = subprocess.Popen(argv, stdout=console, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_die_with_parent)
+    record_start(cell, launch, shlex.join(argv), pid=proc.pid, pid_start=process_start_ticks(proc.pid),
+                 host=socket.gethostname())
     return Job(cell, slot, proc, time.monotonic(), time.time(), console)
 
 
@@ -90,12 +120,24 @@ def stop(jobs, grace=None):
 
 class LocalBackend:
     """Cells as child processes of this command, over the launch's slots."""
+    wait = True
+    interrupted_line = 'stopped: finished cells are kept; run the same command again to resume'
 
     def __init__(self, launch):
         self.launch = launch
 
     def command_line(self, cell):
         return shlex.join(command(cell, self.launch, 0)[0])
+
+    alive = staticmethod(pid_alive)
+
+    def check_running(self, running):
+        """A cell that another tools/reproduce.py still runs is never started twice: refused in one line."""
+        if running:
+            cell, record = running[0]
+            raise UserError(f"{cell.label} is running in another tools/reproduce.py (pid {record.get('pid')} on "
+                            f"{record.get('host')}, since {record.get('started')}): wait for it to end, or stop it, "
+                            'then run this command again')
 
     def _where(self, slot):
         gpus = self.launch.slots[slot]
@@ -108,9 +150,9 @@ class LocalBackend:
                                 returncode, wall, job.started_at)
         return ok, detail, wall
 
-    def run(self, todo, progress):
+    def run(self, todo, progress, waiting=()):
         """Run ``todo`` over the slots; returns {cell: (ok, detail)}. Ctrl-C (KeyboardInterrupt) stops every
-        child and is raised again."""
+        child and is raised again. (``waiting`` is empty here: check_running refused live cells.)"""
         pending, free, running = list(todo), list(range(len(self.launch.slots))), []
         try:
             while pending or running:
