@@ -7,12 +7,12 @@ from typing import Optional
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from models import stem, walk
 from quant.layers import set_quant_state
 from quant.regression import NonFiniteSystem, NormalEquations, fit_concat, r2_score, solve_normal
 from utils.core import distributed
+from utils.core.progress import progress_bar
 from utils.core.timing import Stopwatch
 
 _logger = logging.getLogger(__name__)
@@ -287,8 +287,7 @@ def qwt_compensate(q_model, images, start_block=0, batch_size=32, solver='invers
     clock = Stopwatch(device, ('passes', 'fit'))
     block_id = 0
     slots = walk(q_model)
-    bar = tqdm(total=sum(s.kind == 'block' for s in slots), desc='QwT', unit='block', disable=not progress,
-               leave=False)  # counts the blocks the log counts, not Swin's PatchMerging steps
+    bar = progress_bar(total=sum(s.kind == 'block' for s in slots), desc='QwT', unit='block', enabled=progress)  # counts the blocks the log counts, not Swin's PatchMerging steps
     for slot in slots:
         module = slot.module
         if slot.kind == 'merge':  # Swin PatchMerging: quantized, not compensated

@@ -3,12 +3,12 @@ re-calibrate."""
 from contextlib import contextmanager
 
 import torch
-from tqdm import tqdm
 
 from quant.layers import QUANT_LAYERS, QuantConv2d, QuantLinear, set_quant_state
 from quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
 from quant.reparam import reparameterize
 from quant.wrap import quantize_model, replay_wrap_draws
+from utils.core.progress import progress_bar
 from utils.core.timing import Stopwatch
 
 
@@ -68,7 +68,7 @@ def layer_progress(model, enabled):
     """A progress bar that advances as each quantized layer finishes its first forward (where its
     quantizers initialise: the slow part of calibration)."""
     layers = [m for m in model.modules() if isinstance(m, QUANT_LAYERS)]
-    bar = tqdm(total=len(layers), desc='RepQ-ViT calibration', unit='layer', disable=not enabled, leave=False)
+    bar = progress_bar(total=len(layers), desc='RepQ-ViT calibration', unit='layer', enabled=enabled)
 
     def advance(*_):  # a forward hook's return value would replace the layer's output
         bar.update(1)

@@ -140,6 +140,21 @@ def test_log_lines_never_share_a_line_with_a_bar(root, tiny_ckpts, tmp_path):
     assert calib_totals == {str(1 + 4 * 6 + 1 + 1)}
 
 
+def test_in_a_file_progress_is_a_few_whole_lines(root, tiny_ckpts, tmp_path):
+    """Output to a file (console.txt, a SLURM log): no carriage returns; each stage's progress is whole lines
+    (start, tenths, end) and the log lines stand alone."""
+    buf = io.StringIO()
+    with redirect_stdout(buf), redirect_stderr(buf):
+        tiny_run('swin', root, tiny_ckpts['swin_test_tiny'], str(tmp_path / 'o'))
+    text = buf.getvalue()
+    assert '\r' not in text
+    lines = text.splitlines()
+    assert 'QwT: 0/4 block (0 %), started' in lines and 'RepQ-ViT calibration: 0/27 layer (0 %), started' in lines
+    assert any(re.fullmatch(r'QwT: 4/4 block \(100 %\), [\d.]+ s, done', line) for line in lines)
+    assert sum(bool(re.fullmatch(r'\d\d:\d\d:\d\d QwT block \d: r2 .*', line)) for line in lines) == 4
+    assert len([line for line in lines if line.startswith('RepQ-ViT calibration: ')]) <= 12
+
+
 # ---- 5. quiet start-up and fast usage errors -------------------------------------------------------
 
 def test_usage_error_answers_without_importing_torch():

@@ -20,10 +20,18 @@ def test_in_a_file_progress_is_whole_lines_at_each_tenth_and_the_end():
         clock.t += 0.5
     lines = out.getvalue().splitlines()
     assert lines[0] == 'QwT images: 0/20 batch (0 %), started'
-    assert lines[1] == 'QwT images: 2/20 batch (10 %), 1.0 s'
-    assert lines[9] == 'QwT images: 18/20 batch (90 %), 9.0 s'
+    assert lines[1] == 'QwT images: 2/20 batch (10 %), 0.5 s'  # counted as handed out
+    assert lines[9] == 'QwT images: 18/20 batch (90 %), 8.5 s'
     assert lines[10] == 'QwT images: 20/20 batch (100 %), 10.0 s, done'
     assert len(lines) == 11 and '\r' not in out.getvalue()
+
+
+def test_a_loop_that_breaks_early_still_ends_with_a_line():
+    out = io.StringIO()
+    for i in PlainProgress(range(100), 'QwT images', 4, 'batch', True, out, clock=Clock()):
+        if i == 3:
+            break
+    assert out.getvalue().splitlines()[-1] == 'QwT images: 4/4 batch (100 %), 0.0 s, done'
 
 
 def test_a_minute_without_a_tenth_gives_a_line_and_updates_of_several_count(monkeypatch):

@@ -61,10 +61,13 @@ class PlainProgress:
             self._line()
 
     def __iter__(self):
-        for item in self.iterable:
-            yield item
-            self.update(1)
-        self.close()
+        """Counts each item as it is handed out; the end line comes also when the loop breaks early."""
+        try:
+            for item in self.iterable:
+                self.update(1)
+                yield item
+        finally:
+            self.close()
 
     def close(self):
         if not self.closed:

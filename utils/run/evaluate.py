@@ -1,6 +1,6 @@
 """Top-1 / top-5 counting over the val split, several model variants per decoded batch."""
 import torch
-from tqdm import tqdm
+from utils.core.progress import progress_bar
 
 from utils.core import distributed
 
@@ -22,7 +22,7 @@ def evaluate(variants, loader, device, progress=False, on_batch=None):
     over all processes.
     """
     counts = torch.zeros(len(variants), 3, dtype=torch.float64, device=device)
-    for batch in tqdm(loader, desc='eval', disable=not progress, leave=False):
+    for batch in progress_bar(loader, desc='eval', unit='batch', enabled=progress):
         if on_batch is not None:
             on_batch(batch)
         images, target = batch[0], batch[1]

@@ -28,6 +28,7 @@ from utils.run.data import (ImageLog, eval_loader, eval_transform, image_dataset
 from utils.run.demo import make_demo_data
 from utils.core.errors import UserError, one_line
 from utils.run.evaluate import evaluate
+from utils.core.progress import progress_bar
 from utils.core.files import rank_path, write_atomic, write_text_atomic
 from utils.run.logs import log_to_file, setup_logging, teardown_logging
 from utils.core.timing import Stopwatch
@@ -195,8 +196,7 @@ def qwt_batches(run, train):
 
 
 def progress(iterable, run, desc, total=None):
-    from tqdm import tqdm
-    return tqdm(iterable, desc=desc, total=total, disable=not run.dist.is_main, leave=False)
+    return progress_bar(iterable, desc=desc, total=total, unit='batch', enabled=run.dist.is_main)
 
 
 # ---- the stages ----------------------------------------------------------------------------------
