@@ -16,6 +16,8 @@ if ROOT not in sys.path:
 def pytest_configure(config):
     config.addinivalue_line('markers', 'cuda: needs a CUDA GPU (skipped without one); run them alone with '
                                        '`python -m pytest -q -m cuda tests`')
+    config.addinivalue_line('markers', 'slurm: needs a SLURM cluster (.ci/slurm/start makes one on localhost; skipped '
+                                       'without one, failed instead where QWT_REQUIRE_SLURM is set)')
 
 
 @pytest.fixture(autouse=True)

@@ -6,6 +6,8 @@ import _thread
 import json
 import math
 import os
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -492,3 +494,48 @@ def test_a_missing_checkpoint_blocks_only_its_model(data_dir, tmp_path, capsys, 
     (ckpts / 'swin_tiny_patch4_window7_224.pth').write_bytes(b'')
     code, stdout, _ = reproduce_main(capsys, *argv)
     assert code == 0 and sorted(r['key'] for r in runs(log)[2:]) == ['swin_tiny FP', 'swin_tiny W4/A4 seed 0']
+
+
+def test_kill_9_of_the_runner_takes_its_cells_with_it(data_dir, tmp_path, env):
+    """No orphans: the children die with the runner (PR_SET_PDEATHSIG), even after SIGKILL; the rerun then
+    finds the cells interrupted, not running."""
+    monkeypatch, _ = env
+    monkeypatch.setenv('STAND_IN_SLEEP', '60')
+    monkeypatch.setenv('STAND_IN_PID', '1')
+    argv = cpu_args(data_dir, tmp_path, '--models', 'deit_tiny', '--bits', '4', '--parallel', '2')
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'tools', 'reproduce.py'), *argv],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pids, deadline = [], time.monotonic() + 60
+    while len(pids) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+        pids = [int(line.split()[1]) for f in ('deit_tiny_fp', 'deit_tiny_w4a4_seed0')
+                for line in _read(tmp_path / f / 'console.txt').splitlines() if line.startswith('pid ')]
+    assert len(pids) == 2
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(local.process_start_ticks(p) for p in pids):
+        time.sleep(0.1)
+    assert [local.process_start_ticks(p) for p in pids] == [None, None]  # gone (and reaped by init)
+    cells, launch = table_cells.plan(runner_flags.build_parser().parse_args(argv))
+    states = [table_cells.cell_state(c, launch, local.pid_alive)[:2] for c in cells]
+    assert states == [('to run', 'interrupted last time')] * 2
+
+
+def test_a_cell_running_in_another_runner_is_refused_in_one_line(data_dir, tmp_path, capsys, env):
+    argv = cpu_args(data_dir, tmp_path, '--models', 'deit_tiny', '--bits', '4')
+    cells, launch = table_cells.plan(runner_flags.build_parser().parse_args(argv))
+    import socket
+    os.makedirs(cells[0].folder)
+    table_cells.write_record(cells[0], launch, 'python x', status='running', started='2026-12-02 10:00:00',
+                             pid=os.getpid(), pid_start=local.process_start_ticks(os.getpid()),
+                             host=socket.gethostname())
+    code, out, err = reproduce_main(capsys, *argv)
+    assert code == 2 and runs(env[1]) == []
+    assert err == (f'error: deit_tiny FP is running in another tools/reproduce.py (pid {os.getpid()} on '
+                   f'{socket.gethostname()}, since 2026-12-02 10:00:00): wait for it to end, or stop it, then run '
+                   'this command again\n')
+    assert 'deit_tiny  FP              running: running since 2026-12-02 10:00:00' in out
+    table_cells.write_record(cells[0], launch, 'python x', status='running', started='2026-12-02 10:00:00',
+                             pid=os.getpid(), pid_start=1, host=socket.gethostname())  # the pid was reused since
+    assert reproduce_main(capsys, *argv)[0] == 0

@@ -8,6 +8,7 @@ A job that SLURM preempts or that reaches its time limit is requeued (submitit's
 the end, then ``scontrol requeue``); the cell starts again from the beginning and its cell.json counts the
 runs. submitit is imported only here."""
 import contextlib
+import io
 import json
 import logging
 import os
@@ -15,7 +16,6 @@ import shlex
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 from utils.core.errors import UserError
@@ -53,9 +53,8 @@ class CellJob:
 
     def __call__(self):
         cell, argv = self.cell, cell_argv(self.cell, self.launch)
-        previous = read_record(cell) or {}
         jid = job_id()
-        runs = previous.get('runs', 0) + 1 if previous.get('job_id') == jid else 1
+        runs = int(os.environ.get('SLURM_RESTART_COUNT') or 0) + 1  # any requeue: submitit's, scontrol, SLURM's
         extra = {'backend': 'slurm', 'job_id': jid, 'runs': runs, 'host': socket.gethostname()}
         record_start(cell, self.launch, shlex.join(argv), **extra)
         start, started_at = time.monotonic(), time.time()
@@ -107,20 +106,6 @@ def cancel(job_ids):
     return p.stderr.strip()
 
 
-@contextlib.contextmanager
-def _stderr_kept():
-    """sbatch's complaints go to this process's stderr; keep them (they become one line of ours)."""
-    with tempfile.TemporaryFile(mode='w+') as tmp:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield tmp
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
 class SlurmBackend:
     """Cells as jobs of a SLURM job array. ``options``: the parameters of submitit's SlurmExecutor
     (partition, time, account, qos, constraint, mem, cpus_per_task, gpus_per_node, array_parallelism,
@@ -157,7 +142,7 @@ class SlurmBackend:
         env = {'OMP_NUM_THREADS': str(self.launch.threads)} if self.launch.threads else {}
         jobs = []
         try:
-            with _stderr_kept(), executor.batch():
+            with contextlib.redirect_stderr(io.StringIO()), executor.batch():  # sbatch's lines: ours, in one
                 for cell in todo:
                     jobs.append(executor.submit(CellJob(cell, self.launch, env)))
         except self.submitit.core.utils.FailedJobError as e:
