@@ -539,3 +539,42 @@ def test_a_cell_running_in_another_runner_is_refused_in_one_line(data_dir, tmp_p
     table_cells.write_record(cells[0], launch, 'python x', status='running', started='2026-12-02 10:00:00',
                              pid=os.getpid(), pid_start=1, host=socket.gethostname())  # the pid was reused since
     assert reproduce_main(capsys, *argv)[0] == 0
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--partition', 'gpu'], '--partition is for --backend slurm'),
+    (['--no_wait'], '--no_wait is for --backend slurm'),
+    (['--backend', 'slurm', '--time', '0'], '--time 0 must be positive'),
+    (['--backend', 'slurm', '--time', '1:xx'], '--time 1:xx: expected minutes or [D-]HH:MM[:SS], e.g. 360 or 6:00:00'),
+    (['--backend', 'slurm', '--slurm_opt', 'reservation'], '--slurm_opt reservation: expected KEY=VALUE, e.g. '
+                                                           'reservation=mine'),
+    (['--backend', 'slurm', '--parallel', '2'], '--parallel is for --backend local; use --array_parallelism for '
+                                                'cells at a time'),
+    (['--backend', 'slurm', '--array_parallelism', '0'], '--array_parallelism must be positive, got 0'),
+])
+def test_slurm_flags_are_checked_before_anything_is_submitted(data_dir, tmp_path, capsys, argv, message):
+    code, out, err = reproduce_main(capsys, *cpu_args(data_dir, tmp_path, '--models', 'deit_tiny', *argv))
+    assert code == 2 and out == '' and err == f'error: {message}\n'
+
+
+def test_slurm_options_and_time_forms(data_dir, tmp_path):
+    args = runner_flags.build_parser().parse_args(
+        ['--data_dir', data_dir, '--backend', 'slurm', '--partition', 'gpu', '--time', '1-02:03:01', '--mem', '64G',
+         '--cpus_per_task', '8', '--gpus_per_run', '2', '--slurm_opt', 'reservation=mine',
+         '--slurm_opt=--exclusive=user', '--array_parallelism', '4', '--qos', 'high', '--account', 'lab', '--constraint', 'a100'])
+    launch = runner_flags.make_launch(args)
+    assert (launch.device, launch.procs, launch.backend, len(launch.slots)) == ('cuda', 2, 'slurm', 4)
+    assert runner_flags.slurm_options(args, launch) == {
+        'time': 24 * 60 + 2 * 60 + 3 + 1, 'partition': 'gpu', 'account': 'lab', 'qos': 'high', 'constraint': 'a100',
+        'mem': '64G', 'cpus_per_task': 8, 'array_parallelism': 4, 'gpus_per_node': 2,
+        'additional_parameters': {'reservation': 'mine', 'exclusive': 'user'}}
+    assert [runner_flags.parse_time(t) for t in ('90', '1:30', '1:30:00', '0:00:01', '2-00:00')] == [90, 90, 90, 1, 2880]
+
+
+def test_slurm_backend_without_submitit_is_one_line(data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'submitit', None)  # import submitit raises ImportError
+    code, out, err = reproduce_main(capsys, *cpu_args(data_dir, tmp_path, '--models', 'deit_tiny', '--backend',
+                                                      'slurm', '--dry_run'))
+    assert code == 2 and out == ''
+    assert err == ('error: --backend slurm needs submitit (small, pure Python): pip install submitit, or install '
+                   'requirements.txt with its lock (README, Install)\n')
