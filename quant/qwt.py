@@ -10,7 +10,8 @@ from torch import nn
 
 from models import stem, walk
 from quant.layers import set_quant_state
-from quant.regression import NonFiniteSystem, NormalEquations, fit_concat, r2_score, solve_normal
+from quant.regression import (SINGULAR_CONDITION, NonFiniteSystem, NormalEquations, fit_concat, r2_score,
+                              rank_and_condition, solve_normal, with_ones)
 from utils.core import distributed
 from utils.core.progress import progress_bar
 from utils.core.timing import Stopwatch
@@ -142,6 +143,32 @@ def _warn_fallback(block_id, fallback, solver):
     hint = 'more --qwt_samples' + ('' if solver == 'lstsq' else ' or --qwt_solver lstsq')
     _logger.warning('QwT block %d: %s (%d tokens for %d unknowns per output); %s. Hint: %s.',
                     block_id, REASONS[fallback.reason], fallback.tokens, fallback.unknowns, used, hint)
+
+
+# A least-squares fit with a bias term is never worse than none (r² >= 0); an r² below this is the
+# float32 inverse's rounding, not the data.
+R2_BROKEN = -0.01
+
+
+def broken_fit(xs, r2):
+    """For a block left uncompensated by the published inverse: (rank, dimension, condition number) of its
+    float64 [X,1]^T[X,1] (all-reduced over processes) when that system is numerically singular (condition
+    at least SINGULAR_CONDITION, or r² below R2_BROKEN), else None."""
+    c = xs[0].shape[-1]
+    gram = torch.zeros(c + 1, c + 1, dtype=torch.float64, device=xs[0].device)
+    for x in xs:
+        x1 = with_ones(x.reshape(-1, c).double())
+        gram += x1.t() @ x1
+    distributed.all_reduce_sum(gram)
+    rank, condition = rank_and_condition(gram)
+    return (rank, c + 1, condition) if condition >= SINGULAR_CONDITION or r2 < R2_BROKEN else None
+
+
+def _warn_broken(block_id, r2, rank, dim, condition):
+    """One warning line per block that the published procedure leaves out for a singular system."""
+    _logger.warning('QwT block %d: the float32 inverse of [X,1]^T[X,1] is numerically singular (rank %d of %d, '
+                    'condition %.1e) and its fit has r2 %.4g, so the published procedure leaves this block '
+                    'uncompensated; --qwt_solver lstsq fits it', block_id, rank, dim, condition, r2)
 
 
 def _float64_normal_equations(xs, ys):
@@ -295,7 +322,6 @@ def qwt_compensate(q_model, images, start_block=0, batch_size=32, solver='invers
                 xs = [module(x) for x in xs]
             continue
         fitted = fit_block(module, xs, block_id >= start_block, solver, clock)
-        xs = fitted.outs
         slot.replace(CompensatedBlock(module, fitted.weight, fitted.bias))
         used = bool(fitted.weight.any())
         if fitted.fallback is not None:
@@ -303,10 +329,20 @@ def qwt_compensate(q_model, images, start_block=0, batch_size=32, solver='invers
         if fitted.r2 is not None:
             _logger.info('QwT block %d: r2 %.4f, rms residual %.6f, %s', block_id, fitted.r2, fitted.rms,
                          'compensated' if used else 'zero compensation')
+        broken = None
+        if solver == 'inverse' and not used and fitted.r2 is not None and fitted.fallback is None:
+            with clock('fit'):
+                broken = broken_fit(xs, fitted.r2)
+            if broken:
+                _warn_broken(block_id, fitted.r2, *broken)
+        xs = fitted.outs
         if stats is not None:
             r2 = None if fitted.r2 is None or not math.isfinite(fitted.r2) else fitted.r2  # JSON has no NaN
             stats.append({'block': block_id, 'r2': r2, 'used': used,
-                          'fallback': None if fitted.fallback is None else fitted.fallback.kind})
+                          'fallback': None if fitted.fallback is None else fitted.fallback.kind,
+                          'singular': broken is not None,
+                          **({'rank': broken[0], 'unknowns': broken[1],
+                              'condition': broken[2] if math.isfinite(broken[2]) else None} if broken else {})})
         block_id += 1
         bar.update(1)
     bar.close()

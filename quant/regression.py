@@ -11,6 +11,9 @@ SOLVERS = ('inverse', 'lstsq')
 # rounding noise (e.g. a LayerNorm output is collinear with the ones column). The float64 solver
 # drops them instead of fitting them with huge weights that the fp16 inference form cannot hold.
 LSTSQ_RCOND_X = 1e-6
+# The float32 inverse of [X,1]^T[X,1] keeps no accurate digit once the matrix's condition number reaches
+# 1 / float32's epsilon (2^23): its solution can then fit far worse than none at all (r² far below 0).
+SINGULAR_CONDITION = 2.0 ** 23
 
 
 class NonFiniteSystem(ValueError):
@@ -48,6 +51,18 @@ def fit_concat(x, y, solver='inverse'):
     if solver == 'lstsq':
         return _lstsq(x1.double(), y.double(), y.dtype, LSTSQ_RCOND_X)
     raise ValueError(f"unknown solver {solver!r}: use one of {', '.join(SOLVERS)}")
+
+
+def rank_and_condition(gram):
+    """(numerical rank, condition number) of a symmetric positive semi-definite matrix such as
+    [X,1]^T[X,1], from its float64 eigenvalues: the rank counts the directions the float64 least-squares
+    solver keeps (eigenvalues above LSTSQ_RCOND_X^2 times the largest: singular values of [X,1] above
+    LSTSQ_RCOND_X times the largest); the condition number is largest / smallest (inf when the smallest is
+    not positive)."""
+    ev = torch.linalg.eigvalsh(gram.double())
+    top, low = float(ev[-1]), float(ev[0])
+    rank = int((ev > LSTSQ_RCOND_X ** 2 * top).sum())
+    return rank, (top / low if low > 0 else float('inf'))
 
 
 def solve_normal(gram, rhs, solver='inverse', dtype=torch.float32):

@@ -79,3 +79,21 @@ def test_without_matplotlib_the_tables_are_written_and_one_line_says_why_no_figu
     assert sorted(os.listdir(tmp_path)) == ['run', 't.csv', 't.md']
     assert err.splitlines()[-2:] == [f"wrote {tmp_path / 't.md'}, {tmp_path / 't.csv'}",
                                      'figures not written: matplotlib is not installed (pip install matplotlib)']
+
+
+def test_r2_png_tells_a_singular_fit_from_one_that_did_not_help(tmp_path, monkeypatch):
+    pytest.importorskip('matplotlib')
+    from matplotlib.colors import to_hex
+    saved = []
+    monkeypatch.setattr(figures, '_save', lambda fig, path: saved.append(fig))
+    blocks = [{'block': 0, 'r2': -1100.2, 'used': False, 'fallback': None, 'singular': True, 'rank': 49,
+               'unknowns': 97, 'condition': 4e15},
+              {'block': 1, 'r2': -0.001, 'used': False, 'fallback': None, 'singular': False},
+              {'block': 2, 'r2': 0.6, 'used': True, 'fallback': None, 'singular': False}]
+    assert figures.r2_figure({'model': 'swin_tiny', 'w_bits': 4, 'a_bits': 4, 'seed': 0, 'qwt_blocks': blocks},
+                             str(tmp_path / 'r2.png'))
+    ax = saved[0].axes[0]
+    assert [to_hex(p.get_facecolor()) for p in ax.patches] == ['#fcbba1', '#bdbdbd', '#3182bd']
+    assert [(t.get_text(), t.get_position()[0]) for t in ax.texts if t.get_text() == '!'] == [('!', 0)]
+    assert [line.get_xdata()[0] for line in ax.lines if line.get_marker() == 'x'] == [1]
+    assert '1 of 3 blocks compensated, 1 left out for a singular fit' in ax.get_title()

@@ -816,3 +816,58 @@ def test_used_means_any_non_zero_weight_and_every_fit_is_logged(monkeypatch, cap
         assert found, message
         assert int(found.group(1)) == i and float(found.group(2)) == pytest.approx(st['r2'], abs=1e-4)
         assert found.group(3) == ('compensated' if st['used'] else 'zero compensation')
+
+
+def test_rank_and_condition_by_hand():
+    from quant.regression import rank_and_condition
+    assert rank_and_condition(torch.diag(torch.tensor([4.0, 1.0, 0.0]))) == (2, float('inf'))
+    assert rank_and_condition(torch.diag(torch.tensor([100.0, 1.0]))) == (2, 100.0)
+    # eigenvalues 1 and 1e-13: below (1e-6)^2 of the largest, so one direction is rounding noise
+    assert rank_and_condition(torch.diag(torch.tensor([1.0, 1e-13], dtype=torch.float64)))[0] == 1
+    x = torch.tensor([[1.0, 2.0], [2.0, 4.0], [3.0, 6.0]])  # second column = 2 x the first
+    x1 = torch.cat([x, torch.ones(3, 1)], 1)
+    assert rank_and_condition(x1.t() @ x1)[0] == 2
+
+
+def _quantized_tiny_swin():
+    m = make_tiny_swin()
+    g = torch.Generator().manual_seed(0)
+    quant.repq_vit(m, torch.randn(8, 3, 32, 32, generator=g), 4, 4)
+    return m, torch.randn(32, 3, 32, 32, generator=g)
+
+
+def test_a_singular_first_stage_is_one_warning_and_is_recorded(caplog):
+    """The tiny Swin's first stage is rank-deficient by construction: a LayerNorm of a linear map of 2x2x3 =
+    12 pixel values into 24 channels, so [X,1] has rank at most 12 + 1 (LayerNorm's scale) + 1 (ones) = 14 of
+    25. The published float32 inverse then fits worse than nothing; the block is left out, and said so."""
+    m, images = _quantized_tiny_swin()
+    stats = []
+    with caplog.at_level('WARNING', logger='quant.qwt'):
+        qwt_compensate(m, images, batch_size=8, stats=stats)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+    assert len(warnings) == 1
+    assert warnings[0].startswith('QwT block 0: the float32 inverse of [X,1]^T[X,1] is numerically singular '
+                                  '(rank 14 of 25, condition ')
+    assert warnings[0].endswith(f"and its fit has r2 {stats[0]['r2']:.4g}, so the published procedure leaves this "
+                                'block uncompensated; --qwt_solver lstsq fits it')
+    assert stats[0]['r2'] < -1 and not stats[0]['used'] and stats[0]['singular']
+    assert (stats[0]['rank'], stats[0]['unknowns']) == (14, 25) and stats[0]['condition'] > 2 ** 23
+    assert [s['singular'] for s in stats[1:]] == [False] * 3 and all(s['used'] for s in stats[1:])
+    assert 'rank' not in stats[1]
+
+    m, images = _quantized_tiny_swin()
+    stats, caplog.records[:] = [], []
+    with caplog.at_level('WARNING', logger='quant.qwt'):
+        qwt_compensate(m, images, batch_size=8, stats=stats, solver='lstsq')
+    assert [r for r in caplog.records if r.levelname == 'WARNING'] == []
+    assert stats[0]['used'] and stats[0]['r2'] > 0.2 and not stats[0]['singular']
+
+
+def test_end_of_run_counts_the_blocks_left_out():
+    from utils.run.pipeline import qwt_block_lines
+    blocks = [{'block': 0, 'used': False, 'singular': True}, {'block': 1, 'used': True},
+              {'block': 2, 'used': False, 'singular': False}, {'block': 3, 'used': True}]
+    assert qwt_block_lines(blocks) == ['QwT: 2 of 4 blocks compensated, 2 left out (1 for a numerically singular '
+                                       'fit: block 0; --qwt_solver lstsq fits them)']
+    assert qwt_block_lines(blocks[1:2]) == ['QwT: 1 of 1 blocks compensated, 0 left out']
+    assert qwt_block_lines([]) == []

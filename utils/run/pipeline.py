@@ -389,11 +389,26 @@ def summary_lines(r):
                   f"{r['repq_size_mb']:.2f} MB",
                   f"RepQ-ViT + QwT top-1 {_pct(r['qwt_top1'])}  top-5 {_pct(r['qwt_top5'])}  size "
                   f"{r['qwt_size_mb']:.2f} MB"]
+    lines += qwt_block_lines(r.get('qwt_blocks') or [])
     if r['skipped_images']:
         lines.append(f"skipped {len(r['skipped_images'])} unreadable image(s), listed in result.json "
                      "(skipped_images)")
     lines.append('timings (s): ' + ', '.join(f'{k} {v}' for k, v in r['timings'].items()))
     return lines
+
+
+def qwt_block_lines(blocks):
+    """The end-of-run count of the QwT blocks compensated and left out, naming those left out for a
+    numerically singular fit."""
+    if not blocks:
+        return []
+    left = [b for b in blocks if not b['used']]
+    singular = [str(b['block']) for b in left if b.get('singular')]
+    line = f"QwT: {len(blocks) - len(left)} of {len(blocks)} blocks compensated, {len(left)} left out"
+    if singular:
+        line += (f" ({len(singular)} for a numerically singular fit: block {', '.join(singular)}; --qwt_solver "
+                 "lstsq fits them)")
+    return [line]
 
 
 def _out_of_memory(e):

@@ -110,8 +110,8 @@ def _is_variant(row):
 
 def r2_figure(result, path):
     """r2.png of one run: the r² of every QwT block's fit, blocks left uncompensated (r² <= 0, no fit, or
-    before --start_block) in grey with an ×, fallback fits outlined in red. Returns False without
-    matplotlib."""
+    before --start_block) in grey with an ×, those left out for a numerically singular fit (the published
+    float32 inverse) in red with a !, fallback fits outlined in red. Returns False without matplotlib."""
     blocks = result.get('qwt_blocks') or []
     fig = _figure(max(5.0, 0.35 * len(blocks) + 2), 3.2)
     if fig is None:
@@ -122,14 +122,18 @@ def r2_figure(result, path):
     for b in blocks:
         x, r2, used = b['block'], b.get('r2'), b.get('used')
         shown = 0.0 if r2 is None else max(r2, floor)
-        ax.bar(x, shown, 0.7, color='#3182bd' if used else '#bdbdbd',
+        singular = b.get('singular') and not used
+        ax.bar(x, shown, 0.7, color='#3182bd' if used else '#fcbba1' if singular else '#bdbdbd',
                edgecolor='#de2d26' if b.get('fallback') else '#444444', linewidth=1.5 if b.get('fallback') else 0.5)
-        if not used:
+        if singular:
+            ax.text(x, max(shown, 0) + 0.03, '!', color='#de2d26', ha='center', va='bottom', fontweight='bold')
+        elif not used:
             ax.plot(x, max(shown, 0) + 0.03, marker='x', color='#de2d26', markersize=6)
         if r2 is not None and r2 < floor:
             ax.annotate(f'{r2:.3g}', (x, floor), fontsize=6, ha='center', va='bottom')
         lows.append(shown)
     n_used = sum(bool(b.get('used')) for b in blocks)
+    n_singular = sum(bool(b.get('singular')) and not b.get('used') for b in blocks)
     ax.set_xlabel('block')
     ax.set_ylabel('r² of the QwT fit')
     ax.set_xticks([b['block'] for b in blocks])
@@ -137,8 +141,10 @@ def r2_figure(result, path):
     ax.set_ylim(min([0.0, *lows]) - 0.05, 1.08)
     ax.axhline(0, color='#444444', linewidth=0.5)
     ax.set_title(f"{result.get('model')} W{result.get('w_bits')}/A{result.get('a_bits')} seed {result.get('seed')}: "
-                 f"{n_used} of {len(blocks)} blocks compensated\n(grey with ×: left uncompensated; red outline: "
-                 "fallback fit)", fontsize=9)
+                 f"{n_used} of {len(blocks)} blocks compensated"
+                 + (f", {n_singular} left out for a singular fit" if n_singular else '')
+                 + "\n(grey with ×: fit did not help; red with !: singular float32 system, --qwt_solver lstsq "
+                 "fits it; red outline: fallback fit)", fontsize=9)
     fig.tight_layout()
     _save(fig, path)
     return True
