@@ -120,12 +120,13 @@ def test_two_processes_draw_the_published_shards(big_root, checkpoints, tmp_path
 
 @pytest.fixture(scope='module')
 def tiny_runs(tmp_path_factory):
-    """Whole runs of a tiny registered ViT: eval both (twice), none, and repq (before QwT)."""
+    """Whole runs of a tiny registered ViT: eval both (twice), none, repq (before QwT), all and fp."""
     tmp = tmp_path_factory.mktemp('runs')
     root = make_image_folder(str(tmp / 'data'), classes=3, train_per_class=8, val_per_class=3)
     ckpt = save_random_checkpoint('vit_test_tiny', str(tmp / 'tiny.pth'))
     results = {}
-    for name, flags in (('both', []), ('both_again', []), ('none', ['--eval', 'none']), ('repq', ['--eval', 'repq'])):
+    for name, flags in (('both', []), ('both_again', []), ('none', ['--eval', 'none']), ('repq', ['--eval', 'repq']),
+                        ('all', ['--eval', 'all']), ('fp', ['--eval', 'fp'])):
         out = str(tmp / name)
         cli.main('vit', ['--model', 'vit_test_tiny', '--data_dir', root, '--checkpoint', ckpt, '--batch_size', '4',
                          '--qwt_samples', '8', '--num_workers', '2', '--device', 'cpu', '--output_dir', out, *flags])
@@ -151,6 +152,18 @@ def test_what_is_evaluated_does_not_move_the_qwt_images(tiny_runs):
     assert tiny_runs['none']['repq_top1'] is None and tiny_runs['none']['qwt_top1'] is None
     # evaluated before QwT, as published, the RepQ-ViT model scores what the one-pass evaluation gives it
     assert tiny_runs['repq']['repq_top1'] == both['repq_top1'] and tiny_runs['repq']['qwt_top1'] is None
+
+
+def test_eval_all_adds_the_full_precision_model_and_moves_nothing(tiny_runs):
+    """--eval all: the FP model's top-1 as --eval fp measures it, RepQ-ViT and + QwT as --eval both, from the
+    same images and the same fit; and the FP size is the float model's."""
+    both, fp, every = tiny_runs['both'], tiny_runs['fp'], tiny_runs['all']
+    assert (every['calib_files'], every['qwt_files'], every['qwt_blocks']) == (
+        both['calib_files'], both['qwt_files'], both['qwt_blocks'])
+    for k in ('repq_top1', 'repq_top5', 'qwt_top1', 'qwt_top5', 'repq_size_mb', 'qwt_size_mb'):
+        assert every[k] == both[k], k
+    assert (every['fp_top1'], every['fp_top5'], every['fp_size_mb']) == (fp['fp_top1'], fp['fp_top5'], fp['fp_size_mb'])
+    assert both['fp_top1'] is None and both['fp_size_mb'] is None
 
 
 def test_unreadable_val_image_is_skipped_logged_listed_and_counted(tmp_path, capsys):

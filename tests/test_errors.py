@@ -111,6 +111,9 @@ def test_undecodable_image_is_named_with_strict_images(capsys, tmp_path, deit_ck
     ('vit', ['--model', 'deit_tiny', '--output_dir', '/etc/hostname'], '--output_dir /etc/hostname is a file, not a folder'),
     ('vit', ['--model', 'deit_tiny', '--eval', 'fp', '--save', 'm.pth'], '--eval fp evaluates the full-precision model only: leave out --save'),
     ('vit', ['--model', 'deit_tiny', '--load', 'x.pth', '--eval', 'fp'], '--eval fp and --load exclude each other'),
+    ('vit', ['--model', 'deit_tiny', '--load', 'x.pth', '--eval', 'all'], '--eval all and --load exclude each other: '
+                                                                          '--load holds a quantized model, not the '
+                                                                          'full-precision one'),
     ('vit', ['--model', 'deit_tiny', '--num_workers', '-1'], '--num_workers must be >= 0, got -1'),
 ])
 def test_bad_flag_values(capsys, image_root, family, args, message):

@@ -11,7 +11,7 @@ from utils.run.naming import FAMILY_SCRIPTS, output_folder
 from utils.core.environment import env_int
 from utils.core.errors import UserError
 
-EVAL_CHOICES = ('both', 'repq', 'qwt', 'none', 'fp')
+EVAL_CHOICES = ('both', 'repq', 'qwt', 'none', 'fp', 'all')
 SOLVER_CHOICES = ('inverse', 'lstsq')      # quant.regression.SOLVERS
 ACCUMULATE_CHOICES = ('concat', 'normal')  # quant.qwt.ACCUMULATE
 # timm 0.4.12 on current torch: two warnings every run would print, both harmless (timm's own code).
@@ -123,8 +123,10 @@ def build_parser(family, raise_errors=False):
         p.add_argument(option, choices=choices, default=choices[0], help=help_text)
     p.add_argument('--eval', choices=EVAL_CHOICES, default='both',
                    help="val evaluation: 'both' models in one pass after QwT (default), 'repq' alone, right after "
-                        "RepQ-ViT as published, 'qwt' alone, 'none', or 'fp': the full-precision model only (no "
-                        'calibration). The calibration and QwT images are the same in every case')
+                        "RepQ-ViT as published, 'qwt' alone, 'none', 'fp': the full-precision model only (no "
+                        "calibration), or 'all': the full-precision model (a copy kept before calibration), "
+                        'RepQ-ViT and RepQ-ViT + QwT in one pass. The calibration and QwT images are the same in '
+                        'every case')
     return p
 
 
@@ -179,8 +181,9 @@ def check_args(args, family, world_size):
         for dest in ('checkpoint', 'save', 'dump_inputs'):
             if getattr(args, dest) is not None:
                 raise UserError(f"--{dest} and --load exclude each other: --load evaluates a model already quantized")
-        if args.eval == 'fp':
-            raise UserError("--eval fp and --load exclude each other: --load holds a quantized model")
+        if args.eval in ('fp', 'all'):
+            raise UserError(f"--eval {args.eval} and --load exclude each other: --load holds a quantized model, "
+                            "not the full-precision one")
         if not os.path.isfile(args.load):
             raise UserError(f"--load {args.load} not found: pass a file written by --save")
     if args.eval == 'fp' and (args.save or args.dump_inputs):

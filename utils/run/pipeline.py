@@ -2,6 +2,7 @@
 many, drawing the calibration and QwT images exactly as the published runs do (SPEC §1b). ViT/DeiT and
 Swin differ only in the model family they accept."""
 import argparse
+import copy
 import json
 import logging
 import os
@@ -34,7 +35,8 @@ from utils.run.logs import log_to_file, setup_logging, teardown_logging
 from utils.core.timing import Stopwatch
 
 _logger = logging.getLogger('qwt')
-VARIANTS = {'both': ('repq', 'qwt'), 'repq': ('repq',), 'qwt': ('qwt',), 'none': (), 'fp': ('fp',)}
+VARIANTS = {'both': ('repq', 'qwt'), 'repq': ('repq',), 'qwt': ('qwt',), 'none': (), 'fp': ('fp',),
+            'all': ('fp', 'repq', 'qwt')}
 
 
 @dataclass
@@ -209,6 +211,7 @@ class Quantized:
     meta: dict               # how the model was made (also stored by --save)
     accuracy: dict           # of an evaluation made before QwT (--eval repq), else empty
     stage_times: dict        # seconds of the calibration and QwT stages
+    float_model: object = None  # --eval all: a copy of the full-precision model, made before calibration
 
 
 def calibration_and_model(run, splits):
@@ -234,6 +237,7 @@ def quantize(run, splits):
     """SPEC §1b steps 2-7 around RepQ-ViT and QwT: a Quantized."""
     args, timer = run.args, run.timer
     calib, calib_files, model, weights = calibration_and_model(run, splits)
+    float_model = copy.deepcopy(model) if args.eval == 'all' else None  # a copy draws nothing (SPEC §1b)
     repq_times = {}
     with timer('repq'):  # steps 4 and 5
         repq_vit(model, calib, run.w_bits, run.a_bits, per_channel_loop=args.calib_search == 'per_channel',
@@ -265,7 +269,7 @@ def quantize(run, splits):
         _logger.info('saved the quantized model to %s', args.save)
     stage_times = {**{f'repq_{k}': round(v, 3) for k, v in repq_times.items()},
                    **{f'qwt_{k}': round(v, 3) for k, v in qwt_times.items()}}
-    return Quantized(model, weights, meta, early, stage_times)
+    return Quantized(model, weights, meta, early, stage_times, float_model)
 
 
 def dump_inputs(run, calib, calib_files, images, qwt_files):
@@ -307,7 +311,7 @@ def run(args, family):
     args = r.args
     with r.timer('data'):
         splits = open_splits(r)
-    meta, accuracy, stage_times = {}, {}, {}
+    meta, accuracy, stage_times, float_model = {}, {}, {}, None
     if r.payload is not None:
         with r.timer('build'):
             model, _ = load_quantized(args.load, r.dist.device, r.payload)
@@ -321,13 +325,15 @@ def run(args, family):
     else:
         q = quantize(r, splits)
         model, weights, meta, accuracy, stage_times = q.model, q.weights, q.meta, q.accuracy, q.stage_times
+        float_model = q.float_model
     wanted = [v for v in VARIANTS[args.eval] if v not in accuracy]
     if not compensated_blocks(model):  # a --load file saved without QwT
         wanted = [w for w in wanted if w != 'qwt']
     if wanted:
-        accuracy.update(evaluate_variants(r, splits, {name: model for name in wanted}))
+        accuracy.update(evaluate_variants(r, splits, {name: float_model if name == 'fp' and float_model is not None
+                                                      else model for name in wanted}))
     set_compensation(model, True)
-    result = make_result(r, splits, model, weights, meta, accuracy, stage_times)
+    result = make_result(r, splits, model, weights, meta, accuracy, stage_times, float_model)
     if r.dist.is_main:
         write_text_atomic(os.path.join(args.output_dir, 'result.json'), json.dumps(result, indent=2) + '\n')
         for line in summary_lines(result):
@@ -338,7 +344,7 @@ def run(args, family):
     return result
 
 
-def make_result(run, splits, model, weights, meta, accuracy, stage_times):
+def make_result(run, splits, model, weights, meta, accuracy, stage_times, float_model=None):
     """The result.json dict."""
     args = run.args
     quantized = run.payload is not None or args.eval != 'fp'
@@ -355,7 +361,8 @@ def make_result(run, splits, model, weights, meta, accuracy, stage_times):
         **{k: meta.get(k) for k in ('num_calib', 'num_qwt', 'start_block', 'qwt_solver', 'qwt_accumulate',
                                     'calib_search')},
         **top,
-        'fp_size_mb': None if quantized else round(model_size_mb(model), 4),
+        'fp_size_mb': round(model_size_mb(float_model if quantized else model), 4)
+        if float_model is not None or not quantized else None,
         'repq_size_mb': round(model_size_mb(model, include_compensation=False), 4) if quantized else None,
         'qwt_size_mb': round(model_size_mb(model, include_compensation=True), 4) if quantized else None,
         'qwt_blocks': meta.get('qwt_blocks', []),
