@@ -119,6 +119,8 @@ def pretrained_location(timm_name):
     """(url, file name, folder) of timm's pretrained download for ``timm_name``: where to place the file
     so that timm finds it without network."""
     url = default_cfg(timm_name).get('url', '')
+    if url.startswith('file://'):  # weights shipped with this repository (models/digits)
+        return url, os.path.basename(url[len('file://'):]), os.path.dirname(url[len('file://'):])
     return url, os.path.basename(urlparse(url).path), os.path.join(torch.hub.get_dir(), 'checkpoints')
 
 

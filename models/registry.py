@@ -34,6 +34,8 @@ MODELS = dict([
     _row('swin_small', 'swin_small_patch4_window7_224', 'swin', IMAGENET_MEAN, IMAGENET_STD, 0.9),
 ])
 _BY_TIMM_NAME = {spec.timm_name: spec for spec in MODELS.values()}
+# Small models trained on the UCI digits (models/digits, the --demo models), registered with timm on first use.
+DIGITS_MODELS = ('vit_digits', 'swin_digits')
 FAMILY_PREFIXES = {'vit': ('vit_', 'deit_'), 'swin': ('swin_',)}
 
 
@@ -51,6 +53,8 @@ def resolve_model(name, family=None):
         return _BY_TIMM_NAME[name]
     import timm
     from timm.models.registry import is_model_in_modules
+    if name in DIGITS_MODELS:
+        import models.digits  # noqa: F401  (registers them)
     if name not in timm.list_models():
         prefixes = FAMILY_PREFIXES.get(family, ('vit_', 'deit_', 'swin_'))
         example = {'vit': 'deit_tiny_patch16_224', 'swin': 'swin_base_patch4_window7_224'}.get(

@@ -6,7 +6,7 @@ import sys
 import warnings
 
 from models.registry import resolve_model, table_names
-from utils.run.demo import DEMO_DEFAULTS
+from utils.run.demo import demo_defaults
 from utils.run.naming import FAMILY_SCRIPTS, output_folder
 from utils.core.environment import env_int
 from utils.core.errors import UserError
@@ -134,8 +134,9 @@ def parse_args(family, argv=None):
     """Parsed, checked flags. Every problem visible without touching data or weights is a one-line
     usage error (exit 2) here, before torch is imported."""
     parser = build_parser(family)
-    if parser.parse_known_args(argv)[0].demo:
-        parser.set_defaults(**DEMO_DEFAULTS[family])
+    known = parser.parse_known_args(argv)[0]
+    if known.demo:
+        parser.set_defaults(**demo_defaults(family, known.model))
     args = parser.parse_args(argv)
     try:
         check_args(args, family, env_int('WORLD_SIZE', 1))

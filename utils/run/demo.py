@@ -1,19 +1,40 @@
-"""``--demo``: the whole pipeline with no data set and no weights to fetch. A small ImageNet-layout
-folder is drawn at run time (nothing stored in git) and the model is timm's pretrained one when its
-weights are already in the local cache, else a random initialisation."""
+"""``--demo``: the whole pipeline with no data set and no weights to fetch.
+
+By default the model of the script trained on real images, the UCI handwritten digits (``vit_digits``,
+``swin_digits``; models/digits), on an ImageNet-layout folder of the digits written at run time, at bits low
+enough that RepQ-ViT visibly loses accuracy: FP, RepQ-ViT and RepQ-ViT + QwT top-1 on the 500 held-out
+digits. ``--demo --model deit_tiny`` (any other model) is the full-size run on a small generated folder with
+timm's pretrained weights where they are already in the local cache, else a random initialisation (chance
+accuracy: it shows that every stage runs)."""
 import os
 
 import numpy as np
 from PIL import Image
 
+from models.registry import DIGITS_MODELS
+
+# (W, A) of the digits demo: where RepQ-ViT visibly loses accuracy on these small models and QwT gives some
+# back (measured: tests/test_digits.py, models/digits/README.md). The ViT keeps its accuracy at W3/A3.
+DEMO_BITS = {'vit_digits': (2, 4), 'swin_digits': (3, 3)}
+# The digits demo: 32 calibration and 256 QwT images of the 1,297 training digits; all 500 held-out digits.
+DIGITS_DEMO = {
+    family: dict(model=model, w_bits=DEMO_BITS[model][0], a_bits=DEMO_BITS[model][1], batch_size=32,
+                 qwt_samples=256, num_workers=2, eval_workers=2, eval='all')
+    for family, model in (('vit', 'vit_digits'), ('swin', 'swin_digits'))
+}
 # Sized to finish well within a minute on a 2-core CPU (swin_tiny costs 3.5x deit_tiny per image).
-DEMO_DEFAULTS = {
+RANDOM_DEMO = {
     'vit': dict(model='deit_tiny', batch_size=16, qwt_samples=32, num_workers=2, eval_workers=2,
                 allow_class_subset=True),
     'swin': dict(model='swin_tiny', batch_size=8, qwt_samples=16, num_val=16, num_workers=2,
                  eval_workers=2, allow_class_subset=True),
 }
 DEMO_CLASSES, DEMO_TRAIN_PER_CLASS, DEMO_VAL_PER_CLASS = 10, 6, 4
+
+
+def demo_defaults(family, model=None):
+    """The flag defaults of ``--demo`` for ``--model`` (None: the family's digits model)."""
+    return DIGITS_DEMO[family] if model is None or model in DIGITS_MODELS else RANDOM_DEMO[family]
 
 
 def make_image_folder(root, classes=3, train_per_class=4, val_per_class=2, size=(40, 56), seed=0):
@@ -32,5 +53,19 @@ def make_image_folder(root, classes=3, train_per_class=4, val_per_class=2, size=
     return root
 
 
-def make_demo_data(root):
+def make_demo_data(root, model=None):
+    """The demo's folder: the digits (training and held-out) for a digits model, else generated images."""
+    if model is None or model in DIGITS_MODELS:
+        from models.digits import write_image_folder
+        return write_image_folder(root)
     return make_image_folder(root, DEMO_CLASSES, DEMO_TRAIN_PER_CLASS, DEMO_VAL_PER_CLASS, size=(64, 80))
+
+
+def demo_line(model, w_bits, a_bits):
+    """What the demo shows, for its log."""
+    if model in DIGITS_MODELS:
+        return (f'demo: {model}, trained on the UCI handwritten digits (models/digits), at W{w_bits}/A{a_bits}, '
+                'low enough that RepQ-ViT visibly loses accuracy; FP, RepQ-ViT and RepQ-ViT + QwT top-1 on the 500 '
+                'held-out digits')
+    return (f'demo: {model} W{w_bits}/A{a_bits} on a small generated folder, timm weights if cached, else random '
+            '(chance accuracy: this shows that every stage runs)')

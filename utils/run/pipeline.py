@@ -26,7 +26,7 @@ from utils.core.allocator import keep_freed_memory
 from utils.run.naming import FAMILY_SCRIPTS, output_folder
 from utils.run.data import (ImageLog, eval_loader, eval_transform, image_dataset, replay_loader_iteration_draw,
                         train_loader, train_transform, val_subset)
-from utils.run.demo import make_demo_data
+from utils.run.demo import demo_line, make_demo_data
 from utils.core.errors import UserError, one_line
 from utils.run.evaluate import evaluate
 from utils.core.progress import progress_bar
@@ -112,6 +112,8 @@ def prepare(args, family):
     _logger.info('==== %s', command_line(args, family))
     _logger.info('%s (%s) W%d/A%d on %s x %d', spec.name, spec.timm_name, w_bits, a_bits,
                  dist_info.device, dist_info.world_size)
+    if args.demo:
+        _logger.info(demo_line(spec.name, w_bits, a_bits))
     return Run(args, family, spec, w_bits, a_bits, payload, dist_info, Stopwatch(dist_info.device))
 
 
@@ -305,7 +307,7 @@ def run(args, family):
     --dump_inputs."""
     if args.demo and args.data_dir is None:
         with tempfile.TemporaryDirectory(prefix='qwt_demo_') as data_dir:
-            make_demo_data(data_dir)
+            make_demo_data(data_dir, args.model)
             return run(argparse.Namespace(**{**vars(args), 'data_dir': data_dir}), family)
     r = prepare(args, family)
     args = r.args
