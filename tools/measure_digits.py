@@ -1,0 +1,163 @@
+"""What RepQ-ViT and RepQ-ViT + QwT do to the two digits models of ``models/digits``, on real images.
+
+    OMP_NUM_THREADS=1 python tools/measure_digits.py                       # both models, W3/A3 W4/A4 W6/A6, seeds 0 1 2
+    OMP_NUM_THREADS=1 python tools/measure_digits.py --models swin_digits --bits 3 --seeds 0 --solvers inverse lstsq
+
+Per model, bits and seed, through the library API on the image folder that ``write_image_folder``
+makes: seed python / numpy / torch; the first batch of the shuffled training loader (training-split
+transform: RandomResizedCrop, flip, RandAugment rand-m9-mstd0.5-inc1) is the calibration batch (32
+images); ``timm.create_model(name, pretrained=True)`` + ``models.prepare_model``; RepQ-ViT; a new pass
+of the loader gives the QwT images (256); QwT with each solver (published defaults otherwise:
+'concat', start_block 0); evaluation of the 500 held-out digits (evaluation transform). Reports top-1
+of the full-precision, RepQ-ViT and RepQ-ViT + QwT models and the mean squared error of their logits
+to the full-precision logits (mean over images and classes), and each block's QwT r².
+"""
+import argparse
+import copy
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import models  # noqa: E402
+import quant  # noqa: E402
+from models import digits  # noqa: E402
+from models.registry import data_config, resolve_model  # noqa: E402
+from utils.data import eval_transform, image_dataset, train_transform  # noqa: E402
+
+
+def seed_all(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def datasets(data_dir, name):
+    """(train with the training-split transform, val with the evaluation transform) of ``name``'s data config."""
+    cfg = data_config(resolve_model(name))
+    train = image_dataset(data_dir, 'train', train_transform(cfg['mean'], cfg['std'], cfg['interpolation'],
+                                                             cfg['img_size']))
+    val = image_dataset(data_dir, 'val', eval_transform(cfg['mean'], cfg['std'], cfg['crop_pct'],
+                                                        cfg['interpolation'], cfg['img_size']))
+    return train, val
+
+
+def stack_val(val):
+    """All held-out images [500, 3, 32, 32] and labels, in file order."""
+    items = [val[i] for i in range(len(val))]
+    return torch.stack([it[0] for it in items]), torch.tensor([it[1] for it in items])
+
+
+def draw_images(train, seed, calib=32, qwt=256, batch=32):
+    """(calibration batch, QwT images): the first batch of a shuffled loader, then ``qwt`` images from a
+    new pass of it, drawn after seeding with ``seed`` (one process, no loader workers)."""
+    seed_all(seed)
+    loader = torch.utils.data.DataLoader(train, batch_size=batch, shuffle=True, num_workers=0, drop_last=True)
+    calib_images = next(iter(loader))[0][:calib]
+    chunks = []
+    for images, *_ in loader:
+        chunks.append(images)
+        if sum(len(c) for c in chunks) >= qwt:
+            break
+    return calib_images, torch.cat(chunks)[:qwt]
+
+
+@torch.no_grad()
+def logits_of(model, x, batch=250):
+    return torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
+def top1(logits, y):
+    return 100.0 * float((logits.argmax(1) == y).float().mean())
+
+
+def mse(a, b):
+    return float((a - b).pow(2).mean())
+
+
+def measure(name, w_bits, a_bits, seed, train, x_val, y_val, solvers=('inverse',), calib=32, qwt=256):
+    """One run: dict with fp / repq / qwt top-1, logit MSE to FP, and per-solver QwT results and r²."""
+    import timm
+    calib_images, qwt_images = draw_images(train, seed, calib, qwt)
+    model = models.prepare_model(timm.create_model(name, pretrained=True, drop_path_rate=0.0))
+    fp = logits_of(model, x_val)
+    t = time.time()
+    quant.repq_vit(model, calib_images, w_bits, a_bits)
+    repq = logits_of(model, x_val)
+    out = {'model': name, 'w_bits': w_bits, 'a_bits': a_bits, 'seed': seed, 'fp': top1(fp, y_val),
+           'repq': top1(repq, y_val), 'mse_repq': mse(repq, fp), 'seconds_repq': time.time() - t, 'qwt': {}}
+    for solver in solvers:
+        q = copy.deepcopy(model)
+        stats = []
+        t = time.time()
+        quant.qwt_compensate(q, qwt_images, solver=solver, stats=stats)
+        comp = logits_of(q, x_val)
+        out['qwt'][solver] = {'top1': top1(comp, y_val), 'mse': mse(comp, fp), 'seconds': time.time() - t,
+                              'r2': [s['r2'] for s in stats], 'used': [s['used'] for s in stats]}
+    return out
+
+
+def summarise(rows, solver):
+    by = {}
+    for r in rows:
+        by.setdefault((r['model'], r['w_bits'], r['a_bits']), []).append(r)
+    lines = []
+    for (name, w, a), rs in by.items():
+        rq = np.array([r['repq'] for r in rs])
+        qw = np.array([r['qwt'][solver]['top1'] for r in rs])
+        m0 = np.array([r['mse_repq'] for r in rs])
+        m1 = np.array([r['qwt'][solver]['mse'] for r in rs])
+        r2 = np.array([[np.nan if v is None else v for v in r['qwt'][solver]['r2']] for r in rs])
+        lines.append(f"{name} W{w}/A{a} [{solver}] seeds {[r['seed'] for r in rs]}: FP {rs[0]['fp']:.1f} | "
+                     f"RepQ {rq.mean():.2f}±{rq.std(ddof=1) if len(rs) > 1 else 0:.2f} {rq.round(1).tolist()} | "
+                     f"QwT {qw.mean():.2f}±{qw.std(ddof=1) if len(rs) > 1 else 0:.2f} {qw.round(1).tolist()} | "
+                     f"gain {qw.mean() - rq.mean():+.2f} | logit MSE {m0.mean():.4f} -> {m1.mean():.4f} "
+                     f"({100 * (1 - m1.mean() / m0.mean()):.0f} % lower) per seed {m0.round(4).tolist()} -> "
+                     f"{m1.round(4).tolist()} | r2 mean per block {np.round(r2.mean(0), 3).tolist()}")
+    return lines
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--models', nargs='+', default=list(digits.ARCHS), choices=list(digits.ARCHS))
+    p.add_argument('--bits', nargs='+', default=['3', '4', '6'],
+                   help="bit widths: N for WN/AN, or W/A (e.g. 3/4 for W3/A4); default 3 4 6")
+    p.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
+    p.add_argument('--solvers', nargs='+', default=['inverse', 'lstsq'], choices=['inverse', 'lstsq'])
+    p.add_argument('--weights', default=None, help='folder with vit_digits.pth / swin_digits.pth to use instead '
+                                                   'of the committed ones')
+    p.add_argument('--json', default=None, help='write every run as JSON here')
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.weights:
+        digits.WEIGHTS.update({n: os.path.join(args.weights, f'{n}.pth') for n in digits.ARCHS})
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        digits.write_image_folder(tmp)
+        for name in args.models:
+            train, val = datasets(tmp, name)
+            x_val, y_val = stack_val(val)
+            for bits in args.bits:
+                w_bits, a_bits = (int(b) for b in (bits.split('/') if '/' in bits else (bits, bits)))
+                for seed in args.seeds:
+                    r = measure(name, w_bits, a_bits, seed, train, x_val, y_val, args.solvers)
+                    rows.append(r)
+                    print(json.dumps(r), flush=True)
+    for solver in args.solvers:
+        print('\n'.join(summarise(rows, solver)))
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == '__main__':
+    main()
