@@ -130,9 +130,9 @@ def test_log_lines_never_share_a_line_with_a_bar(root, tiny_ckpts, tmp_path):
     text = buf.getvalue()
     assert 'RepQ-ViT calibration:' in text and 'QwT:' in text  # the bars were drawn
     blocks = [line for line in rendered_lines(text) if 'QwT block' in line]
-    assert len(blocks) == 4
+    assert len([line for line in blocks if ': r2 ' in line]) == 4  # and block 0's singular-fit warning
     for line in blocks:
-        assert re.fullmatch(r'\d\d:\d\d:\d\d QwT block \d: r2 .*', line), line
+        assert re.fullmatch(r'\d\d:\d\d:\d\d QwT block \d: (r2 |the float32 inverse).*', line), line
     qwt_totals = {total for _, total in re.findall(r'QwT:\s+\d+%\|[^|]*\| (\d+)/(\d+)', text)}
     assert qwt_totals == {'4'}
     # patch_embed, 4 blocks x (qkv, proj, matmul1, matmul2, fc1, fc2), the PatchMerging reduction, the head

@@ -32,7 +32,7 @@ import models  # noqa: E402
 import quant  # noqa: E402
 from models import digits  # noqa: E402
 from models.registry import data_config, resolve_model  # noqa: E402
-from utils.data import eval_transform, image_dataset, train_transform  # noqa: E402
+from utils.run.data import eval_transform, image_dataset, train_transform  # noqa: E402
 
 
 def seed_all(seed):

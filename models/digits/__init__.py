@@ -39,14 +39,15 @@ ARCHS = {'vit_digits': (VisionTransformer, VIT_ARCH), 'swin_digits': (SwinTransf
 WEIGHTS = {name: os.path.join(HERE, f'{name}.pth') for name in ARCHS}
 
 
-def _cfg():
-    return {'url': '', 'num_classes': NUM_CLASSES, 'input_size': (3, IMG_SIZE, IMG_SIZE), 'pool_size': None,
+def _cfg(name):
+    # a file:// url: the project's weight lookup (models.build.pretrained_location) finds the shipped file
+    return {'url': 'file://' + WEIGHTS[name], 'num_classes': NUM_CLASSES, 'input_size': (3, IMG_SIZE, IMG_SIZE), 'pool_size': None,
             'crop_pct': 1.0, 'interpolation': 'bicubic', 'mean': MEAN, 'std': STD,
             'first_conv': 'patch_embed.proj', 'classifier': 'head'}
 
 
 # timm's register_model copies the entry of its function's name into timm's table of default_cfgs.
-default_cfgs = {name: _cfg() for name in ARCHS}
+default_cfgs = {name: _cfg(name) for name in ARCHS}
 
 
 def build(name, pretrained=False, **kwargs):
