@@ -31,28 +31,37 @@ def folder(tmp_path_factory):
     return tmp
 
 
-@pytest.mark.parametrize('script,model,timm_name,weights', CASES, ids=[c[1] for c in CASES])
-def test_published_script_draws_what_dump_inputs_writes(folder, script, model, timm_name, weights):
+def test_published_scripts_draw_what_dump_inputs_writes(folder):
+    """README's three commands for deit_tiny and swin_tiny; the two published runs side by side (one thread
+    each: the images do not depend on threads), then ours."""
     hub = folder / 'torch' / 'hub' / 'checkpoints'
     hub.mkdir(parents=True, exist_ok=True)
-    save_random_checkpoint(timm_name, str(hub / weights))
-    env = {**os.environ, 'TORCH_HOME': str(folder / 'torch'), 'PYTHONWARNINGS': 'ignore'}
+    for _, _, timm_name, weights in CASES:
+        save_random_checkpoint(timm_name, str(hub / weights))
+    env = {**os.environ, 'TORCH_HOME': str(folder / 'torch'), 'PYTHONWARNINGS': 'ignore', 'OMP_NUM_THREADS': '1'}
     for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
         env.pop(k, None)
-    same = ['--model', model, '--data_dir', 'data', '--batch_size', '8', '--num_workers', '2']
+    tool = os.path.join(ROOT, 'tools', 'capture_inputs.py')
 
-    def run(*argv):
-        p = subprocess.run([sys.executable, *argv], cwd=folder, env=env, capture_output=True, text=True, timeout=900)
-        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-        return p
+    def flags(model):
+        return ['--model', model, '--data_dir', 'data', '--batch_size', '8', '--num_workers', '2']
 
-    run(os.path.join(ROOT, 'tools', 'capture_inputs.py'), 'capture', '--cpu', '--data_dir', 'data', '--out',
-        f'published_{model}.pth', '--', os.path.join(PUBLISHED, script), *same)
-    run(os.path.join(ROOT, script), *same, '--dump_inputs', f'ours_{model}.pth', '--device', 'cpu',
-        '--allow_class_subset')
-    compare = run(os.path.join(ROOT, 'tools', 'capture_inputs.py'), 'compare', f'published_{model}.pth',
-                  f'ours_{model}.pth')
-    assert compare.stdout.strip() == f'identical: 8 calibration and 512 QwT images in published_{model}.pth'
-    got = torch.load(folder / f'published_{model}.pth')
-    assert got['calib'].shape == (8, 3, 224, 224) and got['qwt'].shape == (512, 3, 224, 224)
-    assert len(set(got['qwt_files'])) == 512  # one pass over 520 images: 512 distinct files
+    def side_by_side(commands):
+        procs = [subprocess.Popen([sys.executable, *argv], cwd=folder, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for argv in commands]
+        outs = [p.communicate(timeout=900) for p in procs]
+        for p, (out, err) in zip(procs, outs):
+            assert p.returncode == 0, out[-2000:] + err[-3000:]
+        return [out for out, _ in outs]
+
+    side_by_side([[tool, 'capture', '--cpu', '--data_dir', 'data', '--out', f'published_{model}.pth', '--',
+                   os.path.join(PUBLISHED, script), *flags(model)] for script, model, _, _ in CASES])
+    side_by_side([[os.path.join(ROOT, script), *flags(model), '--dump_inputs', f'ours_{model}.pth', '--device',
+                   'cpu', '--allow_class_subset'] for script, model, _, _ in CASES])
+    compared = side_by_side([[tool, 'compare', f'published_{model}.pth', f'ours_{model}.pth']
+                             for _, model, _, _ in CASES])
+    for (_, model, _, _), out in zip(CASES, compared):
+        assert out.strip() == f'identical: 8 calibration and 512 QwT images in published_{model}.pth'
+        got = torch.load(folder / f'published_{model}.pth')
+        assert got['calib'].shape == (8, 3, 224, 224) and got['qwt'].shape == (512, 3, 224, 224)
+        assert len(set(got['qwt_files'])) == 512  # one pass over 520 images: 512 distinct files

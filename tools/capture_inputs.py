@@ -23,16 +23,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from utils.core.environment import env_int  # noqa: E402
+from utils.core.errors import UserError  # noqa: E402
 from utils.run.cli import quiet_known_warnings  # noqa: E402
 
 quiet_known_warnings()  # timm 0.4.12's, before it is imported
-import torch  # noqa: E402
-
-from utils.table.capture import capture_inputs, compare_inputs, cuda_on_cpu  # noqa: E402
-from utils.run.data import fix_posterize  # noqa: E402
-from utils.core.environment import env_int  # noqa: E402
-from utils.core.errors import UserError  # noqa: E402
-from utils.core.files import rank_path, write_atomic  # noqa: E402
+# torch, timm and the capture hooks load where they are used: the process that starts the script's own
+# process only waits for it
 
 
 def parse_args(argv=None):
@@ -61,6 +58,10 @@ def capture(args, argv):
         raise UserError(f'script {args.script!r} not found')
     if not args.in_process:  # the script's own process; its errors are its own lines, its exit code ours
         return subprocess.call([sys.executable, os.path.abspath(__file__), 'capture', '--in_process', *argv[1:]])
+    import torch
+    from utils.core.files import rank_path, write_atomic
+    from utils.run.data import fix_posterize
+    from utils.table.capture import capture_inputs, cuda_on_cpu
     fix_posterize()  # the published code crashes on Pillow 13 without it
     script_args = args.script_args[1:] if args.script_args[:1] == ['--'] else args.script_args
     with cuda_on_cpu() if args.cpu else contextlib.nullcontext():
@@ -73,6 +74,8 @@ def capture(args, argv):
 
 
 def compare(args):
+    import torch
+    from utils.table.capture import compare_inputs
     a, b = (torch.load(path, map_location='cpu', weights_only=True) for path in (args.a, args.b))
     lines = compare_inputs(a, b)
     for line in lines:

@@ -235,8 +235,8 @@ def quiet_known_warnings():
 def main(family, argv=None):
     """Entry point of both scripts: flags first (no torch yet), then the run."""
     quiet_known_warnings()
-    args = parse_args(family, argv)
     try:
+        args = parse_args(family, argv)  # a name outside the table (the demo's digits models) imports timm
         from utils.run import pipeline  # imports torch, torchvision and timm
     except RuntimeError as e:
         if 'torchvision::' not in str(e):
