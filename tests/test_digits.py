@@ -51,6 +51,11 @@ def _readme_hashes():
     return dict(re.findall(r'`([\w.]+)`\s*\|\s*\d+\s*\|\s*`([0-9a-f]{64})`', text))
 
 
+def test_the_demo_runs_at_the_bits_measured_here():
+    from utils.run.demo import DIGITS_DEMO
+    assert {d['model']: (d['w_bits'], d['a_bits']) for d in DIGITS_DEMO.values()} == DEMO_BITS
+
+
 def test_committed_files_match_readme_sha256():
     hashes = _readme_hashes()
     assert set(hashes) == {'digits.npz', 'vit_digits.pth', 'swin_digits.pth'}

@@ -824,6 +824,7 @@ def test_rank_and_condition_by_hand():
     assert rank_and_condition(torch.diag(torch.tensor([100.0, 1.0]))) == (2, 100.0)
     # eigenvalues 1 and 1e-13: below (1e-6)^2 of the largest, so one direction is rounding noise
     assert rank_and_condition(torch.diag(torch.tensor([1.0, 1e-13], dtype=torch.float64)))[0] == 1
+    assert rank_and_condition(torch.diag(torch.tensor([1.0, 1e-11], dtype=torch.float64)))[0] == 2
     x = torch.tensor([[1.0, 2.0], [2.0, 4.0], [3.0, 6.0]])  # second column = 2 x the first
     x1 = torch.cat([x, torch.ones(3, 1)], 1)
     assert rank_and_condition(x1.t() @ x1)[0] == 2
@@ -871,3 +872,14 @@ def test_end_of_run_counts_the_blocks_left_out():
                                        'fit: block 0; --qwt_solver lstsq fits them)']
     assert qwt_block_lines(blocks[1:2]) == ['QwT: 1 of 1 blocks compensated, 0 left out']
     assert qwt_block_lines([]) == []
+
+
+@pytest.mark.parametrize('condition,r2,flagged', [(2.0 ** 23, 0.0, True), (2.0 ** 23 - 1, 0.0, False),
+                                                  (10.0, -0.0101, True), (10.0, -0.0099, False)])
+def test_a_fit_is_called_singular_at_the_float32_limit_or_far_below_zero(monkeypatch, condition, r2, flagged):
+    """Condition number at least 2^23 (1 / float32's epsilon), or r2 below -0.01: the published inverse's
+    fit is rounding, not data."""
+    from quant import qwt as qwt_module
+    monkeypatch.setattr(qwt_module, 'rank_and_condition', lambda gram: (3, condition))
+    xs = [torch.randn(2, 5, 4)]
+    assert qwt_module.broken_fit(xs, r2) == ((3, 5, condition) if flagged else None)

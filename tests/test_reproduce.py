@@ -569,6 +569,8 @@ def test_slurm_options_and_time_forms(data_dir, tmp_path):
         'mem': '64G', 'cpus_per_task': 8, 'array_parallelism': 4, 'gpus_per_node': 2,
         'additional_parameters': {'reservation': 'mine', 'exclusive': 'user'}}
     assert [runner_flags.parse_time(t) for t in ('90', '1:30', '1:30:00', '0:00:01', '2-00:00')] == [90, 90, 90, 1, 2880]
+    plain = runner_flags.build_parser().parse_args(['--data_dir', data_dir, '--backend', 'slurm', '--device', 'cpu'])
+    assert runner_flags.slurm_options(plain, runner_flags.make_launch(plain)) == {'time': 360}  # 6 h by default
 
 
 def test_slurm_backend_without_submitit_is_one_line(data_dir, tmp_path, capsys, monkeypatch):
