@@ -27,7 +27,7 @@ INSTALL = ('--backend slurm needs submitit (small, pure Python): pip install sub
            'requirements.txt with its lock (README, Install)')
 
 
-def import_submitit():  # noqa: D401
+def import_submitit():
     """submitit, with its sacct warnings silenced: without an accounting database every poll of a job's
     state logs one; this backend never asks submitit for states (it reads cell.json and squeue)."""
     try:
