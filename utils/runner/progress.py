@@ -19,7 +19,8 @@ def estimate(remaining, running, timed, n_slots, now=None):
     before any cell has finished. A cell costs the mean of the finished cells of its model and kind; else
     that of its kind, scaled by how much longer its model's FP cell took than theirs (the FP cell of each
     model runs first); else that of its kind; else that of all cells, and then the figure is only a rough
-    lower bound (rough True). The sum is spread over the slots."""
+    lower bound (rough True). The sum is spread over the slots, and the result is never below the longest
+    remaining cell."""
     if not timed:
         return None
     now = time.monotonic() if now is None else now
