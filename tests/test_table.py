@@ -338,3 +338,13 @@ def test_cli_errors(tmp_path):
     p = run_cli(str(tmp_path), '--output', str(tmp_path / 'out'), cwd=tmp_path)
     assert p.returncode == 2 and p.stderr.startswith('error:') and bad in p.stderr and 'Traceback' not in p.stderr
     assert not os.path.exists(tmp_path / 'out.md')
+
+
+def test_eval_all_runs_fill_the_fp_column_unless_an_fp_run_does():
+    runs = [result(seed=0, eval='all', fp_top1=79.0), result(seed=1, eval='all', fp_top1=80.0)]
+    rows, _ = table.build_rows(table.load_paper(), runs, only_results=True)
+    assert [(r['bits'], r['fp'], r['delta_fp']) for r in rows] == [('W4/A4', 79.5, -0.4)]  # paper FP 79.9
+    rows, _ = table.build_rows(table.load_paper(), [*runs, fp_result(fp=79.7)], only_results=True)
+    assert [r['fp'] for r in rows] == [79.7]  # the FP run wins
+    rows, _ = table.build_rows(table.load_paper(), [result()], only_results=True)
+    assert rows[0]['fp'] is None

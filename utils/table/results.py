@@ -219,10 +219,12 @@ def _round(v):
 def _row(name, timm_name, bits, paper, paper_fp, runs, fp_run, notes):
     """One table row: ``paper`` the paper's row of the model and bits (or None), ``paper_fp`` its FP
     (the FP depends on the model only), ``runs`` {seed: result} of the row, ``fp_run`` the model's FP result
-    or None."""
+    or None; without one, the FP column is the mean FP of the row's --eval all runs, if any."""
     p = paper or {}
+    own_fp = [r['fp_top1'] for r in runs.values() if r.get('fp_top1') is not None]  # --eval all measured it too
+    fp = fp_run.get('fp_top1') if fp_run else _round(sum(own_fp) / len(own_fp)) if own_fp else None
     row = {'model': name, 'timm_name': timm_name, 'bits': bits, 'paper_fp': paper_fp,
-           'fp': fp_run and fp_run.get('fp_top1'), 'paper_repq': p.get('repq_vit_top1'),
+           'fp': fp, 'paper_repq': p.get('repq_vit_top1'),
            'paper_qwt': p.get('repq_vit_qwt_top1')}
     for col, key in (('repq', 'repq_top1'), ('qwt', 'qwt_top1')):
         mean, std, n = mean_std(r.get(key) for r in runs.values())
