@@ -37,7 +37,7 @@ class PlainProgress:
         self.enabled, self.file, self.clock = enabled, file, clock
         self.n, self.closed = 0, False
         self.start = self.last = clock()
-        self.next_mark = 0  # the count at which the next tenth is crossed
+        self.next_mark = 0  # the tenths of total already crossed
         self._line(started=True)
 
     def _line(self, started=False, done=False):
@@ -51,12 +51,9 @@ class PlainProgress:
 
     def update(self, n=1):
         self.n += n
-        if self.total:
-            crossed = self.n >= self.total * (self.next_mark + 1) * PLAIN_EVERY_FRACTION
-            while self.n >= self.total * (self.next_mark + 1) * PLAIN_EVERY_FRACTION and self.next_mark < 10:
-                self.next_mark += 1
-        else:
-            crossed = False
+        tenths = min(int(self.n / (self.total * PLAIN_EVERY_FRACTION)), round(1 / PLAIN_EVERY_FRACTION)) \
+            if self.total else 0
+        crossed, self.next_mark = tenths > self.next_mark, max(self.next_mark, tenths)
         if (crossed and self.n < (self.total or 0)) or self.clock() - self.last >= PLAIN_EVERY_S:
             self._line()
 

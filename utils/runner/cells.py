@@ -200,6 +200,11 @@ def write_json(path, obj):
     write_text_atomic(path, json.dumps(obj, indent=2) + '\n')
 
 
+def read_result(cell):
+    """The cell's result.json, or None."""
+    return _read_json(cell.result_path)
+
+
 def read_record(cell):
     """The cell's cell.json, or None."""
     record = _read_json(cell.cell_path)

@@ -86,7 +86,7 @@ def build_parser():
                         'per cell, submitted as a job array through submitit')
     s = p.add_argument_group('SLURM (--backend slurm)')
     s.add_argument('--partition', help='partition of the jobs (default: the cluster\'s default partition)')
-    s.add_argument('--time', default=str(DEFAULT_TIME_MIN), metavar='TIME',
+    s.add_argument('--time', metavar='TIME',
                    help=f'time limit of one cell: minutes, or [D-]HH:MM[:SS] (default {DEFAULT_TIME_MIN} min); a '
                         'cell that reaches it is requeued and starts again')
     s.add_argument('--account', help='account to charge')
@@ -129,11 +129,10 @@ def slurm_options(args, launch):
     SLURM flags without --backend slurm are refused."""
     given = [f for f in SLURM_FLAGS if getattr(args, f) not in (None, False, [])]
     if args.backend != 'slurm':
-        given = [f for f in given if not (f == 'time' and args.time == str(DEFAULT_TIME_MIN))]
         if given:
             raise UserError(f'--{given[0]} is for --backend slurm')
         return None
-    options = {'time': parse_time(args.time)}
+    options = {'time': DEFAULT_TIME_MIN if args.time is None else parse_time(args.time)}
     for dest in ('partition', 'account', 'qos', 'constraint', 'mem'):
         if getattr(args, dest):
             options[dest] = getattr(args, dest)

@@ -9,7 +9,6 @@ the end, then ``scontrol requeue``); the cell starts again from the beginning an
 runs. submitit is imported only here."""
 import contextlib
 import io
-import json
 import logging
 import os
 import shlex
@@ -19,7 +18,8 @@ import sys
 import time
 
 from utils.core.errors import UserError
-from utils.runner.cells import cell_argv, read_record, record_end, record_interrupted, record_start, write_record
+from utils.runner.cells import (cell_argv, read_record, read_result, record_end, record_interrupted, record_start,
+                                write_record)
 
 POLL_S = 2.0
 VANISHED_GRACE_S = 5.0   # a job gone from squeue may still be writing its cell.json
@@ -204,11 +204,7 @@ def follow(cells, progress):
 def _ended(cell, record, progress, cells, started, ended, ok=None):
     ended.add(cell)
     ok = record.get('status') == 'done' if ok is None else ok
-    if ok:
-        with open(cell.result_path) as f:
-            detail = json.load(f)
-    else:
-        detail = record.get('last_line', '')
+    detail = read_result(cell) if ok else record.get('last_line', '')
     running = [_Running(c, t) for c, t in started.items() if c not in ended]
     pending = [c for c in cells if c not in ended and c not in started]
     log = cell.console_path if record.get('status') in ('done', 'failed') else record.get('slurm_log')
