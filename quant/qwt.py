@@ -314,7 +314,8 @@ def qwt_compensate(q_model, images, start_block=0, batch_size=32, solver='invers
     clock = Stopwatch(device, ('passes', 'fit'))
     block_id = 0
     slots = walk(q_model)
-    bar = progress_bar(total=sum(s.kind == 'block' for s in slots), desc='QwT', unit='block', enabled=progress)  # counts the blocks the log counts, not Swin's PatchMerging steps
+    # counts the blocks the log counts, not Swin's PatchMerging steps
+    bar = progress_bar(total=sum(s.kind == 'block' for s in slots), desc='QwT', unit='block', enabled=progress)
     for slot in slots:
         module = slot.module
         if slot.kind == 'merge':  # Swin PatchMerging: quantized, not compensated
