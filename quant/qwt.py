@@ -106,6 +106,7 @@ class BlockFit:
     r2: Optional[float] = None
     rms: Optional[float] = None
     fallback: Optional[Fallback] = None
+    fp16_overflow: Optional[float] = None  # a fit with r² > 0 left out: the largest |W|, |b| (beyond fp16)
 
 
 def _attempt(solve):
@@ -122,17 +123,49 @@ def _attempt(solve):
     return (weight, bias), None
 
 
-def _solve_with_fallback(solver, solve, solve_float64, tokens, unknowns):
+def _agreed_attempt(solve, c_in, c_out, like):
+    """``_attempt(solve)`` as rank 0 saw it, on every process: its failure reason, or its W, b
+    (broadcast). Every process then goes on with the same fit and the same branch, whatever its own
+    float results were."""
+    wb, reason = _attempt(solve)
+    if not distributed.is_initialized():
+        return wb, reason
+    reason = distributed.agree(reason)
+    if reason is not None:
+        return None, reason
+    if wb is None:  # this process failed where rank 0 did not: receive rank 0's fit
+        wb = _zeros_like_fit(c_in, c_out, like)
+    return distributed.agree_tensors(*wb), None
+
+
+def _solve_with_fallback(solver, solve, solve_float64, tokens, unknowns, like):
     """((W, b) or None, Fallback or None): ``solve()``, the ``solver`` fit; where it fails,
     ``solve_float64()``, the float64 least-squares fit of the same tokens, unless ``solver`` is that
-    one already."""
-    wb, reason = _attempt(solve)
+    one already. Rank 0's outcome on every process (``like``: a float tensor of the fit's dtype and
+    device; W is [unknowns - 1, C_out])."""
+    c_in, c_out = unknowns - 1, like.shape[-1]
+    wb, reason = _agreed_attempt(solve, c_in, c_out, like)
     if reason is None:
         return wb, None
     why_not = None
     if solver != 'lstsq':
-        wb, why_not = _attempt(solve_float64)
+        wb, why_not = _agreed_attempt(solve_float64, c_in, c_out, like)
     return wb, Fallback('zero' if wb is None else 'lstsq', reason, tokens, unknowns, why_not)
+
+
+def fp16_overflow(weight, bias):
+    """None where W and b survive the fp16 inference form, else their largest magnitude: a huge fit (an
+    ill-conditioned system can still give r² > 0) overflows W.half() to inf and turns every logit to NaN."""
+    if bool(torch.isfinite(weight.half()).all()) and bool(torch.isfinite(bias.half()).all()):
+        return None
+    return max(float(weight.abs().max()), float(bias.abs().max()))
+
+
+def _warn_fp16_overflow(block_id, peak, r2, solver):
+    _logger.warning('QwT block %d: its fit (r2 %.4g) holds values up to %.3g, beyond half precision (65504), so '
+                    'the fp16 compensation at inference would give inf and NaN logits; the block is left '
+                    'uncompensated. Hint: %s.', block_id, r2, peak,
+                    'more --qwt_samples' if solver == 'lstsq' else '--qwt_solver lstsq or more --qwt_samples')
 
 
 def _warn_fallback(block_id, fallback, solver):
@@ -223,27 +256,29 @@ def _fit_block_normal(block, xs, fit, solver, clock):
             neq, y_sq = _float64_normal_equations(xs, ys)
             return solve_normal(neq.gram, neq.rhs, 'lstsq')
         wb, fallback = _solve_with_fallback(solver, lambda: solve_normal(neq.gram, neq.rhs, solver), solve_float64,
-                                            int(count), c_in + 1)
+                                            int(count), c_in + 1, q_outs[0])
         if wb is None:
             return BlockFit(q_outs, *_zeros_like_fit(c_in, q_outs[0].shape[-1], q_outs[0]), fallback=fallback)
         weight, bias = wb
         ss_tot = y_sq - neq.rhs[-1].double().pow(2).sum() / count  # ΣY² - |ΣY|² / n
         ss_res = moment_ss_res(neq.gram, neq.rhs, y_sq, torch.cat([weight, bias[None]]))
-        if ss_res is None:  # measure on the tokens, keeping x @ W for the next features
+        if distributed.agree(ss_res is None):  # measure on the tokens, keeping x @ W for the next features
             xws = [x @ weight for x in xs]
             ss_res = sum(torch.dot(r.reshape(-1), r.reshape(-1)).double()
                          for r in (y - (xw + bias) for y, xw in zip(ys, xws)))
             distributed.all_reduce_sum(ss_res)
-        r2 = float(1 - ss_res / ss_tot)
+        mine = None if ss_res is None else (  # None: a process that measured nothing takes rank 0's values
+            float(1 - ss_res / ss_tot), (max(float(ss_res), 0.0) / (float(count) * weight.shape[1])) ** 0.5)
+        r2, rms = distributed.agree(mine)
     del ys
-    rms = (max(float(ss_res), 0.0) / (float(count) * weight.shape[1])) ** 0.5
-    if r2 > 0:
+    overflow = fp16_overflow(weight, bias) if r2 > 0 else None
+    if r2 > 0 and overflow is None:
         with clock('passes'):
             xws = xws or [x @ weight for x in xs]
             outs = [q.add_(xw).add_(bias) for q, xw in zip(q_outs, xws)]  # float32 form: (block(x) + x @ W) + b
     else:
         outs, (weight, bias) = q_outs, _zeros_like_fit(weight.shape[0], weight.shape[1], weight)
-    return BlockFit(outs, weight, bias, r2, rms, fallback)
+    return BlockFit(outs, weight, bias, r2, rms, fallback, overflow)
 
 
 def _fit_block_concat(block, xs, fit, solver, clock):
@@ -260,21 +295,21 @@ def _fit_block_concat(block, xs, fit, solver, clock):
         del fps
         wb, fallback = _solve_with_fallback(solver, lambda: fit_concat(x_all, y_all, solver),
                                             lambda: fit_concat(x_all, y_all, 'lstsq'),
-                                            x_all.shape[0], x_all.shape[1] + 1)
+                                            x_all.shape[0], x_all.shape[1] + 1, y_all)
         if wb is None:
             return BlockFit(list(qs), *_zeros_like_fit(x_all.shape[1], y_all.shape[1], y_all), fallback=fallback)
         weight, bias = wb
         del qs
         y_pred = x_all @ weight + bias
-        r2 = float(r2_score(y_all, y_pred))
-        rms = float((y_all - y_pred).pow(2).mean().sqrt())
+        r2, rms = distributed.agree((float(r2_score(y_all, y_pred)), float((y_all - y_pred).pow(2).mean().sqrt())))
         del x_all, y_all, y_pred
-    if not (fit and r2 > 0):
+    overflow = fp16_overflow(weight, bias) if fit and r2 > 0 else None
+    if not (fit and r2 > 0) or overflow is not None:
         weight, bias = _zeros_like_fit(weight.shape[0], weight.shape[1], weight)
     comp = CompensatedBlock(block, weight, bias)
     with clock('passes'):
         outs = [comp.forward_fp32(x) for x in xs]
-    return BlockFit(outs, weight, bias, r2, rms, fallback)
+    return BlockFit(outs, weight, bias, r2, rms, fallback, overflow)
 
 
 @torch.no_grad()
@@ -327,13 +362,16 @@ def qwt_compensate(q_model, images, start_block=0, batch_size=32, solver='invers
         used = bool(fitted.weight.any())
         if fitted.fallback is not None:
             _warn_fallback(block_id, fitted.fallback, solver)
+        if fitted.fp16_overflow is not None:
+            _warn_fp16_overflow(block_id, fitted.fp16_overflow, fitted.r2, solver)
         if fitted.r2 is not None:
             _logger.info('QwT block %d: r2 %.4f, rms residual %.6f, %s', block_id, fitted.r2, fitted.rms,
                          'compensated' if used else 'zero compensation')
         broken = None
-        if solver == 'inverse' and not used and fitted.r2 is not None and fitted.fallback is None:
+        if (solver == 'inverse' and not used and fitted.r2 is not None and fitted.fallback is None
+                and fitted.fp16_overflow is None):
             with clock('fit'):
-                broken = broken_fit(xs, fitted.r2)
+                broken = distributed.agree(broken_fit(xs, fitted.r2))
             if broken:
                 _warn_broken(block_id, fitted.r2, *broken)
         xs = fitted.outs
@@ -341,7 +379,7 @@ def qwt_compensate(q_model, images, start_block=0, batch_size=32, solver='invers
             r2 = None if fitted.r2 is None or not math.isfinite(fitted.r2) else fitted.r2  # JSON has no NaN
             stats.append({'block': block_id, 'r2': r2, 'used': used,
                           'fallback': None if fitted.fallback is None else fitted.fallback.kind,
-                          'singular': broken is not None,
+                          'singular': broken is not None, 'fp16_overflow': fitted.fp16_overflow is not None,
                           **({'rank': broken[0], 'unknowns': broken[1],
                               'condition': broken[2] if math.isfinite(broken[2]) else None} if broken else {})})
         block_id += 1

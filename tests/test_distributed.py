@@ -25,8 +25,49 @@ N_QWT = 16
 QWT_BATCH = 4
 N_EVAL = 13  # odd: the two shards differ in size
 # accumulate modes; 'normal-fallback': the float32 inverse fails in every block and the moments
-# decline, so the float64 retry and the SS_res measured on the tokens are all-reduced too
-MODES = ('normal', 'concat', 'normal-fallback')
+# decline, so the float64 retry and the SS_res measured on the tokens are all-reduced too;
+# '-diverge': rank 1 alone sees other numbers (as another cuDNN algorithm or GPU could give it)
+MODES = ('normal', 'concat', 'normal-fallback', 'normal-diverge', 'concat-diverge')
+GROUP_TIMEOUT_S = 30  # a collective one rank never joins fails after this, instead of hanging the suite
+
+
+@contextlib.contextmanager
+def _diverged(rank):
+    """On rank 1 only: block 0's moments decline (rank 1 alone would measure SS_res on its tokens, an
+    all_reduce rank 0 never joins), block 1's inverse fails (rank 1 alone would retry in float64, with
+    all-reduces of its own) and block 2's r² is negative (rank 1 alone would drop the block). Rank 0's
+    decisions must win on both ranks."""
+    from quant import qwt as qwt_module
+    if rank != 1:
+        yield
+        return
+    saved = {n: getattr(qwt_module, n) for n in ('solve_normal', 'fit_concat', 'moment_ss_res', 'r2_score')}
+    solves, moments, r2s = [], [], []
+
+    def failing(real):
+        def solve(a, b, solver='inverse'):
+            if solver == 'inverse':
+                solves.append(1)
+                if len(solves) == 2:
+                    raise torch.linalg.LinAlgError('forced on rank 1 by the test')
+            return real(a, b, solver)
+        return solve
+
+    def moment(gram, rhs, y_sq, w1):
+        moments.append(1)
+        real = saved['moment_ss_res'](gram, rhs, y_sq, w1)
+        return None if len(moments) == 1 else 10 * y_sq if len(moments) == 3 else real
+
+    def r2(y, pred):
+        r2s.append(1)
+        return torch.tensor(-1.0) if len(r2s) == 3 else saved['r2_score'](y, pred)
+    qwt_module.solve_normal, qwt_module.fit_concat = failing(saved['solve_normal']), failing(saved['fit_concat'])
+    qwt_module.moment_ss_res, qwt_module.r2_score = moment, r2
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(qwt_module, name, fn)
 
 
 @contextlib.contextmanager
@@ -61,7 +102,8 @@ def _run_all(model, qwt_images, eval_images, eval_targets, dist_info):
     for mode in MODES:
         m = copy.deepcopy(model)
         stats = []
-        with _forced_fallback() if mode.endswith('fallback') else contextlib.nullcontext():
+        with (_forced_fallback() if mode.endswith('fallback') else _diverged(dist_info.rank) if mode.endswith('diverge')
+              else contextlib.nullcontext()):
             qwt_compensate(m, qwt_images, batch_size=QWT_BATCH, accumulate=mode.split('-')[0], stats=stats)
         out[mode] = {'comp': _comp_state(m), 'stats': stats}
         if mode == 'normal':
@@ -75,7 +117,7 @@ def _run_all(model, qwt_images, eval_images, eval_targets, dist_info):
 def _worker(rank, port, setup_path, out_path):
     torch.set_num_threads(1)
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
+                            timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
     try:
         setup = torch.load(setup_path, weights_only=False)
         per_rank = N_QWT // WORLD
@@ -178,3 +220,19 @@ def test_sharded_evaluation_counts_equal_one_process(runs):
             for key in ('correct1', 'correct5', 'count'):
                 assert got[key] == ref[key], (name, key, got[key], ref[key])
             assert got['top1'] == pytest.approx(ref['top1']) and got['top5'] == pytest.approx(ref['top5'])
+
+
+@pytest.mark.parametrize('mode', ('normal', 'concat'))
+def test_a_rank_that_sees_other_numbers_follows_rank_0(runs, mode):
+    """Hazard (NCCL hang): rank 1 alone fails a solve, sees its moments decline and a negative r². Every
+    decision is rank 0's, so both ranks finish (within the group's timeout: a collective joined by one
+    rank only would raise there) with rank 0's W, b bit for bit, the same decisions, and the same result
+    as the group without any divergence."""
+    single, multi = runs
+    for m in multi:
+        assert [s['used'] for s in m[f'{mode}-diverge']['stats']] == [True, True, True]
+        assert [s['fallback'] for s in m[f'{mode}-diverge']['stats']] == [None, None, None]
+        assert m[f'{mode}-diverge']['stats'] == multi[0][mode]['stats']
+        for (w, b), (w_ref, b_ref) in zip(m[f'{mode}-diverge']['comp'], multi[0][mode]['comp']):
+            assert torch.equal(w, w_ref) and torch.equal(b, b_ref)
+    assert single[f'{mode}-diverge']['stats'] == single[mode]['stats']  # rank 0 alone sees nothing odd

@@ -883,3 +883,72 @@ def test_a_fit_is_called_singular_at_the_float32_limit_or_far_below_zero(monkeyp
     monkeypatch.setattr(qwt_module, 'rank_and_condition', lambda gram: (3, condition))
     xs = [torch.randn(2, 5, 4)]
     assert qwt_module.broken_fit(xs, r2) == ((3, 5, condition) if flagged else None)
+
+
+def _overflow_case(y_scale):
+    """X ~ 0.01 N(0, 1), Y = y_scale x noise: the least-squares W is of order y_scale / 0.01 x (a noise fit's
+    coefficients, ~0.1), with r² > 0 (any in-sample fit of noise explains a little)."""
+    xs, noise = _gate_case(seed=3)
+    return [0.01 * x for x in xs], y_scale * noise
+
+
+@pytest.mark.parametrize('accumulate', ['normal', 'concat'])
+@pytest.mark.parametrize('solver', ['inverse', 'lstsq'])
+def test_a_fit_beyond_half_precision_is_left_out(accumulate, solver):
+    """Hazard: a huge fit that is still 'used' (r² > 0) overflows W.half() to inf at inference and turns
+    the logits to NaN. Such a block gets zeros and the plain quantized output; the float64 reference shows
+    the fit really exceeds fp16's 65504 and really has r² > 0. At a tenth of that scale it is kept."""
+    xs, y = _overflow_case(1e4)
+    w_ref, b_ref, r2_ref, _ = _lstsq_reference(xs, y.repeat(2, 1, 1))
+    assert float(w_ref.abs().max()) > 65504 and r2_ref > 0
+    fit = _fit(accumulate, _OffsetBlock(y), xs, solver)
+    assert fit.r2 > 0 and fit.fp16_overflow == pytest.approx(float(w_ref.abs().max()), rel=1e-2)
+    assert not fit.weight.any() and not fit.bias.any()
+    assert all(torch.equal(out, 2 * x - y) for x, out in zip(xs, fit.outs))
+    xs, y = _overflow_case(1e3)
+    w_ref, _, _, _ = _lstsq_reference(xs, y.repeat(2, 1, 1))
+    assert float(w_ref.abs().max()) < 65504
+    kept = _fit(accumulate, _OffsetBlock(y), xs, solver)
+    assert kept.fp16_overflow is None and kept.weight.any()
+
+
+def test_fp16_overflow_by_hand():
+    from quant.qwt import fp16_overflow
+    w, b = torch.zeros(2, 2), torch.zeros(2)
+    assert fp16_overflow(w, b) is None
+    w[1, 0] = 65504.0  # the largest finite half
+    assert fp16_overflow(w, b) is None
+    w[1, 0] = 65520.0  # rounds to inf in half precision
+    assert fp16_overflow(w, b) == 65520.0
+    w[1, 0] = -1.0
+    b[1] = -70000.0  # the bias too: the fp16 check covers W and b alike
+    assert fp16_overflow(w, b) == 70000.0
+
+
+def test_an_overflowing_block_is_one_warning_and_recorded(monkeypatch, caplog):
+    """Through qwt_compensate: block 1's fit scaled beyond fp16 (its r² kept positive) is one WARNING naming the block and
+    --qwt_solver lstsq; stats say fp16_overflow and used False; the model's logits stay finite."""
+    from quant import qwt as qwt_module
+    q = _quantized('vit')
+    real, calls = qwt_module.fit_concat, []
+
+    def huge(x, y, solver='inverse'):
+        calls.append(1)
+        w, b = real(x, y, solver)
+        return (w * 1e9, b) if len(calls) == 2 else (w, b)
+    real_r2 = qwt_module.r2_score
+    monkeypatch.setattr(qwt_module, 'fit_concat', huge)
+    monkeypatch.setattr(qwt_module, 'r2_score', lambda y, p: torch.tensor(0.5) if len(calls) == 2 else real_r2(y, p))
+    model, stats = copy.deepcopy(q['model']), []
+    with caplog.at_level('WARNING', logger='quant.qwt'):
+        qwt_compensate(model, q['images'], batch_size=8, stats=stats)
+    assert [s['fp16_overflow'] for s in stats] == [False, True, False]
+    assert [s['used'] for s in stats] == [True, False, True]
+    warnings = _qwt_warnings(caplog)
+    assert len(warnings) == 1 and warnings[0].startswith('QwT block 1: ') and '--qwt_solver lstsq' in warnings[0]
+    assert 'beyond half precision (65504)' in warnings[0]
+    with torch.no_grad():
+        assert torch.isfinite(model(q['eval_images'])).all()
+    from utils.run.pipeline import qwt_block_lines
+    assert qwt_block_lines(stats) == ['QwT: 2 of 3 blocks compensated, 1 left out (1 whose fit overflows half '
+                                      'precision: block 1; --qwt_solver lstsq or more --qwt_samples)']

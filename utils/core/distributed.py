@@ -124,6 +124,23 @@ def broadcast_object(obj, src=0):
     return box[0]
 
 
+def agree(value, src=0):
+    """``src``'s ``value`` on every process. Every decision that steers control flow or picks a result
+    (a failed solve, an r², a fallback) is taken once, by rank 0, and sent to the others: processes whose
+    floating-point results differ (another cuDNN algorithm under ``cudnn.benchmark``, another GPU) then
+    never take different branches, which would leave collectives unmatched (an NCCL hang) or evaluate
+    different models."""
+    return broadcast_object(value, src)
+
+
+def agree_tensors(*tensors, src=0):
+    """``src``'s tensors on every process, in place (same shapes and dtypes everywhere); returns them."""
+    if is_initialized():
+        for t in tensors:
+            dist.broadcast(t, src)
+    return tensors
+
+
 def all_gather_object(obj):
     """[obj of rank 0, obj of rank 1, ...] on every process ([obj] alone)."""
     if not is_initialized():

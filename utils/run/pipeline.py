@@ -413,11 +413,16 @@ def qwt_block_lines(blocks):
         return []
     left = [b for b in blocks if not b['used']]
     singular = [str(b['block']) for b in left if b.get('singular')]
-    line = f"QwT: {len(blocks) - len(left)} of {len(blocks)} blocks compensated, {len(left)} left out"
+    overflow = [str(b['block']) for b in left if b.get('fp16_overflow')]
+    reasons = []
     if singular:
-        line += (f" ({len(singular)} for a numerically singular fit: block {', '.join(singular)}; --qwt_solver "
-                 "lstsq fits them)")
-    return [line]
+        reasons.append(f"{len(singular)} for a numerically singular fit: block {', '.join(singular)}; --qwt_solver "
+                       "lstsq fits them")
+    if overflow:
+        reasons.append(f"{len(overflow)} whose fit overflows half precision: block {', '.join(overflow)}; "
+                       "--qwt_solver lstsq or more --qwt_samples")
+    line = f"QwT: {len(blocks) - len(left)} of {len(blocks)} blocks compensated, {len(left)} left out"
+    return [line + (f" ({'; '.join(reasons)})" if reasons else '')]
 
 
 def _out_of_memory(e):
