@@ -83,7 +83,7 @@ def test_gpu_visible_but_unusable_is_an_error(monkeypatch, capsys, root, tiny_ck
     assert str(info.value) == (f"an NVIDIA GPU is visible to the system, but torch {torch.__version__} cannot use it "
                                "(a CPU-only build): install the torch build for your driver (README, Install), or "
                                "pass --device cpu to run on the CPU anyway (a full run there takes hours)")
-    assert distributed.resolve_device('cpu') == torch.device('cpu')  # --device cpu still forces the CPU
+    assert distributed.resolve_device('cpu') == (torch.device('cpu'), '')  # --device cpu still forces the CPU
     monkeypatch.setattr(torch.version, 'cuda', '13.0')
     line = fails(capsys, 'vit', ['--model', 'vit_test_tiny', '--data_dir', root, '--checkpoint',
                                  tiny_ckpts['vit_test_tiny'], '--output_dir', str(tmp_path), '--device', 'cuda'])
@@ -94,7 +94,7 @@ def test_gpu_visible_but_unusable_is_an_error(monkeypatch, capsys, root, tiny_ck
 def test_no_gpu_anywhere_means_the_cpu(monkeypatch):
     monkeypatch.setattr(distributed, 'gpu_visible_to_system', lambda: False)
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
-    assert distributed.resolve_device(None) == torch.device('cpu')
+    assert distributed.resolve_device(None) == (torch.device('cpu'), '')
 
 
 # ---- 3. class folders against the model's classes -------------------------------------------------

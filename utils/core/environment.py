@@ -14,3 +14,26 @@ def env_int(name, default):
     except ValueError:
         raise UserError(f"environment variable {name}={value!r} is not an integer: unset it, or start the run "
                         "with torchrun, which sets it") from None
+
+
+def cpus_available():
+    """CPUs this process may run on: its affinity mask (taskset, a SLURM or container CPU set), at most
+    SLURM_CPUS_PER_TASK; never os.cpu_count(), which counts the whole node."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    per_task = env_int('SLURM_CPUS_PER_TASK', None)
+    return max(1, min(n, per_task) if per_task else n)
+
+
+def local_processes():
+    """Processes of this run on this node that share ``cpus_available()``: torchrun's LOCAL_WORLD_SIZE;
+    else, for SLURM tasks without a CPU count of their own, SLURM_NTASKS_PER_NODE; else 1."""
+    local = env_int('LOCAL_WORLD_SIZE', None)
+    if local is None and not os.environ.get('SLURM_CPUS_PER_TASK'):
+        local = env_int('SLURM_NTASKS_PER_NODE', None)
+    return max(1, local or 1)
+
+
+def cpus_per_process():
+    """This process's share of the node's CPUs (at least 1): threads and val-loader workers follow it, so
+    that N processes on one node do not each start a thread per core."""
+    return max(1, cpus_available() // local_processes())

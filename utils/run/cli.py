@@ -8,7 +8,7 @@ import warnings
 from models.registry import resolve_model, table_names
 from utils.run.demo import demo_defaults
 from utils.run.naming import FAMILY_SCRIPTS, output_folder
-from utils.core.environment import env_int
+from utils.core.environment import cpus_per_process, env_int
 from utils.core.errors import UserError
 
 EVAL_CHOICES = ('both', 'repq', 'qwt', 'none', 'fp', 'all')
@@ -33,7 +33,7 @@ BEYOND_PUBLISHED = (
      "give identical parameters"),
 )
 TRAIN_WORKERS = 4   # SPEC §1b: the published loaders' workers; each worker's seed decides its augmentations
-EVAL_WORKERS = min(8, os.cpu_count() or 1)
+EVAL_WORKERS = 8  # at most: the val loader's default is this process's share of the CPUs, up to 8
 
 
 class Parser(argparse.ArgumentParser):
@@ -82,8 +82,9 @@ def build_parser(family, raise_errors=False):
                    help=f'workers of the training-split loader (calibration and QwT images; default {TRAIN_WORKERS}, '
                         "as published: each worker's seed decides its images' augmentation, so another value "
                         'gives other augmented pixels)')
-    p.add_argument('--eval_workers', type=int, default=EVAL_WORKERS,
-                   help=f'workers of the val loader (deterministic; default {EVAL_WORKERS})')
+    p.add_argument('--eval_workers', type=int, default=None,
+                   help=f"workers of the val loader (deterministic; default this process's share of the CPUs it may "
+                        f"use, at most {EVAL_WORKERS})")
     p.add_argument('--seed', type=int, default=0, help='seed of python, numpy and torch (default 0)')
     p.add_argument('--start_block', type=int, default=0,
                    help='first block that gets QwT compensation; earlier blocks get zeros (default 0)')
@@ -161,7 +162,7 @@ def check_args(args, family, world_size):
         if value is not None and value < 1:
             raise UserError(f"--{dest} must be positive, got {value}")
     for dest in ('num_workers', 'eval_workers', 'start_block'):
-        if getattr(args, dest) < 0:
+        if getattr(args, dest) is not None and getattr(args, dest) < 0:
             raise UserError(f"--{dest} must be >= 0, got {getattr(args, dest)}")
     if not 0 <= args.seed < 2 ** 32:
         raise UserError(f"--seed {args.seed} is outside 0..2^32-1 (numpy's range)")
@@ -202,8 +203,11 @@ def check_args(args, family, world_size):
 
 
 def fill_defaults(args):
-    """The defaults that depend on other flags: bit widths (unless --load, whose file has them) and the
-    output folder (--load's is named once the file is read). Returns ``args``."""
+    """The defaults that depend on other flags or on the machine: bit widths (unless --load, whose file has
+    them), the output folder (--load's is named once the file is read) and the val loader's workers.
+    Returns ``args``."""
+    if args.eval_workers is None:
+        args.eval_workers = min(EVAL_WORKERS, cpus_per_process())
     if args.load is None:
         args.w_bits, args.a_bits = args.w_bits or DEFAULT_BITS, args.a_bits or DEFAULT_BITS
         if args.output_dir is None:

@@ -105,6 +105,7 @@ def prepare(args, family):
     if args.output_dir is None:  # --load: name the folder after the saved model
         args = argparse.Namespace(**{**vars(args), 'output_dir': output_folder(spec.name, w_bits, a_bits, loaded=True)})
     dist_info = distributed.init_distributed(args.device, args.local_rank)
+    threads = distributed.limit_cpu_threads()
     if dist_info.device.type == 'cpu':
         keep_freed_memory()
     setup_logging(args.output_dir, dist_info.is_main)
@@ -112,6 +113,10 @@ def prepare(args, family):
     _logger.info('==== %s', command_line(args, family))
     _logger.info('%s (%s) W%d/A%d on %s x %d', spec.name, spec.timm_name, w_bits, a_bits,
                  dist_info.device, dist_info.world_size)
+    if dist_info.note:
+        _logger.info(dist_info.note)
+    _logger.info('CPU threads: %d per process (%d CPUs available, %d process(es) on this node); val loader '
+                 'workers: %d', *threads, args.eval_workers)
     if args.demo:
         _logger.info(demo_line(spec.name, w_bits, a_bits))
     return Run(args, family, spec, w_bits, a_bits, payload, dist_info, Stopwatch(dist_info.device))
