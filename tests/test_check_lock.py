@@ -48,3 +48,28 @@ def test_the_repository_lock_covers_its_requirements(tmp_path):
         assert str(e) == f"{bad}:2: expected name==version, got 'torch>=2'"
     else:
         raise AssertionError('a line without == was accepted')
+
+
+def test_the_readme_cuda_index_route_passes():
+    """The README's route for older drivers: torch 2.14.1+cu126 from pytorch.org's index pulls CUDA 12
+    libraries (and maybe another triton) that the lock (PyPI's CUDA 13 build) does not list. They are that
+    build's own and pass, with and without --exact; anything else is still checked."""
+    lock = {'torch': '2.14.1', 'torchvision': '0.29.1', 'nvidia-cublas': '13.1.1.3', 'triton': '3.8.0',
+            'numpy': '2.0', 'timm': '0.4.12'}
+    installed = {'torch': dist('2.14.1+cu126', 'nvidia-cublas-cu12==12.6.4.1; platform_system == "Linux"',
+                               'nvidia-cudnn-cu12==9.10', 'triton==3.7.0', 'cuda-bindings>=12', 'numpy'),
+                 'torchvision': dist('0.29.1+cu126', 'torch==2.14.1', 'numpy'),
+                 'nvidia-cublas-cu12': dist('12.6.4.1'), 'nvidia-cudnn-cu12': dist('9.10', 'nvidia-cublas-cu12'),
+                 'triton': dist('3.7.0'), 'cuda-bindings': dist('12.9.0'), 'numpy': dist('2.0'),
+                 'timm': dist('0.4.12', 'torch', 'torchvision')}
+    assert problems(lock, ['timm', 'torch', 'torchvision'], installed) == []
+    assert problems(lock, ['timm', 'torch', 'torchvision'], installed, exact=True) == []
+    installed['numpy'] = dist('2.1')  # the rest is still checked
+    assert problems(lock, ['timm'], installed) == ['numpy: installed 2.1, the lock says 2.0']
+    installed['numpy'] = dist('2.0')
+    installed['torch'] = dist('2.14.1', *installed['torch'].requires)  # PyPI's build: its libraries are locked
+    assert problems(lock, ['timm'], installed) == [
+        'cuda-bindings 12.9.0: pulled in by the requirements but not in the lock (regenerate the lock)',
+        'nvidia-cublas-cu12 12.6.4.1: pulled in by the requirements but not in the lock (regenerate the lock)',
+        'nvidia-cudnn-cu12 9.10: pulled in by the requirements but not in the lock (regenerate the lock)',
+        'triton: installed 3.7.0, the lock says 3.8.0']

@@ -126,13 +126,17 @@ def test_log_lines_never_share_a_line_with_a_bar(root, tiny_ckpts, tmp_path):
     buf = io.StringIO()
     buf.isatty = lambda: True
     with redirect_stdout(buf), redirect_stderr(buf):
-        tiny_run('swin', root, tiny_ckpts['swin_test_tiny'], str(tmp_path / 'o'))
+        result = tiny_run('swin', root, tiny_ckpts['swin_test_tiny'], str(tmp_path / 'o'))
     text = buf.getvalue()
     assert 'RepQ-ViT calibration:' in text and 'QwT:' in text  # the bars were drawn
     blocks = [line for line in rendered_lines(text) if 'QwT block' in line]
     assert len([line for line in blocks if ': r2 ' in line]) == 4  # and block 0's singular-fit warning
-    for line in blocks:
-        assert re.fullmatch(r'\d\d:\d\d:\d\d QwT block \d: (r2 |the float32 inverse).*', line), line
+    for line in blocks:  # a warning is marked as one (issue 24), an INFO line is not
+        assert re.fullmatch(r'\d\d:\d\d:\d\d (QwT block \d: r2 |WARNING: QwT block 0: the float32 inverse).*', line), line
+    assert result['warnings'] == 1
+    log = open(os.path.join(str(tmp_path / 'o'), 'log.txt')).read()
+    assert len(re.findall(r'^\d\d:\d\d:\d\d WARNING: ', log, re.M)) == 1
+    assert re.search(r'^\d\d:\d\d:\d\d 1 warning\(s\) above: the lines marked WARNING \(also in log.txt\)$', log, re.M)
     qwt_totals = {total for _, total in re.findall(r'QwT:\s+\d+%\|[^|]*\| (\d+)/(\d+)', text)}
     assert qwt_totals == {'4'}
     # patch_embed, 4 blocks x (qkv, proj, matmul1, matmul2, fc1, fc2), the PatchMerging reduction, the head

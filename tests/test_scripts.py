@@ -32,6 +32,13 @@ def check_result(out_dir, model, timm_name, proc):
     assert 0 < result['repq_size_mb'] < result['qwt_size_mb']
     assert {'repq', 'qwt', 'eval'} <= set(result['timings'])
     assert result['versions']['timm'] == '0.4.12'
+    import torch
+    numerics = result['numerics']  # what decides float results besides the code (issue 24)
+    assert set(numerics) == {'device_name', 'cuda', 'cudnn', 'tf32_matmul', 'tf32_cudnn', 'float32_matmul_precision',
+                             'cudnn_benchmark', 'cudnn_deterministic', 'cpu_threads'}
+    assert (numerics['cudnn_benchmark'], numerics['cudnn_deterministic']) == (True, True)  # SPEC §1b step 1
+    assert (numerics['tf32_matmul'], numerics['float32_matmul_precision']) == (False, 'highest')  # torch's defaults
+    assert numerics['cuda'] == torch.version.cuda and numerics['device_name'] and numerics['cpu_threads'] >= 1
     log = open(os.path.join(out_dir, 'log.txt')).read()
     assert 'RepQ-ViT + QwT top-1' in log and 'QwT block 0' in log
     assert 'RepQ-ViT + QwT top-1' in proc.stdout

@@ -9,6 +9,9 @@ One line per problem, exit 1 if any (0 and one summary line otherwise):
   from the lock, or not installed;
 - with ``--exact`` (CI's own environment), any installed package the lock does not name (a leftover, such as a
   pytest plugin, that a fresh install would not have).
+A torch from pytorch.org's own index (``2.14.1+cu126``, ``+cpu``: the README's route for other drivers) brings
+its own CUDA libraries (``nvidia-*-cu12``, ``cuda-*``, ``triton``) at other versions than PyPI's build; those
+are that build's business and are not checked.
 Stdlib only, so that it runs before anything is installed.
 """
 import argparse
@@ -19,6 +22,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLING = {'pip'}  # the installer itself: not a dependency of the project, not locked
+ACCELERATOR_BUILDS = ('torch',)  # a local label (+cu126, +cpu) means pytorch.org's build, with its own CUDA stack
+_BUILD_LIBRARY = re.compile(r'^(nvidia-.*|cuda-.*|triton|pytorch-triton.*)$')
 _NAME = re.compile(r'^\s*([A-Za-z0-9][A-Za-z0-9._-]*)')
 
 
@@ -84,10 +89,21 @@ def _installed():
     return {canonical(d.metadata['Name']): d for d in metadata.distributions() if d.metadata['Name']}
 
 
+def build_libraries(installed):
+    """Names of the CUDA libraries that an accelerator build with a local label pulls in (empty for PyPI's
+    torch): ``nvidia-*``, ``cuda-*``, ``triton`` reached from that build, which the lock cannot pin."""
+    builds = [n for n in ACCELERATOR_BUILDS if n in installed and '+' in installed[n].version]
+    if not builds:
+        return set()
+    reached = closure(builds, lambda name: installed[name].requires if name in installed else None)
+    return {n for n in reached if _BUILD_LIBRARY.match(n)}
+
+
 def problems(lock, requirements, installed, exact=False):
     """Lines naming each difference between ``installed`` ({name: distribution}) and ``lock``."""
     lines = []
-    needed = closure(requirements, lambda name: installed[name].requires if name in installed else None)
+    exempt = build_libraries(installed)
+    needed = closure(requirements, lambda name: installed[name].requires if name in installed else None) - exempt
     for name in sorted(needed):
         if name not in lock:
             have = f' {installed[name].version}' if name in installed else ''
@@ -95,10 +111,10 @@ def problems(lock, requirements, installed, exact=False):
         elif name not in installed:
             lines.append(f'{name}: not installed (the lock says {lock[name]})')
     for name, version in sorted(lock.items()):
-        if name in installed and public(installed[name].version) != public(version):
+        if name in installed and name not in exempt and public(installed[name].version) != public(version):
             lines.append(f'{name}: installed {installed[name].version}, the lock says {version}')
     if exact:
-        for name in sorted(set(installed) - set(lock) - needed - TOOLING):
+        for name in sorted(set(installed) - set(lock) - needed - TOOLING - exempt):
             lines.append(f'{name} {installed[name].version}: installed but not in the lock (a leftover a fresh '
                          'install would not have: uninstall it, or use a new environment)')
     return lines

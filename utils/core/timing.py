@@ -23,9 +23,15 @@ class Stopwatch:
         start = time.perf_counter()
         try:
             yield
-        finally:
-            self._sync()
-            self.seconds[stage] += time.perf_counter() - start
+        except BaseException as e:
+            try:  # the stage an error left, for a message that names it (set on the way out: outermost wins)
+                e.qwt_stage = stage
+            except AttributeError:  # an exception type without a __dict__
+                pass
+            self.seconds[stage] += time.perf_counter() - start  # no sync: the device may be what failed
+            raise
+        self._sync()
+        self.seconds[stage] += time.perf_counter() - start
 
     def rounded(self, digits=3):
         return {k: round(v, digits) for k, v in self.seconds.items()}

@@ -19,12 +19,43 @@ class TqdmHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+class MarkedFormatter(logging.Formatter):
+    """``HH:MM:SS message`` for INFO; a warning or error says so (``HH:MM:SS WARNING: message``), so that it
+    stands out among the run's lines."""
+
+    def __init__(self):
+        super().__init__('%(asctime)s %(message)s', '%H:%M:%S')
+
+    def formatMessage(self, record):
+        text = super().formatMessage(record)
+        if record.levelno < logging.WARNING:
+            return text
+        stamp, _, message = text.partition(' ')
+        return f'{stamp} {record.levelname}: {message}'
+
+
+class WarningCount(logging.Handler):
+    """Counts the run's warnings (and errors) for the end-of-run summary."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record):
+        self.count += 1
+
+
+def warning_count():
+    """Warnings logged since setup_logging (0 if the log is not set up)."""
+    return sum(h.count for h in logging.getLogger(LOGGERS[0]).handlers if isinstance(h, WarningCount))
+
+
 def setup_logging(output_dir, is_main):
     """Console on every process (warnings only off rank 0); rank 0 also appends to OUTPUT_DIR/log.txt,
     so the log of an earlier run in the same folder is kept."""
     import os
     level = logging.INFO if is_main else logging.WARNING
-    fmt = logging.Formatter('%(asctime)s %(message)s', '%H:%M:%S')
+    fmt = MarkedFormatter()
     handlers = [TqdmHandler(sys.stdout)]
     if is_main:
         try:
@@ -34,10 +65,12 @@ def setup_logging(output_dir, is_main):
             raise UserError(f"cannot write to --output_dir {output_dir} ({e.strerror or e}): choose a writable "
                             "folder") from None
     teardown_logging()
+    for h in handlers:
+        h.setFormatter(fmt)
+    handlers.append(WarningCount())  # one counter shared by every logger
     for name in LOGGERS:
         log = logging.getLogger(name)
         for h in handlers:
-            h.setFormatter(fmt)
             log.addHandler(h)
         log.setLevel(level)
         log.propagate = False
@@ -60,4 +93,4 @@ def log_to_file(message):
     log = logging.getLogger('qwt')
     for h in log.handlers:
         if isinstance(h, logging.FileHandler):
-            h.emit(log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None))
+            h.emit(log.makeRecord(log.name, logging.INFO, __file__, 0, message, None, None))  # it says error: itself

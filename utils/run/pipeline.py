@@ -31,7 +31,8 @@ from utils.core.errors import UserError, one_line
 from utils.run.evaluate import evaluate
 from utils.core.progress import progress_bar
 from utils.core.files import rank_path, write_atomic, write_text_atomic
-from utils.run.logs import log_to_file, setup_logging, teardown_logging
+from utils.run.logs import log_to_file, setup_logging, teardown_logging, warning_count
+from utils.run.memory import describe as describe_memory_error, is_out_of_memory
 from utils.core.timing import Stopwatch
 
 _logger = logging.getLogger('qwt')
@@ -377,7 +378,23 @@ def make_result(run, splits, model, weights, meta, accuracy, stage_times, float_
         'calib_files': meta.get('calib_files'), 'qwt_files': meta.get('qwt_files'),
         'timings': {**run.timer.rounded(), **stage_times},
         'versions': versions(),
+        'numerics': numerics(run.dist.device),
+        'warnings': warning_count(),
     }
+
+
+def numerics(device):
+    """What decides float results besides the code (issue 24): the device, the CUDA / cuDNN builds, TF32 and
+    cuDNN's algorithm choice. The published runs used torch's defaults (TF32 off for matmuls, on for cuDNN
+    convolutions) with cudnn.benchmark and cudnn.deterministic set by their seed function, as here."""
+    import platform
+    cuda = device.type == 'cuda'
+    return {'device_name': torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine()),
+            'cuda': torch.version.cuda, 'cudnn': torch.backends.cudnn.version() if torch.backends.cudnn.is_available()
+            else None, 'tf32_matmul': torch.backends.cuda.matmul.allow_tf32, 'tf32_cudnn': torch.backends.cudnn.allow_tf32,
+            'float32_matmul_precision': torch.get_float32_matmul_precision(),
+            'cudnn_benchmark': torch.backends.cudnn.benchmark, 'cudnn_deterministic': torch.backends.cudnn.deterministic,
+            'cpu_threads': torch.get_num_threads()}
 
 
 def versions():
@@ -408,6 +425,8 @@ def summary_lines(r):
         lines.append(f"skipped {len(r['skipped_images'])} unreadable image(s), listed in result.json "
                      "(skipped_images)")
     lines.append('timings (s): ' + ', '.join(f'{k} {v}' for k, v in r['timings'].items()))
+    if r.get('warnings'):
+        lines.append(f"{r['warnings']} warning(s) above: the lines marked WARNING (also in log.txt)")
     return lines
 
 
@@ -430,10 +449,6 @@ def qwt_block_lines(blocks):
     return [line + (f" ({'; '.join(reasons)})" if reasons else '')]
 
 
-def _out_of_memory(e):
-    return isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e)
-
-
 def main(family, args):
     """Run parsed ``args`` (utils.run.cli.parse_args), then clean up. A UserError, or running out of
     memory, exits 2 with one line on stderr and no traceback (QWT_TRACEBACK=1 shows it); anything else is
@@ -445,9 +460,12 @@ def main(family, args):
         log_to_file('error: interrupted')
         sys.exit(130)
     except (UserError, MemoryError, RuntimeError) as e:
-        if os.environ.get('QWT_TRACEBACK') or not (isinstance(e, UserError) or _out_of_memory(e)):
+        if os.environ.get('QWT_TRACEBACK') or not (isinstance(e, UserError) or is_out_of_memory(e)):
             raise
-        message = f"error: {one_line(e)}{'' if isinstance(e, UserError) else ': lower --batch_size'}"
+        if isinstance(e, UserError):
+            message = f'error: {one_line(e)}'
+        else:
+            message = f'error: {describe_memory_error(e, one_line(e))}'
         print(message, file=sys.stderr)
         log_to_file(message)  # the run's log says why it stopped
         sys.exit(2)
