@@ -2,7 +2,7 @@
 Imports nothing of torch, so that flags are checked before torch loads."""
 import os
 
-FAMILY_SCRIPTS = {'vit': 'qwt_vit_and_deit.py', 'swin': 'qwt_swin.py'}
+FAMILY_SCRIPTS = {'vit': 'qwt_vit_and_deit.py', 'swin': 'qwt_swin.py', 'resnet': 'qwt_resnet.py'}
 
 
 def output_folder(model, w_bits=None, a_bits=None, seed=None, demo=False, loaded=False, parent='output'):
