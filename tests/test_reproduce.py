@@ -150,7 +150,7 @@ def test_default_plan_is_the_whole_table(data_dir, tmp_path, capsys, monkeypatch
     (['--parallel', '2'], '--parallel is for --device cpu; on GPUs one cell runs on each GPU (--gpus, --gpus_per_run)'),
     (['--gpus', '0', '--gpus_per_run', '2'], '--gpus_per_run 2 needs at least 2 GPUs; 1 given or visible'),
     (['--gpus', '0', '0'], '--gpus 0 0: a GPU is named twice'),
-    (['--device', 'cpu', '--models', 'resnet50'], "model 'resnet50' is not a ViT, DeiT or Swin transformer"),
+    (['--device', 'cpu', '--models', 'resnet34'], "model 'resnet34' is not a ViT, DeiT or Swin transformer"),
     (['--device', 'cpu', '--checkpoint_dir', '/no/such/dir'], '--checkpoint_dir /no/such/dir is not a directory'),
 ])
 def test_usage_errors(data_dir, tmp_path, capsys, monkeypatch, argv, message):
