@@ -5,7 +5,7 @@ import os
 import sys
 import warnings
 
-from models.registry import resolve_model, table_names
+from models.registry import DIGITS_MODELS, resolve_model, table_names
 from utils.run.demo import demo_defaults
 from utils.run.naming import FAMILY_METHODS, FAMILY_SCRIPTS, output_folder
 from utils.core.environment import env_int
@@ -231,7 +231,7 @@ def check_args(args, family, world_size):
         spec = resolve_model(args.model, family)
         if spec.family != family:
             raise UserError(f"--model {args.model} is a {spec.family} model: run it with {FAMILY_SCRIPTS[spec.family]}")
-        if family == 'resnet' and not args.demo and args.load is None:
+        if family == 'resnet' and not args.demo and args.load is None and spec.timm_name not in DIGITS_MODELS:
             from utils.run.weights import find_weights
             find_weights(spec.timm_name, args.checkpoint, args.checkpoint_dir)
 
@@ -246,6 +246,10 @@ def check_resnet_args(args):
     if args.factor < 1:
         raise UserError(f"--factor {args.factor} must be >= 1 (input channels per QwT group): use {RESNET_FACTOR}, "
                         "as published")
+    for dest, published in (('qwt_solver', 'inverse'), ('qwt_accumulate', 'concat')):
+        if getattr(args, dest) != published:
+            raise UserError(f"--{dest} {getattr(args, dest)}: QwT for ResNets has the published ridge inverse only; "
+                            f"leave out --{dest}")
     if args.checkpoint_dir is not None and not os.path.isdir(args.checkpoint_dir):
         raise UserError(f"--checkpoint_dir {args.checkpoint_dir} is not a directory")
 
