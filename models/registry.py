@@ -37,7 +37,7 @@ MODELS = dict([
 ])
 _BY_TIMM_NAME = {spec.timm_name: spec for spec in MODELS.values()}
 # Small models trained on the UCI digits (models/digits, the --demo models), registered with timm on first use.
-DIGITS_MODELS = ('vit_digits', 'swin_digits')
+DIGITS_MODELS = ('vit_digits', 'swin_digits', 'resnet_digits')
 FAMILY_PREFIXES = {'vit': ('vit_', 'deit_'), 'swin': ('swin_',)}
 RESNETS_SUPPORTED = 'Percentile + QwT supports resnet18, resnet50 and resnet101'
 
@@ -59,6 +59,8 @@ def resolve_model(name, family=None):
     from timm.models.registry import is_model_in_modules
     if name in DIGITS_MODELS:
         import models.digits  # noqa: F401  (registers them)
+        if name.startswith('resnet'):
+            return ModelSpec(name, name, 'resnet')
     if family == 'resnet':
         raise UserError(f"unknown model {name!r}: {RESNETS_SUPPORTED}")
     if name not in timm.list_models():

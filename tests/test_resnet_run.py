@@ -230,3 +230,41 @@ def test_reproduce_resnet18_row_beside_the_published_figures(folder, tmp_path):
     assert row[:8] == ['ResNet-18', 'W4/A4', '71.0', f'{fp:.2f}', '58.3', '68.9', row[6], row[7]]
     assert row[6].startswith(f'{repq:.2f}') and row[7].startswith(f'{qwt:.2f}') and row[11] == '2'
     assert results[0]['qwt_files'] != results[1]['qwt_files']
+
+
+# ---- the demo: resnet_digits ------------------------------------------------------------------------
+
+def test_resnet_digits_is_small_and_scores_as_trained():
+    """models/digits/resnet_digits.pth: at most 1 MB (float16), timm's ResNet with two stages, 498 of the 500
+    held-out digits right (as tools/train_digits.py measured it on the stored weights)."""
+    import timm
+    from models import digits, walk
+    from models.resnet import block_channels
+    assert os.path.getsize(digits.WEIGHTS['resnet_digits']) <= 1_000_000
+    model = timm.create_model('resnet_digits', pretrained=True).eval()
+    # a stride-2 block and, at the demo's factor 32, two groups per QwT convolution
+    assert [block_channels(s.module) for s in walk(model)] == [(64, 64), (64, 64), (64, 128)]
+    images, labels, _ = digits.split('test')
+    with torch.no_grad():
+        correct = int((model(digits.to_tensor(images)).argmax(1) == torch.from_numpy(labels)).sum())
+    assert correct == 498
+
+
+def test_demo_runs_the_digits_resnet_where_qwt_recovers_accuracy(tmp_path):
+    """python qwt_resnet.py --demo: resnet_digits at W2/A4 (8-bit conv inputs, as published) on the digits, FP,
+    Percentile and Percentile + QwT on the 500 held-out digits: Percentile visibly below FP, QwT above it."""
+    from conftest import run_script
+    import time
+    out = str(tmp_path / 'demo')
+    start = time.time()
+    proc = run_script('qwt_resnet.py', '--demo', '--output_dir', out, env={'OMP_NUM_THREADS': '1'})
+    seconds = time.time() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.load(open(os.path.join(out, 'result.json')))
+    assert (r['model'], r['method'], r['eval'], r['w_bits'], r['a_bits'], r['factor'], r['conv_a_bits']) == (
+        'resnet_digits', 'Percentile', 'all', 2, 4, 32, '8')
+    assert (r['num_val'], r['num_calib'], r['num_qwt'], len(r['qwt_blocks'])) == (500, 32, 256, 3)
+    assert r['fp_top1'] == 99.6 and r['fp_top1'] >= 80
+    assert r['repq_top1'] < r['fp_top1'] - 2 and r['qwt_top1'] > r['repq_top1']
+    assert 'Percentile + QwT top-1' in proc.stdout and 'RepQ-ViT' not in proc.stdout
+    assert seconds < 60

@@ -120,7 +120,7 @@ def prepare(args, family):
     _logger.info('%s (%s) W%d/A%d on %s x %d', spec.name, spec.timm_name, w_bits, a_bits,
                  dist_info.device, dist_info.world_size)
     if args.demo:
-        _logger.info(demo_line(spec.name, w_bits, a_bits))
+        _logger.info(demo_line(spec.name, w_bits, a_bits, families.method(family)))
     checkpoint = args.checkpoint
     if family == 'resnet' and payload is None:
         checkpoint = families.resnet_checkpoint(spec, args)
