@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import timm
 import torch
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
@@ -35,17 +36,19 @@ CASES = {
 }
 
 
-# architecture: (published block class, blocks per stage, classes)
-ARCHS = {'basic': ('basic', [1, 1, 1, 1], 10), 'bottleneck': ('bottleneck', [1, 1, 1, 1], 10),
-         'resnet18': ('basic', [2, 2, 2, 2], 1000), 'resnet50': ('bottleneck', [3, 4, 6, 3], 1000)}
+# architecture: (published block class, blocks per stage); 10 classes (the published channel loop's time
+# grows with the fc's outputs)
+ARCHS = {'basic': ('basic', [1, 1, 1, 1]), 'bottleneck': ('bottleneck', [1, 1, 1, 1]),
+         'resnet18': ('basic', [2, 2, 2, 2]), 'resnet50': ('bottleneck', [3, 4, 6, 3])}
+CLASSES = 10
 
 
 def _model(arch, seed):
     torch.manual_seed(seed)
     if arch.startswith('resnet'):
-        model = models.build_model(arch, pretrained=False)
+        model = timm.create_model(arch, pretrained=False, num_classes=CLASSES)
     else:
-        model = ResNet(BasicBlock if arch == 'basic' else Bottleneck, ARCHS[arch][1], num_classes=ARCHS[arch][2])
+        model = ResNet(BasicBlock if arch == 'basic' else Bottleneck, ARCHS[arch][1], num_classes=CLASSES)
     return models.randomize_batchnorms(model, seed).eval()
 
 
@@ -54,8 +57,8 @@ def _case(name, seed):
     gen = torch.Generator().manual_seed(seed)
     images = [torch.randn(n, 3, size, size, generator=gen) for n in (n_calib, n_qwt, n_eval)]
     model = _model(arch, seed)
-    block, layers, classes = ARCHS[arch]
-    cfg = {'state_dict': model.state_dict(), 'block': block, 'layers': layers, 'num_classes': classes, 'calib': images[0], 'qwt': images[1], 'eval': images[2],
+    block, layers = ARCHS[arch]
+    cfg = {'state_dict': model.state_dict(), 'block': block, 'layers': layers, 'num_classes': CLASSES, 'calib': images[0], 'qwt': images[1], 'eval': images[2],
            'w_bits': w_bits, 'a_bits': a_bits, 'kernel_size': kernel, 'factor': factor, 'start_block': start,
            'batch_size': batch, 'quantile_limit': limit}
     return model, cfg
