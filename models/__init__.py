@@ -1,4 +1,4 @@
-"""Model construction: timm 0.4.12 ViT / DeiT / Swin with attention products as modules, and the
+"""Model construction: timm 0.4.12 ViT / DeiT / Swin with attention products as modules, ResNets, and the
 model-specific pieces QwT needs (stem and block walk). Names resolve lazily (PEP 562), so importing
 ``models.registry`` to check flags does not import torch or timm."""
 import importlib
@@ -10,6 +10,7 @@ _EXPORTS = {
     'models.registry': ('MODELS', 'ModelSpec', 'data_config', 'default_cfg', 'resolve_model'),
     'models.attention': ('MatMul',),
     'models.slot': ('Slot',),
+    'models.resnet': ('block_channels', 'randomize_batchnorms'),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

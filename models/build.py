@@ -1,15 +1,16 @@
-"""Model construction: timm 0.4.12 ViT / DeiT / Swin with attention products as modules, and the
-model-specific pieces QwT needs (stem and block walk)."""
+"""Model construction: timm 0.4.12 ViT / DeiT / Swin with attention products as modules, ResNets as timm
+builds them, and the model-specific pieces QwT needs (stem and block walk)."""
 import os
 import pickle
 import re
 from urllib.parse import urlparse
 
 import torch
+from timm.models.resnet import ResNet
 from timm.models.swin_transformer import SwinTransformer, WindowAttention as TimmWindowAttention
 from timm.models.vision_transformer import Attention as TimmAttention, VisionTransformer
 
-from models import swin, vit
+from models import resnet, swin, vit
 from models.attention import Attention, MatMul, WindowAttention
 from models.registry import MODELS, ModelSpec, data_config, default_cfg, resolve_model
 from models.slot import Slot
@@ -139,6 +140,9 @@ def build_model(name, pretrained=True, checkpoint=None, trust_checkpoint=False):
     import timm
     spec = resolve_model(name)
     download = pretrained and checkpoint is None
+    if download and spec.family == 'resnet':  # SPEC §3b: the published weights come from local files only
+        raise UserError(f"{spec.name}: timm's pretrained weights are another training than the published ones and "
+                        "are never downloaded here: pass the published weights file as checkpoint (--checkpoint)")
     try:
         model = timm.create_model(spec.timm_name, pretrained=download, drop_path_rate=0.0)
     except Exception as e:
@@ -172,11 +176,13 @@ def randomize_layernorms(model, seed=0):
 
 
 def family_of(model):
+    if isinstance(model, ResNet):
+        return resnet
     if isinstance(model, SwinTransformer):
         return swin
     if isinstance(model, VisionTransformer):
         return vit
-    raise TypeError(f"{type(model).__name__} is not a timm VisionTransformer or SwinTransformer")
+    raise TypeError(f"{type(model).__name__} is not a timm VisionTransformer, SwinTransformer or ResNet")
 
 
 def stem(model, x):
@@ -185,5 +191,6 @@ def stem(model, x):
 
 
 def walk(model):
-    """The blocks (and Swin PatchMerging layers) in forward order, as replaceable slots."""
+    """The blocks (and Swin PatchMerging layers) in forward order, as replaceable slots (ResNet: the residual
+    blocks of layer1..layer4)."""
     return list(family_of(model).walk(model))

@@ -13,7 +13,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class ModelSpec:
     name: str            # as given on the command line
     timm_name: str
-    family: str          # 'vit' (ViT and DeiT) or 'swin'
+    family: str          # 'vit' (ViT and DeiT), 'swin' or 'resnet'
     mean: tuple = None   # None: take timm's default_cfg
     std: tuple = None
     crop_pct: float = None
@@ -32,11 +32,15 @@ MODELS = dict([
       for s in ('tiny', 'small', 'base') for d in ('', '_distilled')],
     _row('swin_tiny', 'swin_tiny_patch4_window7_224', 'swin', IMAGENET_MEAN, IMAGENET_STD, 0.9),
     _row('swin_small', 'swin_small_patch4_window7_224', 'swin', IMAGENET_MEAN, IMAGENET_STD, 0.9),
+    # SPEC §3b: the published ResNet script's transforms are bicubic (timm's resnet18 cfg says bilinear)
+    *[_row(name, name, 'resnet', IMAGENET_MEAN, IMAGENET_STD, 0.875) for name in ('resnet18', 'resnet50', 'resnet101')],
 ])
 _BY_TIMM_NAME = {spec.timm_name: spec for spec in MODELS.values()}
 # Small models trained on the UCI digits (models/digits, the --demo models), registered with timm on first use.
-DIGITS_MODELS = ('vit_digits', 'swin_digits')
+DIGITS_MODELS = ('vit_digits', 'swin_digits', 'resnet_digits')
 FAMILY_PREFIXES = {'vit': ('vit_', 'deit_'), 'swin': ('swin_',)}
+RESNETS_SUPPORTED = 'Percentile + QwT supports resnet18, resnet50 and resnet101'
+
 
 
 def table_names(family=None):
@@ -55,6 +59,10 @@ def resolve_model(name, family=None):
     from timm.models.registry import is_model_in_modules
     if name in DIGITS_MODELS:
         import models.digits  # noqa: F401  (registers them)
+        if name.startswith('resnet'):
+            return ModelSpec(name, name, 'resnet')
+    if family == 'resnet':
+        raise UserError(f"unknown model {name!r}: {RESNETS_SUPPORTED}")
     if name not in timm.list_models():
         prefixes = FAMILY_PREFIXES.get(family, ('vit_', 'deit_', 'swin_'))
         example = {'vit': 'deit_tiny_patch16_224', 'swin': 'swin_base_patch4_window7_224'}.get(
@@ -67,7 +75,7 @@ def resolve_model(name, family=None):
     if name.startswith(('deit_', 'vit_')) and not is_model_in_modules(name, ['vision_transformer_hybrid']):
         return ModelSpec(name, name, 'vit')
     raise UserError(f"model {name!r} is not a ViT, DeiT or Swin transformer: RepQ-ViT + QwT here supports "
-                    "vit_*, deit_* and swin_* models")
+                    f"vit_*, deit_* and swin_* models ({RESNETS_SUPPORTED})")
 
 
 def default_cfg(timm_name):

@@ -8,11 +8,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-from models import stem, walk
+from models import family_of, resnet, stem, walk
 from quant.layers import set_quant_state
 from quant.regression import (SINGULAR_CONDITION, NonFiniteSystem, NormalEquations, fit_concat, r2_score,
                               rank_and_condition, solve_normal, with_ones)
 from utils.core import distributed
+from utils.core.errors import UserError
 from utils.core.progress import progress_bar
 from utils.core.timing import Stopwatch
 
@@ -314,8 +315,12 @@ def _fit_block_concat(block, xs, fit, solver, clock):
 
 @torch.no_grad()
 def qwt_compensate(q_model, images, start_block=0, batch_size=32, solver='inverse', accumulate='concat',
-                   progress=False, stats=None, timings=None):
+                   progress=False, stats=None, timings=None, kernel_size=1, factor=64):
     """Fit and insert QwT compensation into the quantized ``q_model`` (in place); returns it.
+
+    A ResNet gets the group-convolution compensation of SPEC §3b (quant/qwt_conv.py): ``kernel_size``
+    (odd, default 1) and ``factor`` (input channels per group, default 64) apply to it alone, and it has
+    one solver (the published ridge inverse: ``solver`` 'inverse', ``accumulate`` 'concat').
 
     ``images``: this process's QwT images [N, 3, H, W]; inside a process group the fit uses every
     process's images. Blocks with index < ``start_block`` (Swin: counted across stages) and blocks
@@ -339,6 +344,13 @@ def qwt_compensate(q_model, images, start_block=0, batch_size=32, solver='invers
     """
     if accumulate not in ACCUMULATE:
         raise ValueError(f"unknown accumulate mode {accumulate!r}: use one of {', '.join(ACCUMULATE)}")
+    if family_of(q_model) is resnet:
+        if (solver, accumulate) != ('inverse', 'concat'):
+            raise UserError(f"QwT for ResNets has the published ridge solver only (solver 'inverse', accumulate "
+                            f"'concat'), not solver {solver!r}, accumulate {accumulate!r}: leave both at their defaults")
+        from quant.qwt_conv import compensate_conv
+        return compensate_conv(q_model, images, start_block, batch_size, kernel_size, factor, progress, stats,
+                               timings)
     device = next(q_model.parameters()).device
     q_model.eval()
     set_quant_state(q_model, True, True)

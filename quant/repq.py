@@ -64,11 +64,11 @@ def recalibrate_weights(model):
 
 
 @contextmanager
-def layer_progress(model, enabled):
+def layer_progress(model, enabled, desc='RepQ-ViT calibration'):
     """A progress bar that advances as each quantized layer finishes its first forward (where its
     quantizers initialise: the slow part of calibration)."""
     layers = [m for m in model.modules() if isinstance(m, QUANT_LAYERS)]
-    bar = progress_bar(total=len(layers), desc='RepQ-ViT calibration', unit='layer', enabled=enabled)
+    bar = progress_bar(total=len(layers), desc=desc, unit='layer', enabled=enabled)
 
     def advance(*_):  # a forward hook's return value would replace the layer's output
         bar.update(1)

@@ -10,9 +10,11 @@ import os
 import torch
 from torch import nn
 
-from models import UntrustedObjects, build_model, load_tensors, state_dict_mismatches, walk
-from quant.layers import QuantLinear, quantizers, set_quant_state
+from models import UntrustedObjects, build_model, family_of, load_tensors, resnet, state_dict_mismatches, walk
+from quant.layers import QuantConv2d, QuantLinear, quantizers, set_quant_state
+from quant.percentile import STEM, quantize_resnet
 from quant.qwt import CompensatedBlock, compensated_blocks
+from quant.qwt_conv import CompensatedConvBlock
 from quant.wrap import quantize_model
 from utils.core.errors import UserError
 from utils.core.files import write_atomic
@@ -32,10 +34,19 @@ def save_quantized(model, path, model_name, timm_name, w_bits, a_bits, meta=None
         'format': FORMAT, 'version': VERSION,
         'model': model_name, 'timm_name': timm_name, 'w_bits': int(w_bits), 'a_bits': int(a_bits),
         'compensated': bool(compensated_blocks(model)),
+        'conv_input_bits': _conv_input_bits(model),
         'state_dict': {k: v.detach().cpu() for k, v in model.state_dict().items()},
         'meta': meta or {},
     }
     write_atomic(path, lambda tmp: torch.save(payload, tmp))
+
+
+def _conv_input_bits(model):
+    """A ResNet's input bits of the convolutions after the stem (8 as published; the opt-in changes them), so
+    that loading rebuilds the same quantizers; None for other models."""
+    if family_of(model) is not resnet:
+        return None
+    return next(m.input_quantizer.n_bits for n, m in model.named_modules() if isinstance(m, QuantConv2d) and n != STEM)
 
 
 def read_saved(path, trust=False):
@@ -94,12 +105,17 @@ def load_quantized(path, device='cpu', payload=None, model=None, trust=False):
     payload = payload or read_saved(path, trust)
     if model is None:
         model = build_model(payload['timm_name'], pretrained=False)
-    quantize_model(model, payload['w_bits'], payload['a_bits'])
+    is_resnet = family_of(model) is resnet
+    if is_resnet:
+        quantize_resnet(model, payload['w_bits'], payload['a_bits'], payload.get('conv_input_bits'))
+    else:
+        quantize_model(model, payload['w_bits'], payload['a_bits'])
     state = payload['state_dict']
     if payload['compensated']:
+        block_class = CompensatedConvBlock if is_resnet else CompensatedBlock
         for slot in walk(model):
             if slot.kind == 'block':
-                slot.replace(CompensatedBlock(slot.module, torch.empty(0), torch.empty(0)))
+                slot.replace(block_class(slot.module, torch.empty(0), torch.empty(0)))
     for name, m in model.named_modules():
         prefix = f'{name}.' if name else ''
         if isinstance(m, CompensatedBlock):  # W, b shapes come from the file (absent: reported below)

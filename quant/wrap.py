@@ -59,17 +59,18 @@ def make_quant_layer(module, plan):
                UniformQuantizer(plan.input_bits, channel_wise=plan.input_channel_wise))
 
 
-def quantize_model(model, w_bits, a_bits):
+def quantize_model(model, w_bits, a_bits, plan=plan_layer):
     """Swap every Linear, Conv2d and MatMul of ``model`` for its quantized version, in place.
     Quantization starts switched off; returns ``model``. The quantizers' state is put on the model's
-    device, so that all of its state dict is there."""
+    device, so that all of its state dict is there. ``plan(name, module, w_bits, a_bits)``: the
+    LayerPlan of a module or None (default: SPEC §2's table; ResNets: quant.percentile's)."""
     device = next(model.parameters()).device
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             full = f"{parent_name}.{child_name}" if parent_name else child_name
-            plan = plan_layer(full, child, w_bits, a_bits)
-            if plan is not None:
-                setattr(parent, child_name, make_quant_layer(child, plan).to(device))
+            plan_ = plan(full, child, w_bits, a_bits)
+            if plan_ is not None:
+                setattr(parent, child_name, make_quant_layer(child, plan_).to(device))
     return model
 
 

@@ -75,6 +75,21 @@ def make_tiny_swin(seed=0, prepare=True):
     return models.prepare_model(m) if prepare else m.eval()
 
 
+def make_tiny_resnet(seed=0, bottleneck=False, num_classes=10):
+    """timm's ResNet with one block per stage (stride 2 from layer2 on; the stage inputs have 64, 64 or 256,
+    128 or 512, 256 or 1024 channels: 1, 2 and 4 groups at factor 64), trained-like BatchNorms."""
+    from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+    from models.resnet import randomize_batchnorms
+    torch.manual_seed(seed)
+    m = ResNet(Bottleneck if bottleneck else BasicBlock, [1, 1, 1, 1], num_classes=num_classes)
+    return randomize_batchnorms(m, seed).eval()
+
+
+@pytest.fixture
+def tiny_resnet():
+    return make_tiny_resnet()
+
+
 @pytest.fixture
 def tiny_vit():
     return make_tiny_vit()

@@ -53,12 +53,13 @@ def _readme_hashes():
 
 def test_the_demo_runs_at_the_bits_measured_here():
     from utils.run.demo import DIGITS_DEMO
-    assert {d['model']: (d['w_bits'], d['a_bits']) for d in DIGITS_DEMO.values()} == DEMO_BITS
+    assert {d['model']: (d['w_bits'], d['a_bits']) for d in DIGITS_DEMO.values()} == {**DEMO_BITS,
+                                                                                     'resnet_digits': (2, 4)}
 
 
 def test_committed_files_match_readme_sha256():
     hashes = _readme_hashes()
-    assert set(hashes) == {'digits.npz', 'vit_digits.pth', 'swin_digits.pth'}
+    assert set(hashes) == {'digits.npz', 'vit_digits.pth', 'swin_digits.pth', 'resnet_digits.pth'}
     for name, expected in hashes.items():
         with open(os.path.join(digits.HERE, name), 'rb') as f:
             assert hashlib.sha256(f.read()).hexdigest() == expected, name

@@ -10,6 +10,7 @@ import torch
 
 from conftest import run_script, save_random_checkpoint
 from utils.run import cli, pipeline
+from utils.run import family as run_family
 from utils.run.demo import make_image_folder
 
 
@@ -204,7 +205,7 @@ def test_checkpoint_with_python_objects_needs_trust(capsys, image_root, tmp_path
     assert args.trust_checkpoint is True
     assert parse_args('vit', quick(image_root, full, tmp_path)).trust_checkpoint is False
     stop = RuntimeError('stop after loading the weights')
-    monkeypatch.setattr(pipeline, 'repq_vit', lambda *a, **k: (_ for _ in ()).throw(stop))
+    monkeypatch.setattr(run_family, 'repq_vit', lambda *a, **k: (_ for _ in ()).throw(stop))
     with pytest.raises(RuntimeError, match='stop after loading the weights'):
         cli.main('vit', quick(image_root, full, tmp_path, '--trust_checkpoint'))
     assert unsafe[-1] is False
@@ -307,7 +308,7 @@ def test_out_of_memory_names_what_helps_in_the_stage_that_ran_out(capsys, image_
     line names the stage and its remedy; cuBLAS/cuSOLVER allocation failures count as running out."""
     def oom(*args, **kwargs):
         raise exc
-    monkeypatch.setattr(pipeline, target, oom)
+    monkeypatch.setattr(run_family if target == 'repq_vit' else pipeline, target, oom)
     line = fails(capsys, 'vit', *quick(image_root, deit_ckpt, tmp_path))
     assert line.startswith(expected)
     assert line.count('\n') == 0 and ('--batch_size' not in line or target != 'qwt_compensate')
@@ -320,7 +321,7 @@ def test_a_bug_keeps_its_traceback(image_root, deit_ckpt, tmp_path, monkeypatch,
     ValueError or OSError raised inside the library is a bug and propagates with its traceback."""
     def bug(*args, **kwargs):
         raise exc
-    monkeypatch.setattr(pipeline, 'repq_vit', bug)
+    monkeypatch.setattr(run_family, 'repq_vit', bug)
     with pytest.raises(type(exc), match=str(exc)):
         cli.main('vit', quick(image_root, deit_ckpt, tmp_path))
 

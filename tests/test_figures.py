@@ -16,7 +16,7 @@ from utils.table import results as table
 def results(seeds=(0, 1, 2)):
     """A result per table model, bit width and seed, and an FP result per model."""
     out = []
-    for p in table.load_paper():
+    for p in table.load_paper(table.PAPER_CSV):
         w = int(p['bits'][1])
         for s in seeds:
             out.append({'model': p['model'], 'timm_name': p['timm_name'], 'w_bits': w, 'a_bits': w, 'eval': 'both',
@@ -43,7 +43,7 @@ def check_png(path, size):
 
 def test_results_and_r2_png(tmp_path):
     pytest.importorskip('matplotlib')
-    rows, _ = table.build_rows(table.load_paper(), results())
+    rows, _ = table.build_rows(table.load_paper(table.PAPER_CSV), results())
     assert len(rows) == 20 and rows[0]['repq_std'] == pytest.approx(1.0)
     assert figures.results_figure(rows, str(tmp_path / 'results_table.png')) is True
     check_png(tmp_path / 'results_table.png', (1700, 695))  # 5 x 2 panels of 3.4 x 3 in, title and legend, 100 dpi
@@ -59,7 +59,7 @@ def test_without_matplotlib_the_tables_are_written_and_one_line_says_why_no_figu
     for name in ('matplotlib', 'matplotlib.figure', 'matplotlib.backends', 'matplotlib.backends.backend_agg'):
         monkeypatch.setitem(sys.modules, name, None)  # import fails as if it were not installed
     assert figures.have_matplotlib() is False
-    rows, _ = table.build_rows(table.load_paper(), results())
+    rows, _ = table.build_rows(table.load_paper(table.PAPER_CSV), results())
     assert figures.results_figure(rows, str(tmp_path / 'x.png')) is False
     assert figures.r2_figure(r2_result(), str(tmp_path / 'r2.png')) is False
     assert os.listdir(tmp_path) == []

@@ -21,10 +21,16 @@ SPEC_TABLE = {
     'deit_base_distilled': ('deit_base_distilled_patch16_224', 'vit', IMAGENET_MEAN, IMAGENET_STD, 0.875),
     'swin_tiny': ('swin_tiny_patch4_window7_224', 'swin', IMAGENET_MEAN, IMAGENET_STD, 0.9),
     'swin_small': ('swin_small_patch4_window7_224', 'swin', IMAGENET_MEAN, IMAGENET_STD, 0.9),
+    # SPEC §3b
+    'resnet18': ('resnet18', 'resnet', IMAGENET_MEAN, IMAGENET_STD, 0.875),
+    'resnet50': ('resnet50', 'resnet', IMAGENET_MEAN, IMAGENET_STD, 0.875),
+    'resnet101': ('resnet101', 'resnet', IMAGENET_MEAN, IMAGENET_STD, 0.875),
 }
 # What SPEC §1 sets against timm's default_cfg: DeiT's crop (timm 0.4.12 says 0.9). Everything
 # else must be timm's own value.
 SPEC_OVERRIDES = {name: {'crop_pct'} for name in SPEC_TABLE if name.startswith('deit_')}
+# and the published ResNet script's bicubic transforms (timm 0.4.12's resnet18 says bilinear)
+SPEC_OVERRIDES['resnet18'] = {'interpolation'}
 
 
 @pytest.mark.parametrize('name', sorted(SPEC_TABLE))
@@ -43,7 +49,8 @@ def test_specs_are_immutable():
 
 def test_table_holds_exactly_the_spec_models():
     assert list(MODELS) == ['vit_small', 'vit_base', 'deit_tiny', 'deit_tiny_distilled', 'deit_small',
-                            'deit_small_distilled', 'deit_base', 'deit_base_distilled', 'swin_tiny', 'swin_small']
+                            'deit_small_distilled', 'deit_base', 'deit_base_distilled', 'swin_tiny', 'swin_small',
+                            'resnet18', 'resnet50', 'resnet101']
 
 
 @pytest.mark.parametrize('name', sorted(SPEC_TABLE))
@@ -55,6 +62,8 @@ def test_table_model_matches_timm_default_cfg(name):
             assert getattr(spec, field) == pytest.approx(cfg[field], abs=0), (name, field)
     if name.startswith('deit_'):
         assert cfg['crop_pct'] == 0.9 and spec.crop_pct == 0.875  # the override is real
+    if name == 'resnet18':
+        assert cfg['interpolation'] == 'bilinear' and spec.interpolation == 'bicubic'
 
 
 def test_timm_registry_is_what_create_model_reports():
@@ -78,7 +87,8 @@ def test_other_timm_names_resolve(name, family, mean, std, crop_pct):
 @pytest.mark.parametrize('name,message', [
     ('vit_base_resnet50_384', "model 'vit_base_resnet50_384' is not a ViT, DeiT or Swin transformer"),
     ('vit_base_r50_s16_384', "model 'vit_base_r50_s16_384' is not a ViT, DeiT or Swin transformer"),
-    ('resnet50', "model 'resnet50' is not a ViT, DeiT or Swin transformer"),
+    ('resnet34', "model 'resnet34' is not a ViT, DeiT or Swin transformer: RepQ-ViT + QwT here supports vit_*, "
+                 "deit_* and swin_* models (Percentile + QwT supports resnet18, resnet50 and resnet101)"),
     ('deit_huge', "unknown model 'deit_huge': use one of vit_small, vit_base, deit_tiny"),
 ])
 def test_unsupported_names_are_refused(name, message):

@@ -117,7 +117,7 @@ def test_default_plan_is_the_whole_table(data_dir, tmp_path, capsys, monkeypatch
     code, out, err = reproduce_main(capsys, '--data_dir', data_dir, '--output_dir', str(tmp_path), '--dry_run')
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[0] == (f'plan: 10 model(s) x 2 bit width(s) x 1 seed(s) = 20 quantized cell(s), plus 10 FP cell(s), '
+    assert lines[0] == (f'plan: 13 model(s) x 2 bit width(s) x 1 seed(s) = 26 quantized cell(s), plus 13 FP cell(s), '
                         f'in {tmp_path}')
     assert lines[1] == 'on 8 GPU slot(s): 0 | 1 | 2 | 3 | 4 | 5 | 6 | 7'
     assert [ln.split()[0] for ln in lines[2:32:3]] == ['deit_tiny', 'deit_small', 'deit_base', 'deit_tiny_distilled',
@@ -126,7 +126,14 @@ def test_default_plan_is_the_whole_table(data_dir, tmp_path, capsys, monkeypatch
     assert lines[2:5] == ['  deit_tiny             FP              to run',
                           '  deit_tiny             W4/A4  seed 0   to run',
                           '  deit_tiny             W6/A6  seed 0   to run']
-    assert lines[32] == '30 cells: 0 done, 30 to run, 0 blocked; estimate: once a first cell has finished'
+    # the ResNets (Percentile), blocked without their published weights in pretrained_weights/ (never downloaded)
+    assert [ln.split()[0] for ln in lines[32:41:3]] == ['resnet18', 'resnet50', 'resnet101']
+    assert lines[32] == '  resnet18              FP              blocked: no checkpoint'
+    assert lines[41] == (f'  blocked: resnet18: no resnet18_imagenet.pth.tar in {os.getcwd()}/pretrained_weights '
+                         '(download https://github.com/yhhhli/BRECQ/releases/download/v1.0/resnet18_imagenet.pth.tar)')
+    assert lines[43].startswith('  blocked: resnet101: no resnet101-63fe2227.pth in ') and lines[43].endswith(
+        '(download https://download.pytorch.org/models/resnet101-63fe2227.pth)')
+    assert lines[44] == '39 cells: 0 done, 30 to run, 9 blocked; estimate: once a first cell has finished'
     assert not os.listdir(tmp_path)  # a dry run starts nothing
 
 
@@ -150,7 +157,7 @@ def test_default_plan_is_the_whole_table(data_dir, tmp_path, capsys, monkeypatch
     (['--parallel', '2'], '--parallel is for --device cpu; on GPUs one cell runs on each GPU (--gpus, --gpus_per_run)'),
     (['--gpus', '0', '--gpus_per_run', '2'], '--gpus_per_run 2 needs at least 2 GPUs; 1 given or visible'),
     (['--gpus', '0', '0'], '--gpus 0 0: a GPU is named twice'),
-    (['--device', 'cpu', '--models', 'resnet50'], "model 'resnet50' is not a ViT, DeiT or Swin transformer"),
+    (['--device', 'cpu', '--models', 'resnet34'], "model 'resnet34' is not a ViT, DeiT or Swin transformer"),
     (['--device', 'cpu', '--checkpoint_dir', '/no/such/dir'], '--checkpoint_dir /no/such/dir is not a directory'),
 ])
 def test_usage_errors(data_dir, tmp_path, capsys, monkeypatch, argv, message):

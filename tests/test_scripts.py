@@ -93,7 +93,8 @@ def check_save_load(script, result, saved, image_root, tmp_path):
 
 @pytest.mark.parametrize('family,args,message', [
     ('swin', ['--model', 'deit_small'], 'run it with qwt_vit_and_deit.py'),
-    ('vit', ['--model', 'resnet50'], 'not a ViT, DeiT or Swin'),
+    ('vit', ['--model', 'resnet34'], 'not a ViT, DeiT or Swin'),
+    ('vit', ['--model', 'resnet50'], '--model resnet50 is a resnet model: run it with qwt_resnet.py'),
     ('vit', ['--model', 'no_such_model'], "unknown model 'no_such_model'"),
     ('vit', ['--model', 'deit_tiny', '--w_bit', '9'], '--w_bit 9 not supported'),
     ('vit', ['--model', 'deit_tiny', '--a_bits', '1'], '--a_bits 1 not supported'),

@@ -60,10 +60,17 @@ def row_of(rows, model, bits, note=''):
 
 def test_paper_csv():
     paper = table.load_paper()
-    assert len(paper) == 20
+    assert len(paper) == 20 + 6
     assert paper[0] == {'model': 'deit_tiny', 'timm_name': 'deit_tiny_patch16_224', 'fp_top1': 72.2, 'bits': 'W4/A4',
                         'repq_vit_top1': 58.2, 'repq_vit_qwt_top1': 61.4}
-    assert paper[-1]['timm_name'] == 'swin_small_patch4_window7_224' and paper[-1]['bits'] == 'W6/A6'
+    assert paper[19]['timm_name'] == 'swin_small_patch4_window7_224' and paper[19]['bits'] == 'W6/A6'
+    # the published ResNet rows (SPEC §3b), their own CSV's columns read into the same fields
+    assert paper[20] == {'model': 'resnet18', 'timm_name': 'resnet18', 'fp_top1': 71.0, 'bits': 'W4/A4',
+                         'repq_vit_top1': 58.3, 'repq_vit_qwt_top1': 68.9, 'method': 'Percentile'}
+    assert [(p['model'], p['bits'], p['repq_vit_top1'], p['repq_vit_qwt_top1']) for p in paper[21:]] == [
+        ('resnet18', 'W6/A6', 70.7, 71.0), ('resnet50', 'W4/A4', 68.4, 74.5), ('resnet50', 'W6/A6', 76.0, 76.8),
+        ('resnet101', 'W4/A4', 74.7, 76.4), ('resnet101', 'W6/A6', 77.1, 77.2)]
+    assert {p['fp_top1'] for p in paper[22:24]} == {76.6} and paper[-1]['fp_top1'] == 77.3
 
 
 def test_paper_csv_is_the_shared_copy():
@@ -72,8 +79,38 @@ def test_paper_csv_is_the_shared_copy():
     assert filecmp.cmp(SHARED_CSV, table.PAPER_CSV, shallow=False)
 
 
+def test_resnet_paper_csv_is_the_shared_copy():
+    shared = os.path.join(ROOT, '..', 'shared', 'paper-results-resnet.csv')
+    if not os.path.exists(shared):
+        pytest.skip('no ../shared/paper-results-resnet.csv')
+    assert filecmp.cmp(shared, table.PAPER_RESNET_CSV, shallow=False)
+
+
+def test_resnet_rows_name_the_percentile_method():
+    """A ResNet-only table names its PTQ columns Percentile; a table of both has PTQ columns and a method
+    column."""
+    rn = result('resnet18', model='resnet18', repq=57.5, qwt=68.25, method='Percentile')
+    rows, _ = table.build_rows(table.load_paper(), loaded(rn), only_results=True)
+    lines = table.to_markdown(rows).splitlines()
+    assert lines[0] == ('| model | bits | FP (paper) | FP (this project) | Percentile (paper) | Percentile + QwT (paper) '
+                        '| Percentile (this project) | Percentile + QwT (this project) | Δ FP | Δ Percentile | Δ QwT '
+                        '| n | note |')
+    assert lines[2] == '| ResNet-18 | W4/A4 | 71.0 |  | 58.3 | 68.9 | 57.50 | 68.25 |  | -0.80 | -0.65 | 1 |  |'
+    rows, _ = table.build_rows(table.load_paper(), loaded(rn, result()), only_results=True)
+    lines = table.to_markdown(rows).splitlines()
+    assert lines[0].startswith('| model | bits | method | FP (paper) | FP (this project) | PTQ (paper) | PTQ + QwT '
+                               '(paper) | PTQ (this project) |')
+    assert lines[2].startswith('| DeiT-S | W4/A4 | RepQ-ViT | 79.9 |') and lines[3].startswith(
+        '| ResNet-18 | W4/A4 | Percentile | 71.0 |')
+    back = list(csv.DictReader(io.StringIO(table.to_csv(rows))))
+    assert [r['method'] for r in back] == ['RepQ-ViT', 'Percentile']
+    # the real A-bit convolution input (--conv_a_bits a_bits) is not the published setting: a row of its own
+    rows, _ = table.build_rows(table.load_paper(), loaded(dict(rn, conv_a_bits='a_bits')), only_results=True)
+    assert [r['note'] for r in rows] == ['conv_a_bits a_bits']
+
+
 def test_match_and_deltas():
-    rows, warnings = table.build_rows(table.load_paper(), loaded(result(), result(w=6, a=6, repq=None, qwt=79.35)))
+    rows, warnings = table.build_rows(table.load_paper(table.PAPER_CSV), loaded(result(), result(w=6, a=6, repq=None, qwt=79.35)))
     assert warnings == [] and len(rows) == 20
     s4, s6 = rows[2], rows[3]
     assert (s4['model'], s4['bits'], s4['paper_fp'], s4['paper_repq'], s4['paper_qwt']) == \
@@ -204,7 +241,7 @@ def test_same_mtime_keeps_the_later_listed_run(tmp_path):
 def test_variants_get_rows_of_their_own():
     rs = loaded(result(), result(qwt_solver='lstsq', qwt=71.0), result(start_block=2, qwt_accumulate='normal'),
                 result(w=3, a=3, repq=1.0, qwt=2.0))
-    rows, warnings = table.build_rows(table.load_paper(), rs)
+    rows, warnings = table.build_rows(table.load_paper(table.PAPER_CSV), rs)
     assert warnings == [] and len(rows) == 23
     assert [(r['model'], r['bits'], r['note']) for r in rows[2:5]] == [
         ('DeiT-S', 'W4/A4', ''), ('DeiT-S', 'W4/A4', 'qwt_accumulate normal; start_block 2'),
@@ -218,7 +255,7 @@ def test_unknown_configurations_get_their_own_rows():
     rs = loaded(result('vit_tiny_patch16_224', model='vit_tiny_patch16_224', w=8, a=8, repq=75.0, qwt=75.5),
                 result(w=8, a=8, repq=79.5, qwt=79.7, model='deit_small_patch16_224'),
                 result(w=3, a=3, repq=1.0, qwt=2.0))
-    rows, _ = table.build_rows(table.load_paper(), rs)
+    rows, _ = table.build_rows(table.load_paper(table.PAPER_CSV), rs)
     assert len(rows) == 23
     extra = rows[20:]
     assert [(r['model'], r['bits']) for r in extra] == [('DeiT-S', 'W3/A3'), ('DeiT-S', 'W8/A8'),
@@ -255,7 +292,7 @@ def test_skipped_images_are_flagged():
 
 def test_markdown():
     rs = loaded(result(weights='random'), result(w=6, a=6, repq=None, qwt=79.35), fp_result(fp=79.91))
-    rows, _ = table.build_rows(table.load_paper(), rs, include=table.ALL)
+    rows, _ = table.build_rows(table.load_paper(table.PAPER_CSV), rs, include=table.ALL)  # RepQ-ViT rows alone
     lines = table.to_markdown(rows).splitlines()
     assert lines[0] == HEADER
     assert lines[1] == '|---|---|---|---|---|---|---|---|---|---|---|---|---|'
@@ -268,7 +305,7 @@ def test_markdown():
 
 
 def test_csv_round_trip():
-    rows, _ = table.build_rows(table.load_paper(), loaded(result(), result(seed=1, repq=70.12),
+    rows, _ = table.build_rows(table.load_paper(table.PAPER_CSV), loaded(result(), result(seed=1, repq=70.12),
                                                           result('vit_tiny_patch16_224', model='vit_tiny')))
     back = list(csv.DictReader(io.StringIO(table.to_csv(rows))))
     assert list(back[0]) == list(table.FIELDS) and len(back) == 21
@@ -313,9 +350,10 @@ def test_cli(tmp_path):
     assert p.returncode == 0, p.stderr
     md = (tmp_path / 'tmp' / 'x.md').read_text()
     assert p.stdout == md
-    assert '| DeiT-S | W4/A4 | 79.9 |  | 69.0 | 71.5 | 69.12 | 70.20 |  | +0.12 | -1.30 | 1 |  |' in md
+    assert '| DeiT-S | W4/A4 | RepQ-ViT | 79.9 |  | 69.0 | 71.5 | 69.12 | 70.20 |  | +0.12 | -1.30 | 1 |  |' in md
+    assert '| ResNet-18 | W4/A4 | Percentile | 71.0 |  | 58.3 | 68.9 |  |  |  |  |  |  |  |' in md  # both CSVs
     assert 'demo' not in md and 'subset' not in md
-    assert len(list(csv.DictReader(open(tmp_path / 'tmp' / 'x.csv')))) == 20
+    assert len(list(csv.DictReader(open(tmp_path / 'tmp' / 'x.csv')))) == 20 + 6
     assert 'warning: left out 2 run(s) not comparable with the paper (1 demo, 1 random, 1 subset)' in p.stderr
     assert 'add them with --include demo,random,subset' in p.stderr
     assert 'wrote tmp/x.md, tmp/x.csv' in p.stderr

@@ -36,7 +36,8 @@ def parse_args(argv=None):
                         'or all')
     p.add_argument('--r2', action='store_true', help="also write r2.png (each block's QwT r²) next to every "
                                                      'result.json in the table')
-    p.add_argument('--paper', default=table.PAPER_CSV, metavar='CSV', help='the published figures')
+    p.add_argument('--paper', nargs='+', default=list(table.PAPER_CSVS), metavar='CSV',
+                   help='the published figures (default: the RepQ-ViT table and the Percentile ResNet rows)')
     return p.parse_args(argv)
 
 

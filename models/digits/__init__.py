@@ -17,6 +17,7 @@ import os
 import numpy as np
 import torch
 from timm.models.registry import register_model
+from timm.models.resnet import BasicBlock, ResNet
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
@@ -35,15 +36,29 @@ STD = (0.32, 0.32, 0.32)
 VIT_ARCH = dict(img_size=IMG_SIZE, patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=4.0)
 SWIN_ARCH = dict(img_size=IMG_SIZE, patch_size=4, embed_dim=40, depths=(2, 2), num_heads=(2, 4), window_size=4,
                  mlp_ratio=4.0)
-ARCHS = {'vit_digits': (VisionTransformer, VIT_ARCH), 'swin_digits': (SwinTransformer, SWIN_ARCH)}
+# timm's ResNet with BasicBlocks, two stages (64 channels at 8x8, then a stride-2 stage of 128 at 4x4): timm
+# 0.4.12 fixes the stage widths at 64..512, so the last two stages are left empty and the classifier reads 128.
+RESNET_ARCH = dict(layers=(2, 1, 0, 0))
+
+
+def _digits_resnet(num_classes, drop_path_rate=0.0, layers=RESNET_ARCH['layers'], **kwargs):
+    model = ResNet(BasicBlock, list(layers), num_classes=num_classes, drop_path_rate=drop_path_rate, **kwargs)
+    model.num_features = 64 * 2 ** (sum(n > 0 for n in layers) - 1)
+    model.fc = torch.nn.Linear(model.num_features, num_classes)
+    return model
+
+
+ARCHS = {'vit_digits': (VisionTransformer, VIT_ARCH), 'swin_digits': (SwinTransformer, SWIN_ARCH),
+         'resnet_digits': (_digits_resnet, RESNET_ARCH)}
 WEIGHTS = {name: os.path.join(HERE, f'{name}.pth') for name in ARCHS}
 
 
 def _cfg(name):
     # a file:// url: the project's weight lookup (models.build.pretrained_location) finds the shipped file
+    resnet = name.startswith('resnet')
     return {'url': 'file://' + WEIGHTS[name], 'num_classes': NUM_CLASSES, 'input_size': (3, IMG_SIZE, IMG_SIZE), 'pool_size': None,
             'crop_pct': 1.0, 'interpolation': 'bicubic', 'mean': MEAN, 'std': STD,
-            'first_conv': 'patch_embed.proj', 'classifier': 'head'}
+            'first_conv': 'conv1' if resnet else 'patch_embed.proj', 'classifier': 'fc' if resnet else 'head'}
 
 
 # timm's register_model copies the entry of its function's name into timm's table of default_cfgs.
@@ -56,9 +71,15 @@ def build(name, pretrained=False, **kwargs):
     kwargs = {'num_classes': NUM_CLASSES, 'drop_path_rate': 0.0, **arch, **kwargs}
     model = cls(**kwargs)
     model.default_cfg = dict(default_cfgs[name])
-    if pretrained:
+    if pretrained:  # (resnet_digits is stored in float16, loaded into float32)
         model.load_state_dict(torch.load(WEIGHTS[name], map_location='cpu', weights_only=True))
     return model
+
+
+@register_model
+def resnet_digits(pretrained=False, **kwargs):
+    """timm ResNet, BasicBlocks (2, 1, 0, 0): 32x32 input, stem to 8x8 x 64, a stride-2 block to 4x4 x 128, fc."""
+    return build('resnet_digits', pretrained, **kwargs)
 
 
 @register_model

@@ -5,9 +5,9 @@ import os
 import sys
 import warnings
 
-from models.registry import resolve_model, table_names
+from models.registry import DIGITS_MODELS, resolve_model, table_names
 from utils.run.demo import demo_defaults
-from utils.run.naming import FAMILY_SCRIPTS, output_folder
+from utils.run.naming import FAMILY_METHODS, FAMILY_SCRIPTS, output_folder
 from utils.core.environment import cpus_per_process, env_int
 from utils.core.errors import UserError
 
@@ -32,6 +32,9 @@ BEYOND_PUBLISHED = (
      "quantizer initialisation: all channels at once (default) or the published one-channel-at-a-time loop; both "
      "give identical parameters"),
 )
+# ResNet (SPEC §3b): options of the published script, and the one beyond it.
+RESNET_KERNEL_SIZE, RESNET_FACTOR = 1, 64
+CONV_A_BITS_CHOICES = ('8', 'a_bits')   # quant.percentile_ptq's conv_a_bits: the published 8, or --a_bits
 TRAIN_WORKERS = 4   # SPEC §1b: the published loaders' workers; each worker's seed decides its augmentations
 EVAL_WORKERS = 8  # at most: the val loader's default is this process's share of the CPUs, up to 8
 
@@ -68,14 +71,19 @@ def flag(args, dest):
 
 
 def build_parser(family, raise_errors=False):
+    method = FAMILY_METHODS[family]
+    compensation = 'QwT group-convolution compensation' if family == 'resnet' else 'QwT compensation'
     p = Parser(raise_errors=raise_errors, prog=FAMILY_SCRIPTS[family],
-               description='RepQ-ViT post-training quantization, then QwT compensation, evaluated on ImageNet.')
+               description=f'{method} post-training quantization, then {compensation}, evaluated on ImageNet.')
     p.add_argument('--model', default=None, help=f"{', '.join(table_names(family))}, or a full timm 0.4.12 name")
     p.add_argument('--data_dir', default=None, help='ImageNet root holding train/<class>/* and val/<class>/*')
     p.add_argument('--w_bit', '--w_bits', dest='w_bits', type=int, default=None,
                    help=f'weight bits, 2 to 8 (default {DEFAULT_BITS})')
     p.add_argument('--a_bit', '--a_bits', dest='a_bits', type=int, default=None,
-                   help=f'activation bits, 2 to 8 (default {DEFAULT_BITS})')
+                   help=f'activation bits, 2 to 8 (default {DEFAULT_BITS})' + (
+                       '; as published, the convolutions read 8-bit inputs whatever this says (see --conv_a_bits) '
+                       'and fc reads 8 bits, so it changes nothing unless --conv_a_bits a_bits'
+                       if family == 'resnet' else ''))
     p.add_argument('--batch_size', type=int, default=32,
                    help='batch size of the calibration, QwT and val loaders (default 32; the calibration batch is one batch)')
     p.add_argument('--num_workers', type=int, default=TRAIN_WORKERS,
@@ -90,8 +98,24 @@ def build_parser(family, raise_errors=False):
                    help='first block that gets QwT compensation; earlier blocks get zeros (default 0)')
     p.add_argument('--qwt_samples', type=int, default=512,
                    help='training images for QwT over all processes, a multiple of batch_size x processes (default 512)')
-    p.add_argument('--checkpoint', default=None,
-                   help='local weights (.pth state dict, or timm .npz for vit_*); nothing is downloaded')
+    if family == 'resnet':
+        from utils.run.weights import PUBLISHED_FOLDER, RESNET_WEIGHTS
+        files = ', '.join(w.file for w in RESNET_WEIGHTS.values())
+        p.add_argument('--checkpoint', default=None,
+                       help=f'local weights (.pth state dict); default: the published file ({files}) in '
+                            f'--checkpoint_dir or {PUBLISHED_FOLDER}/; nothing is downloaded')
+        p.add_argument('--checkpoint_dir', default=None,
+                       help=f'a folder holding the published weights under their file names ({files}); '
+                            f'{PUBLISHED_FOLDER}/ of the working folder is looked in after it')
+        p.add_argument('--kernel_size', type=int, default=RESNET_KERNEL_SIZE,
+                       help=f'kernel of the QwT convolutions, odd (default {RESNET_KERNEL_SIZE}, as published; '
+                            'padding kernel_size // 2)')
+        p.add_argument('--factor', type=int, default=RESNET_FACTOR,
+                       help='input channels per group of the QwT convolutions: groups = max(C_in // factor, 1) '
+                            f'(default {RESNET_FACTOR}, as published)')
+    else:
+        p.add_argument('--checkpoint', default=None,
+                       help='local weights (.pth state dict, or timm .npz for vit_*); nothing is downloaded')
     p.add_argument('--trust_checkpoint', action='store_true',
                    help='let --checkpoint / --load unpickle arbitrary Python objects (only for files you trust); '
                         'without it only tensors and plain containers are read')
@@ -122,12 +146,18 @@ def build_parser(family, raise_errors=False):
     # Options beyond the published procedure (defaults are the published behaviour).
     for option, choices, help_text in BEYOND_PUBLISHED:
         p.add_argument(option, choices=choices, default=choices[0], help=help_text)
+    if family == 'resnet':
+        p.add_argument('--conv_a_bits', choices=CONV_A_BITS_CHOICES, default=CONV_A_BITS_CHOICES[0],
+                       help="input bits of the convolutions after the stem: '8' as published (its quantized conv "
+                            "overrides the input bits with 8, so the published W4/A4 and W6/A6 ResNet rows are W4/A8 "
+                            "and W6/A8 in effect; default), or 'a_bits': a real --a_bits input")
     p.add_argument('--eval', choices=EVAL_CHOICES, default='both',
-                   help="val evaluation: 'both' models in one pass after QwT (default), 'repq' alone, right after "
-                        "RepQ-ViT as published, 'qwt' alone, 'none', 'fp': the full-precision model only (no "
+                   help=f"val evaluation: 'both' models in one pass after QwT (default), 'repq' alone, right after "
+                        f"{method} as published, 'qwt' alone, 'none', 'fp': the full-precision model only (no "
                         "calibration), or 'all': the full-precision model (a copy kept before calibration), "
-                        'RepQ-ViT and RepQ-ViT + QwT in one pass. The calibration and QwT images are the same in '
-                        'every case')
+                        f"{method} and {method} + QwT in one pass. The calibration and QwT images are the same in "
+                        'every case' + (' (the draws of the published FP and Percentile evaluations before QwT are '
+                                        'made whatever this says)' if family == 'resnet' else ''))
     return p
 
 
@@ -196,10 +226,33 @@ def check_args(args, family, world_size):
     if args.data_dir is not None and not os.path.isdir(args.data_dir):
         raise UserError(f"--data_dir {args.data_dir} is not a directory (expected DATA_DIR/train/<class>/* and "
                         "DATA_DIR/val/<class>/*)")
+    if family == 'resnet':
+        check_resnet_args(args)
     if args.model is not None:  # last: a name outside the table imports timm
         spec = resolve_model(args.model, family)
         if spec.family != family:
             raise UserError(f"--model {args.model} is a {spec.family} model: run it with {FAMILY_SCRIPTS[spec.family]}")
+        if family == 'resnet' and not args.demo and args.load is None and spec.timm_name not in DIGITS_MODELS:
+            from utils.run.weights import find_weights
+            find_weights(spec.timm_name, args.checkpoint, args.checkpoint_dir)
+
+
+def check_resnet_args(args):
+    """The QwT convolution's flags (SPEC §3b), each a one-line UserError."""
+    k = args.kernel_size
+    if k < 1 or k % 2 == 0:
+        fix = 1 if k < 1 else k + 1
+        raise UserError(f"--kernel_size {k} must be odd and >= 1 (padding kernel_size // 2 keeps the block's "
+                        f"output size only for odd kernels): use {fix}")
+    if args.factor < 1:
+        raise UserError(f"--factor {args.factor} must be >= 1 (input channels per QwT group): use {RESNET_FACTOR}, "
+                        "as published")
+    for dest, published in (('qwt_solver', 'inverse'), ('qwt_accumulate', 'concat')):
+        if getattr(args, dest) != published:
+            raise UserError(f"--{dest} {getattr(args, dest)}: QwT for ResNets has the published ridge inverse only; "
+                            f"leave out --{dest}")
+    if args.checkpoint_dir is not None and not os.path.isdir(args.checkpoint_dir):
+        raise UserError(f"--checkpoint_dir {args.checkpoint_dir} is not a directory")
 
 
 def fill_defaults(args):

@@ -2,7 +2,7 @@
 Imports nothing of torch, so that flags are checked before torch loads."""
 import os
 
-FAMILY_SCRIPTS = {'vit': 'qwt_vit_and_deit.py', 'swin': 'qwt_swin.py'}
+FAMILY_SCRIPTS = {'vit': 'qwt_vit_and_deit.py', 'swin': 'qwt_swin.py', 'resnet': 'qwt_resnet.py'}
 
 
 def output_folder(model, w_bits=None, a_bits=None, seed=None, demo=False, loaded=False, parent='output'):
@@ -11,3 +11,7 @@ def output_folder(model, w_bits=None, a_bits=None, seed=None, demo=False, loaded
     bits = 'fp' if w_bits is None else f'w{w_bits}a{a_bits}'
     name = f"{'demo_' if demo else ''}{model}_{bits}{'' if seed is None else f'_seed{seed}'}{'_loaded' if loaded else ''}"
     return os.path.join(parent, name)
+
+
+# The post-training quantizer of each family's published script, named so in logs, result.json and the table.
+FAMILY_METHODS = {'vit': 'RepQ-ViT', 'swin': 'RepQ-ViT', 'resnet': 'Percentile'}

@@ -1,6 +1,6 @@
-"""The whole run behind both entry scripts: RepQ-ViT, then QwT, then evaluation, for one process or
-many, drawing the calibration and QwT images exactly as the published runs do (SPEC §1b). ViT/DeiT and
-Swin differ only in the model family they accept."""
+"""The whole run behind the three entry scripts: RepQ-ViT (ViT/DeiT, Swin) or Percentile (ResNet), then
+QwT, then evaluation, for one process or many, drawing the calibration and QwT images exactly as the
+published runs do (SPEC §1b, §3b). The families differ in what utils.run.family says."""
 import argparse
 import copy
 import json
@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from models import build_model, data_config, default_cfg, pretrained_cached, randomize_layernorms, resolve_model
-from quant import model_size_mb, qwt_compensate, repq_vit, set_compensation
+from models import (build_model, data_config, default_cfg, pretrained_cached, randomize_batchnorms,
+                    randomize_layernorms, resolve_model)
+from quant import model_size_mb, qwt_compensate, set_compensation
 from quant.qwt import compensated_blocks
 from quant.saved_model import load_quantized, read_saved, save_quantized
 from quant.wrap import replay_wrap_draws
@@ -26,6 +27,7 @@ from utils.core.allocator import keep_freed_memory
 from utils.run.naming import FAMILY_SCRIPTS, output_folder
 from utils.run.data import (ImageLog, eval_loader, eval_transform, image_dataset, replay_loader_iteration_draw,
                         train_loader, train_transform, val_subset)
+from utils.run import family as families
 from utils.run.demo import demo_line, make_demo_data
 from utils.core.errors import UserError, one_line
 from utils.run.evaluate import evaluate
@@ -52,6 +54,11 @@ class Run:
     dist: distributed.DistInfo
     timer: Stopwatch
     images: ImageLog = field(default_factory=ImageLog)
+    checkpoint: str = None   # the float weights file (ResNet: found by utils.run.weights), or None
+
+    @property
+    def method(self):
+        return families.method(self.family)
 
 
 @dataclass
@@ -119,8 +126,15 @@ def prepare(args, family):
     _logger.info('CPU threads: %d per process (%d CPUs available, %d process(es) on this node); val loader '
                  'workers: %d', *threads, args.eval_workers)
     if args.demo:
-        _logger.info(demo_line(spec.name, w_bits, a_bits))
-    return Run(args, family, spec, w_bits, a_bits, payload, dist_info, Stopwatch(dist_info.device))
+        _logger.info(demo_line(spec.name, w_bits, a_bits, families.method(family)))
+    checkpoint = args.checkpoint
+    if family == 'resnet' and payload is None:
+        checkpoint = families.resnet_checkpoint(spec, args)
+        families.check_resnet_run(spec, args, checkpoint)  # before any data is read
+        if checkpoint is not None:
+            _logger.info('weights: %s', checkpoint)
+    return Run(args, family, spec, w_bits, a_bits, payload, dist_info, Stopwatch(dist_info.device),
+               checkpoint=checkpoint)
 
 
 def open_splits(run):
@@ -176,16 +190,16 @@ def build_float_model(run):
     """Step 3: timm's model (its initialisation draws), and where its weights came from ('checkpoint',
     'pretrained', 'random')."""
     args, spec = run.args, run.spec
-    if args.checkpoint is not None:
+    if run.checkpoint is not None:
         weights = 'checkpoint'
-    elif args.demo and not pretrained_cached(spec.timm_name):
+    elif args.demo and (run.family == 'resnet' or not pretrained_cached(spec.timm_name)):
         weights = 'random'  # --demo never downloads
     else:
         weights = 'pretrained'
-    model = build_model(spec.timm_name, pretrained=weights == 'pretrained', checkpoint=args.checkpoint,
+    model = build_model(spec.timm_name, pretrained=weights == 'pretrained', checkpoint=run.checkpoint,
                         trust_checkpoint=args.trust_checkpoint)
     if weights == 'random':
-        randomize_layernorms(model, args.seed)
+        (randomize_batchnorms if run.family == 'resnet' else randomize_layernorms)(model, args.seed)
     _logger.info('%s weights', weights)
     return model.to(run.dist.device), weights
 
@@ -236,40 +250,42 @@ def draw_inputs(run, splits):
     calibration batch and QwT images written for comparison with the published run."""
     calib, calib_files, model, _ = calibration_and_model(run, splits)
     replay_wrap_draws(model)  # step 4's draws; calibration (step 5) makes none
-    replay_loader_iteration_draw()  # step 6: the RepQ-ViT evaluation's loader
+    for _ in range(families.EVAL_DRAWS_BEFORE_QWT[run.family]):
+        replay_loader_iteration_draw()  # step 6: the published evaluations' loaders (ResNet: FP, Percentile)
     images, qwt_files = qwt_batches(run, splits.train)
     dump_inputs(run, calib, calib_files, images, qwt_files)
 
 
 def quantize(run, splits):
-    """SPEC §1b steps 2-7 around RepQ-ViT and QwT: a Quantized."""
+    """SPEC §1b steps 2-7 around the PTQ method (RepQ-ViT, Percentile) and QwT: a Quantized."""
     args, timer = run.args, run.timer
     calib, calib_files, model, weights = calibration_and_model(run, splits)
     float_model = copy.deepcopy(model) if args.eval == 'all' else None  # a copy draws nothing (SPEC §1b)
     repq_times = {}
     with timer('repq'):  # steps 4 and 5
-        repq_vit(model, calib, run.w_bits, run.a_bits, per_channel_loop=args.calib_search == 'per_channel',
-                 timings=repq_times, progress=run.dist.is_main)
-    _logger.info('RepQ-ViT calibration done in %.1f s', timer.seconds['repq'])
-    early = {}
-    if args.eval == 'repq':  # step 6 as published: the RepQ-ViT model is evaluated before QwT
+        families.post_training_quantize(run.family, model, calib, run.w_bits, run.a_bits, args, repq_times,
+                                        run.dist.is_main)
+    _logger.info('%s calibration done in %.1f s', run.method, timer.seconds['repq'])
+    early, draws = {}, families.EVAL_DRAWS_BEFORE_QWT[run.family]
+    if args.eval == 'repq':  # step 6 as published: the PTQ model is evaluated before QwT
         early = evaluate_variants(run, splits, {'repq': model})
-    else:
-        replay_loader_iteration_draw()  # step 6's draw, for an evaluation made later (one pass) or not at all
+        draws -= 1
+    for _ in range(draws):  # step 6's draws, for evaluations made later (one pass) or not at all
+        replay_loader_iteration_draw()
     with timer('qwt_data'):
         images, qwt_files = qwt_batches(run, splits.train)
     qwt_stats, qwt_times = [], {}
     with timer('qwt'):
         qwt_compensate(model, images, start_block=args.start_block, batch_size=args.batch_size,
                        solver=args.qwt_solver, accumulate=args.qwt_accumulate, progress=run.dist.is_main,
-                       stats=qwt_stats, timings=qwt_times)
+                       stats=qwt_stats, timings=qwt_times, **families.qwt_options(run.family, args))
     del images
     _logger.info('QwT compensation done in %.1f s (%d of %d blocks compensated)', timer.seconds['qwt'],
                  sum(s['used'] for s in qwt_stats), len(qwt_stats))
     meta = {'weights': weights, 'seed': args.seed, 'world_size': run.dist.world_size,
             'num_calib': len(calib_files), 'num_qwt': len(qwt_files), 'start_block': args.start_block,
             'qwt_solver': args.qwt_solver, 'qwt_accumulate': args.qwt_accumulate,
-            'calib_search': args.calib_search, 'qwt_blocks': qwt_stats,
+            'calib_search': args.calib_search, **families.method_meta(run.family, args), 'qwt_blocks': qwt_stats,
             'calib_files': calib_files, 'qwt_files': qwt_files}
     if args.save and run.dist.is_main:  # before evaluation: a finished fit is never lost
         with timer('save'):
@@ -359,15 +375,16 @@ def make_result(run, splits, model, weights, meta, accuracy, stage_times, float_
     skipped = sorted({f for part in distributed.all_gather_object(run.images.skipped) for f in part})
     top = {f'{v}_top{k}': accuracy.get(v, {}).get(f'top{k}') for v in ('fp', 'repq', 'qwt') for k in (1, 5)}
     return {
-        'model': run.spec.name, 'timm_name': run.spec.timm_name, 'w_bits': run.w_bits, 'a_bits': run.a_bits,
+        'model': run.spec.name, 'timm_name': run.spec.timm_name, 'method': run.method,
+        'w_bits': run.w_bits, 'a_bits': run.a_bits,
         'eval': args.eval, 'seed': meta.get('seed', args.seed), 'world_size': run.dist.world_size,
         'device': str(run.dist.device), 'weights': weights, 'source_weights': meta.get('weights', weights),
         'demo': bool(args.demo), 'data_dir': os.path.abspath(args.data_dir),
-        'checkpoint': args.checkpoint and os.path.abspath(args.checkpoint),
+        'checkpoint': run.checkpoint and os.path.abspath(run.checkpoint),
         'loaded_from': args.load, 'saved_to': args.save,
         'num_val': len(splits.val_data), 'val_total': len(splits.val),
         **{k: meta.get(k) for k in ('num_calib', 'num_qwt', 'start_block', 'qwt_solver', 'qwt_accumulate',
-                                    'calib_search')},
+                                    'calib_search', 'kernel_size', 'factor', 'conv_a_bits')},
         **top,
         'fp_size_mb': round(model_size_mb(float_model if quantized else model), 4)
         if float_model is not None or not quantized else None,
@@ -416,9 +433,11 @@ def summary_lines(r):
         lines.append(f"full precision top-1 {_pct(r['fp_top1'])}  top-5 {_pct(r['fp_top5'])}  size "
                      f"{r['fp_size_mb']:.2f} MB")
     if r['repq_size_mb'] is not None:
-        lines += [f"RepQ-ViT       top-1 {_pct(r['repq_top1'])}  top-5 {_pct(r['repq_top5'])}  size "
+        m = r.get('method') or 'RepQ-ViT'
+        width = len(m) + len(' + QwT')
+        lines += [f"{m:<{width}} top-1 {_pct(r['repq_top1'])}  top-5 {_pct(r['repq_top5'])}  size "
                   f"{r['repq_size_mb']:.2f} MB",
-                  f"RepQ-ViT + QwT top-1 {_pct(r['qwt_top1'])}  top-5 {_pct(r['qwt_top5'])}  size "
+                  f"{m + ' + QwT':<{width}} top-1 {_pct(r['qwt_top1'])}  top-5 {_pct(r['qwt_top5'])}  size "
                   f"{r['qwt_size_mb']:.2f} MB"]
     lines += qwt_block_lines(r.get('qwt_blocks') or [])
     if r['skipped_images']:

@@ -17,6 +17,7 @@ from utils.core.errors import UserError
 from utils.core.files import write_text_atomic
 from utils.run import cli
 from utils.run.naming import FAMILY_SCRIPTS, output_folder
+from utils.run.weights import PUBLISHED_FOLDER
 from utils.runner.flags import _unique, check_extra, checkpoint_file, make_launch, parse_bits
 from utils.runner.progress import _duration
 
@@ -30,7 +31,7 @@ CELL_FORMAT = 1
 class Cell:
     model: str             # table name (or the timm name outside the table)
     timm_name: str
-    family: str            # 'vit' or 'swin'
+    family: str            # 'vit', 'swin' or 'resnet'
     kind: str              # 'quant' (RepQ-ViT and + QwT) or 'fp' (the float model, --eval fp)
     w_bits: int            # None for 'fp'
     a_bits: int
@@ -65,7 +66,6 @@ def plan(args, extra=(), launch=None):
     """The cells of ``args`` (parsed by build_parser), in order: per model its FP cell, then each bit width
     and seed. Every runnable cell's flags are checked with the entry script's own checks now, so that a
     typo fails at once rather than in every cell."""
-    check_extra(extra)
     launch = launch or make_launch(args)
     bits = _unique(parse_bits(b) for b in args.bits)
     seeds = _unique(args.seeds)
@@ -73,6 +73,7 @@ def plan(args, extra=(), launch=None):
         if not 0 <= s < 2 ** 32:
             raise UserError(f'--seeds {s} is outside 0..2^32-1')
     specs = _unique(resolve_model(m) for m in args.models)
+    check_extra(extra, _unique(s.family for s in specs))
     if not os.path.isdir(args.data_dir):
         raise UserError(f'--data_dir {args.data_dir} is not a directory (expected DATA_DIR/train/<class>/* and '
                         'DATA_DIR/val/<class>/*)')
@@ -89,12 +90,15 @@ def _cells_of_model(spec, args, bits, seeds, extra, launch):
     script = os.path.abspath(args.script) if args.script else os.path.join(ROOT, FAMILY_SCRIPTS[spec.family])
     out = os.path.abspath(args.output_dir)
     common, blocked = ['--model', spec.name, '--data_dir', os.path.abspath(args.data_dir)], None
-    if args.checkpoint_dir is not None:
+    folder = args.checkpoint_dir
+    if folder is None and spec.family == 'resnet':  # never downloaded: where the published script looks
+        folder = os.path.join(os.getcwd(), PUBLISHED_FOLDER)
+    if folder is not None:
         name, url = checkpoint_file(spec.timm_name)
-        path = os.path.join(os.path.abspath(args.checkpoint_dir), name)
+        path = os.path.join(os.path.abspath(folder), name)
         common += ['--checkpoint', path]
         if not os.path.isfile(path):
-            blocked = f"{spec.name}: no {name} in {args.checkpoint_dir}" + (f' (download {url})' if url else '')
+            blocked = f"{spec.name}: no {name} in {folder}" + (f' (download {url})' if url else '')
     variants = [('fp', None, None, 0, output_folder(spec.name, parent=out), ['--eval', 'fp'])]
     variants += [('quant', w, a, s, output_folder(spec.name, w, a, seed=s, parent=out),
                   ['--w_bit', str(w), '--a_bit', str(a), '--seed', str(s), '--eval', 'both'])

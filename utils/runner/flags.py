@@ -59,15 +59,18 @@ def build_parser():
                             'published figures (mean ± std over seeds) and its figures.')
     p.add_argument('--data_dir', required=True, help='ImageNet root with train/ and val/')
     p.add_argument('--models', nargs='+', default=table_models(), metavar='MODEL',
-                   help='table names or timm names (default: the 10 table models)')
+                   help='table names or timm names (default: the 13 table models: 10 with RepQ-ViT, ResNet-18/50/101 '
+                        'with Percentile)')
     p.add_argument('--bits', nargs='+', default=['4', '6'], metavar='BITS',
                    help="bit widths: '4' is W4/A4, '4/8' is W4/A8 (default: 4 6)")
     p.add_argument('--seeds', nargs='+', type=int, default=[0], metavar='SEED', help='seeds (default: 0)')
     p.add_argument('--output_dir', default=os.path.join('output', 'table'),
                    help='folder of the cells and the table (default output/table)')
     p.add_argument('--checkpoint_dir', default=None,
-                   help="offline weights, each under timm's file name (e.g. deit_tiny_patch16_224-a1311bcf.pth); "
-                        'default: timm downloads them')
+                   help="offline weights, each under timm's file name (e.g. deit_tiny_patch16_224-a1311bcf.pth), the "
+                        'ResNets under the published names (resnet18_imagenet.pth.tar, resnet50_imagenet.pth.tar, '
+                        'resnet101-63fe2227.pth); default: timm downloads the others, the ResNets are looked for in '
+                        'pretrained_weights/ of the working folder (never downloaded)')
     p.add_argument('--gpus', nargs='+', default=None, metavar='ID',
                    help='GPU ids as CUDA_VISIBLE_DEVICES takes them, e.g. 0 1 2 3 or 0,1,2,3 (default: every '
                         'visible GPU); one cell runs on each at a time')
@@ -200,21 +203,28 @@ def split_argv(argv):
     return argv, []
 
 
-def check_extra(extra):
-    """The flags after '--' must be entry-script flags that this command does not set itself."""
-    for family in ('vit', 'swin'):
+def check_extra(extra, families=('vit', 'swin')):
+    """The flags after '--' must be flags of every planned family's entry script (``families``) that this
+    command does not set itself."""
+    for family in families:
         parser = cli.build_parser(family, raise_errors=True)
         try:
             ns = parser.parse_args(list(extra))
         except UserError as e:
-            raise UserError(f"after --: {e}") from None
+            raise UserError(f"after --: {e} (for {cli.FAMILY_SCRIPTS[family]}: plan the models of each script "
+                            "separately where their flags differ)") from None
         for dest, hint in MANAGED.items():  # typed (even with the default value), or abbreviated to a new value
             if dest in ns._typed or getattr(ns, dest) != parser.get_default(dest):
                 raise UserError(f"after --: --{dest} is set by tools/reproduce.py for each cell ({hint})")
 
 
 def checkpoint_file(timm_name):
-    """(file name, url) of timm's pretrained weights of ``timm_name``; '<timm_name>.pth' where timm has no url."""
+    """(file name, url) of the weights of ``timm_name``: the published file of a ResNet (utils.run.weights), else
+    timm's pretrained weights; '<timm_name>.pth' where timm has no url."""
+    from utils.run.weights import published_weights
+    published = published_weights(timm_name)
+    if published is not None:
+        return published.file, published.url
     from models.registry import default_cfg  # imports timm
     try:
         url = default_cfg(timm_name).get('url') or ''

@@ -33,15 +33,16 @@ def _save(fig, path):
 
 
 # Bars of one row: (label, row key of the value, row key of the std, colour, hatch)
-BARS = (('RepQ-ViT (paper)', 'paper_repq', None, '#9ecae1', '//'),
-        ('RepQ-ViT (this project)', 'repq', 'repq_std', '#3182bd', None),
-        ('RepQ-ViT + QwT (paper)', 'paper_qwt', None, '#fdae6b', '//'),
-        ('RepQ-ViT + QwT (this project)', 'qwt', 'qwt_std', '#e6550d', None))
+# ('{m}': the rows' PTQ method, utils.table.results.table_method)
+BARS = (('{m} (paper)', 'paper_repq', None, '#9ecae1', '//'),
+        ('{m} (this project)', 'repq', 'repq_std', '#3182bd', None),
+        ('{m} + QwT (paper)', 'paper_qwt', None, '#fdae6b', '//'),
+        ('{m} + QwT (this project)', 'qwt', 'qwt_std', '#e6550d', None))
 
 
 def results_figure(rows, path):
     """results_table.png: one panel per model, a group of bars per bit width (and variant, marked *):
-    RepQ-ViT and RepQ-ViT + QwT, published (hatched) next to this project's mean with the seed standard
+    the PTQ method (RepQ-ViT, Percentile) and it + QwT, published (hatched) next to this project's mean with the seed standard
     deviation as error bar; FP as horizontal lines (dashed: paper, solid: this project). The y axis of each
     panel starts below its lowest value, not at 0. Returns False (nothing written) without matplotlib."""
     models = []
@@ -59,6 +60,8 @@ def results_figure(rows, path):
         return False
     axes = fig.subplots(nrows, cols, squeeze=False)
     bar = 0.2
+    from utils.table.results import table_method
+    method = table_method(rows)[0]
     for i, model in enumerate(models):
         ax = axes[i // cols][i % cols]
         mine = [r for r in rows if r['model'] == model]
@@ -70,7 +73,7 @@ def results_figure(rows, path):
                     continue
                 err = r[std_key] if std_key else None
                 ax.bar(g + (b - 1.5) * bar, v, bar, color=colour, hatch=hatch, edgecolor='#444444',
-                       linewidth=0.5, yerr=err, capsize=3 if err else 0, label=label if i == 0 and g == 0 else None)
+                       linewidth=0.5, yerr=err, capsize=3 if err else 0, label=label.format(m=method) if i == 0 and g == 0 else None)
                 values += [v - (err or 0), v + (err or 0)]
         fps = [(r['paper_fp'], '--', 'FP (paper)'), (next((r['fp'] for r in mine if r['fp'] is not None), None),
                                                      '-', 'FP (this project)')]

@@ -1,5 +1,6 @@
-"""The README results table: the published FP / RepQ-ViT / QwT top-1 (paper_results.csv) next to this
-project's result.json files, as Markdown and CSV.
+"""The README results table: the published FP / PTQ / PTQ + QwT top-1 (paper_results.csv: RepQ-ViT on
+ViT/DeiT/Swin; paper_results_resnet.csv: Percentile on ResNet) next to this project's result.json files, as
+Markdown and CSV.
 
 Runs enter the table by their configuration, never by file order:
 
@@ -24,9 +25,16 @@ import statistics
 from utils.core.errors import UserError
 
 PAPER_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'paper_results.csv')
+PAPER_RESNET_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'paper_results_resnet.csv')
+PAPER_CSVS = (PAPER_CSV, PAPER_RESNET_CSV)
 PAPER_COLUMNS = ('model', 'timm_name', 'fp_top1', 'bits', 'repq_vit_top1', 'repq_vit_qwt_top1')
+# The published ResNet rows (SPEC §3b): their own columns, read into PAPER_COLUMNS (the timm name is the model's).
+RESNET_COLUMNS = {'model': 'model', 'timm_name': 'model', 'fp_top1': 'fp_top1', 'bits': 'bits',
+                  'repq_vit_top1': 'percentile_top1', 'repq_vit_qwt_top1': 'percentile_qwt_top1'}
+# The post-training quantizer of a row: RepQ-ViT unless the paper row or the result.json says otherwise.
+DEFAULT_METHOD = 'RepQ-ViT'
 REQUIRED = ('timm_name', 'w_bits', 'a_bits')
-DISPLAY = {'deit_tiny': 'DeiT-T', 'deit_small': 'DeiT-S', 'deit_base': 'DeiT-B',
+DISPLAY = {'resnet18': 'ResNet-18', 'resnet50': 'ResNet-50', 'resnet101': 'ResNet-101', 'deit_tiny': 'DeiT-T', 'deit_small': 'DeiT-S', 'deit_base': 'DeiT-B',
            'deit_tiny_distilled': 'DeiT-T-distilled', 'deit_small_distilled': 'DeiT-S-distilled',
            'deit_base_distilled': 'DeiT-B-distilled', 'vit_small': 'ViT-S', 'vit_base': 'ViT-B',
            'swin_tiny': 'Swin-T', 'swin_small': 'Swin-S'}
@@ -34,21 +42,41 @@ DISPLAY = {'deit_tiny': 'DeiT-T', 'deit_small': 'DeiT-S', 'deit_base': 'DeiT-B',
 CATEGORIES = ('demo', 'random', 'subset', 'eval-none')
 ALL = frozenset(CATEGORIES)
 PUBLISHED = {'qwt_solver': 'inverse', 'qwt_accumulate': 'concat', 'start_block': 0, 'num_calib': 32,
-             'num_qwt': 512}
+             'num_qwt': 512, 'kernel_size': 1, 'factor': 64, 'conv_a_bits': '8'}  # the last three: ResNet only
 FIELDS = ('model', 'timm_name', 'bits', 'paper_fp', 'fp', 'paper_repq', 'paper_qwt', 'repq', 'repq_std', 'repq_n',
           'qwt', 'qwt_std', 'qwt_n', 'delta_fp', 'delta_repq', 'delta_qwt', 'n', 'seeds', 'note')
-HEADER = ('model', 'bits', 'FP (paper)', 'FP (this project)', 'RepQ-ViT (paper)', 'RepQ-ViT + QwT (paper)',
-          'RepQ-ViT (this project)', 'RepQ-ViT + QwT (this project)', 'Δ FP', 'Δ RepQ-ViT', 'Δ QwT', 'n', 'note')
+FIELDS = (*FIELDS, 'method')
 
 
-def load_paper(path=PAPER_CSV):
-    """The published table, one dict per row in file order, accuracies as floats."""
+def header(method='RepQ-ViT', with_method=False):
+    """The Markdown header; ``method`` names the PTQ columns ('PTQ' for a table of several methods, which
+    then has a method column)."""
+    m = method
+    return ('model', 'bits', *(('method',) if with_method else ()), 'FP (paper)', 'FP (this project)', f'{m} (paper)',
+            f'{m} + QwT (paper)', f'{m} (this project)', f'{m} + QwT (this project)', 'Δ FP', f'Δ {m}', 'Δ QwT',
+            'n', 'note')
+
+
+HEADER = header()
+
+
+def load_paper(path=PAPER_CSVS):
+    """The published table(s), one dict per row in file order (``path``: one CSV or several, in order),
+    accuracies as floats; ``repq_vit_top1`` / ``repq_vit_qwt_top1`` hold the row's PTQ method's figures and
+    'method' names it (RepQ-ViT, or Percentile for the ResNet CSV)."""
+    if not isinstance(path, str):
+        return [row for p in path for row in load_paper(p)]
     with open(path, newline='') as f:
         reader = csv.DictReader(f)
-        missing = [c for c in PAPER_COLUMNS if c not in (reader.fieldnames or ())]
-        if missing:
-            raise UserError(f"{path}: missing column(s) {', '.join(missing)} (expected {','.join(PAPER_COLUMNS)})")
+        fields = reader.fieldnames or ()
+        resnet = all(c in fields for c in RESNET_COLUMNS.values()) and 'repq_vit_top1' not in fields
+        missing = [c for c in PAPER_COLUMNS if c not in fields]
+        if missing and not resnet:
+            raise UserError(f"{path}: missing column(s) {', '.join(missing)} (expected {','.join(PAPER_COLUMNS)}, "
+                            f"or {','.join(dict.fromkeys(RESNET_COLUMNS.values()))} for ResNet rows)")
         rows = list(reader)
+    if resnet:
+        rows = [{**{k: row[v] for k, v in RESNET_COLUMNS.items()}, 'method': 'Percentile'} for row in rows]
     for line, row in enumerate(rows, start=2):
         try:
             for k in ('fp_top1', 'repq_vit_top1', 'repq_vit_qwt_top1'):
@@ -150,7 +178,7 @@ def data_variant(r):
 def method_variant(r):
     """The quantization settings of the run that differ from the published procedure."""
     labels = []
-    for key in ('qwt_solver', 'qwt_accumulate', 'start_block'):
+    for key in ('qwt_solver', 'qwt_accumulate', 'start_block', 'kernel_size', 'factor', 'conv_a_bits'):
         if r.get(key) is not None and r[key] != PUBLISHED[key]:
             labels.append(f'{key} {r[key]}')
     if r.get('num_calib') is not None and r['num_calib'] != PUBLISHED['num_calib']:
@@ -158,6 +186,11 @@ def method_variant(r):
     if r.get('num_qwt') is not None and r['num_qwt'] != PUBLISHED['num_qwt']:
         labels.append(f"{r['num_qwt']} QwT images")
     return tuple(labels)
+
+
+def method_of(r):
+    """The PTQ method of a result.json or paper row (RepQ-ViT where it does not say)."""
+    return r.get('method') or DEFAULT_METHOD
 
 
 def bits_label(r):
@@ -216,7 +249,7 @@ def _round(v):
     return None if v is None else round(v, 4)
 
 
-def _row(name, timm_name, bits, paper, paper_fp, runs, fp_run, notes):
+def _row(name, timm_name, bits, paper, paper_fp, runs, fp_run, notes, method=DEFAULT_METHOD):
     """One table row: ``paper`` the paper's row of the model and bits (or None), ``paper_fp`` its FP
     (the FP depends on the model only), ``runs`` {seed: result} of the row, ``fp_run`` the model's FP result
     or None; without one, the FP column is the mean FP of the row's --eval all runs, if any."""
@@ -237,6 +270,7 @@ def _row(name, timm_name, bits, paper, paper_fp, runs, fp_run, notes):
     if skipped:
         notes = [*notes, f'{len(skipped)} unreadable image(s) skipped']
     row['note'] = '; '.join(notes)
+    row['method'] = method
     return row
 
 
@@ -309,7 +343,8 @@ def build_rows(paper, results, only_results=False, include=ALL, expected=None):
         if fp_run is None and (t, 'FP') in expected:
             notes.append('missing: FP')
         paper_fp = by_model[t][0]['fp_top1'] if t in by_model else None
-        rows.append(_row(display(t), t, b, paper_rows.get((t, b)), paper_fp, runs, fp_run, notes))
+        method = method_of(by_model[t][0]) if t in by_model else method_of(next(iter(runs.values()), fp_run or {}))
+        rows.append(_row(display(t), t, b, paper_rows.get((t, b)), paper_fp, runs, fp_run, notes, method))
     return rows, warnings
 
 
@@ -328,12 +363,23 @@ def _stat(row, col):
     return text + ('' if row[f'{col}_n'] == row['n'] else f" (n={row[f'{col}_n']})")
 
 
+def table_method(rows):
+    """(the name of the PTQ columns, whether a method column is needed): the rows' one method, or 'PTQ' and
+    a method column where they have several."""
+    methods = list(dict.fromkeys(r.get('method') or DEFAULT_METHOD for r in rows)) or [DEFAULT_METHOD]
+    return (methods[0], False) if len(methods) == 1 else ('PTQ', True)
+
+
 def to_markdown(rows):
     """The table in Markdown: paper figures with one decimal as published, ours with two (mean ± sample
-    std over seeds), signed deltas of the mean."""
-    lines = ['| ' + ' | '.join(HEADER) + ' |', '|' + '---|' * len(HEADER)]
+    std over seeds), signed deltas of the mean. The PTQ columns carry the rows' method (RepQ-ViT,
+    Percentile), or 'PTQ' with a method column for a table of both."""
+    method, with_method = table_method(rows)
+    head = header(method, with_method)
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for r in rows:
-        cells = [r['model'], r['bits'], _fmt(r['paper_fp'], '.1f'), _fmt(r['fp'], '.2f'), _fmt(r['paper_repq'], '.1f'),
+        cells = [r['model'], r['bits'], *((r.get('method') or DEFAULT_METHOD,) if with_method else ()),
+                 _fmt(r['paper_fp'], '.1f'), _fmt(r['fp'], '.2f'), _fmt(r['paper_repq'], '.1f'),
                  _fmt(r['paper_qwt'], '.1f'), _stat(r, 'repq'), _stat(r, 'qwt'), _fmt(r['delta_fp'], '+.2f'),
                  _fmt(r['delta_repq'], '+.2f'), _fmt(r['delta_qwt'], '+.2f'), str(r['n'] or ''), r['note']]
         lines.append('| ' + ' | '.join(cells) + ' |')

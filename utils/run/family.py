@@ -1,0 +1,75 @@
+"""What differs between the families' runs (SPEC §1b, §3b): the post-training quantizer and its name, the
+QwT options, how many evaluation-loader iterations the published script makes between calibration and the
+QwT images, and the ResNet checks made before anything heavy runs."""
+import torch
+
+from models.registry import DIGITS_MODELS
+from quant import percentile_ptq, repq_vit
+from quant.qwt_conv import check_conv_qwt_args
+from utils.core.errors import UserError
+from utils.run.naming import FAMILY_METHODS
+from utils.run.weights import find_weights
+
+# SPEC §1b step 6 / §3b: the published ViT and Swin scripts evaluate the RepQ-ViT model before QwT (one
+# eval-loader iteration); the ResNet script evaluates the FP model, then the Percentile model (two).
+EVAL_DRAWS_BEFORE_QWT = {'vit': 1, 'swin': 1, 'resnet': 2}
+
+
+def method(family):
+    return FAMILY_METHODS[family]
+
+
+def post_training_quantize(family, model, calib, w_bits, a_bits, args, timings, progress):
+    """RepQ-ViT (ViT, Swin) or Percentile (ResNet) on ``model`` in place, with the run's flags."""
+    per_channel = args.calib_search == 'per_channel'
+    if family == 'resnet':
+        conv_input_bits = a_bits if args.conv_a_bits == 'a_bits' else None  # None: the published 8 bits
+        return percentile_ptq(model, calib, w_bits, a_bits, conv_input_bits=conv_input_bits,
+                              per_channel_loop=per_channel, timings=timings, progress=progress)
+    return repq_vit(model, calib, w_bits, a_bits, per_channel_loop=per_channel, timings=timings, progress=progress)
+
+
+def qwt_options(family, args):
+    """The QwT keyword arguments of this family beyond the common ones."""
+    return {'kernel_size': args.kernel_size, 'factor': args.factor} if family == 'resnet' else {}
+
+
+def method_meta(family, args):
+    """The result.json / --save fields that name the method and its ResNet options (None elsewhere)."""
+    resnet = family == 'resnet'
+    return {'method': method(family), 'kernel_size': args.kernel_size if resnet else None,
+            'factor': args.factor if resnet else None, 'conv_a_bits': args.conv_a_bits if resnet else None}
+
+
+def resnet_checkpoint(spec, args):
+    """The float weights file of a ResNet run: --checkpoint; the committed file of the digits ResNet; None
+    (random weights) for --demo of a table ResNet; else the published file in --checkpoint_dir or
+    pretrained_weights/ (utils.run.weights)."""
+    if args.checkpoint is None and spec.timm_name in DIGITS_MODELS:
+        from models.digits import WEIGHTS
+        return WEIGHTS[spec.timm_name]
+    if args.checkpoint is None and args.demo:
+        return None
+    return find_weights(spec.timm_name, args.checkpoint, args.checkpoint_dir)
+
+
+def _meta_model(spec):
+    """``spec``'s timm model on the meta device: its shapes, no memory, and no draw from the global
+    generator (SPEC §1b: the real build comes after the calibration batch)."""
+    import timm
+    with torch.device('meta'):
+        return timm.create_model(spec.timm_name, pretrained=False, drop_path_rate=0.0)
+
+
+def check_resnet_run(spec, args, checkpoint):
+    """Before any data is read: the QwT grouping fits every block's channels (quant.check_conv_qwt_args)
+    and the weights file fits the model (keys and shapes), each a one-line UserError."""
+    from models import block_channels, state_dict_mismatches, walk
+    from models.build import _read_state_dict
+    model = _meta_model(spec)
+    check_conv_qwt_args(args.kernel_size, args.factor, [block_channels(s.module) for s in walk(model)])
+    if checkpoint is not None:
+        problems = state_dict_mismatches(model.state_dict(), _read_state_dict(checkpoint, args.trust_checkpoint))
+        if problems:
+            raise UserError(f"checkpoint {checkpoint} does not fit {spec.timm_name}: {'; '.join(problems)}. Pass "
+                            "the weights of this model, or the --model they were trained as")
