@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from utils.core.environment import env_int
+from utils.core import rendezvous
+from utils.core.environment import DIST_TIMEOUT_S, env_int
 from utils.core.errors import UserError, cause
 
 
@@ -80,7 +81,7 @@ def resolve_device(requested, local_rank=0):
     return device
 
 
-def init_distributed(device=None, local_rank=None):
+def init_distributed(device=None, local_rank=None, timeout_s=DIST_TIMEOUT_S):
     """Start the process group if a launcher set WORLD_SIZE > 1 (torchrun, torch.distributed.launch).
 
     LOCAL_RANK from the environment wins over ``--local_rank``/``--local-rank``. NCCL on GPUs, gloo on
@@ -92,7 +93,9 @@ def init_distributed(device=None, local_rank=None):
     if env_world > 1 and not is_initialized():
         backend = 'nccl' if dev.type == 'cuda' else 'gloo'
         try:
-            dist.init_process_group(backend=backend)
+            rendezvous.init_process_group(backend, timeout_s)
+        except UserError:
+            raise
         except Exception as e:  # no rendezvous address, port taken, peers unreachable, no backend
             where = ', '.join(f"{k}={os.environ.get(k, '(unset)')}" for k in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'))
             raise UserError(f"could not form the {backend} process group ({where}): {cause(e)}. "

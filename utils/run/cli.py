@@ -8,7 +8,7 @@ import warnings
 from models.registry import resolve_model, table_names
 from utils.run.demo import demo_defaults
 from utils.run.naming import FAMILY_SCRIPTS, output_folder
-from utils.core.environment import env_int
+from utils.core.environment import DIST_TIMEOUT_S, env_int
 from utils.core.errors import UserError
 
 EVAL_CHOICES = ('both', 'repq', 'qwt', 'none', 'fp', 'all')
@@ -98,6 +98,10 @@ def build_parser(family, raise_errors=False):
     p.add_argument('--device', default=None, help='cuda, cuda:N or cpu (default: cuda if available, else cpu)')
     p.add_argument('--local_rank', '--local-rank', dest='local_rank', type=int, default=None,
                    help='set by torch.distributed.launch; LOCAL_RANK from the environment wins')
+    p.add_argument('--dist_timeout', type=float, default=DIST_TIMEOUT_S, metavar='SECONDS',
+                   help=f'with several processes: how long they wait for each other to form the process group '
+                        f'before stopping with an error (default {DIST_TIMEOUT_S} s; rank 0 prints a line while it '
+                        'waits)')
     p.add_argument('--save', default=None, metavar='PATH',
                    help='write the quantized and compensated model here as soon as it is fitted (atomic)')
     p.add_argument('--load', default=None, metavar='PATH',
@@ -160,6 +164,8 @@ def check_args(args, family, world_size):
         value = getattr(args, dest)
         if value is not None and value < 1:
             raise UserError(f"--{dest} must be positive, got {value}")
+    if args.dist_timeout <= 0:
+        raise UserError(f"--dist_timeout must be positive (seconds), got {args.dist_timeout:g}")
     for dest in ('num_workers', 'eval_workers', 'start_block'):
         if getattr(args, dest) < 0:
             raise UserError(f"--{dest} must be >= 0, got {getattr(args, dest)}")

@@ -104,7 +104,7 @@ def prepare(args, family):
     spec, w_bits, a_bits = resolve_run_model(args, family, payload)
     if args.output_dir is None:  # --load: name the folder after the saved model
         args = argparse.Namespace(**{**vars(args), 'output_dir': output_folder(spec.name, w_bits, a_bits, loaded=True)})
-    dist_info = distributed.init_distributed(args.device, args.local_rank)
+    dist_info = distributed.init_distributed(args.device, args.local_rank, args.dist_timeout)
     if dist_info.device.type == 'cpu':
         keep_freed_memory()
     setup_logging(args.output_dir, dist_info.is_main)
