@@ -143,7 +143,9 @@ def test_demo_of_another_model_needs_no_data_and_no_weights(tmp_path):
     assert (result['num_val'], result['val_total'], result['num_calib'], result['num_qwt']) == (40, 40, 16, 32)
     assert len(result['qwt_blocks']) == 12 and result['qwt_top1'] is not None
     assert '| DeiT-T | W4/A4 | 72.2 |  | 58.2 | 61.4 |' in proc.stdout
-    assert '| 1 | random weights; demo; 16 calibration images; 32 QwT images |' in proc.stdout
+    assert '| 1 | random weights; 10/1000 classes; demo; 16 calibration images; 32 QwT images |' in proc.stdout
+    assert (result['num_classes'], result['train_classes'], result['model_classes'], result['allow_class_subset']) == \
+        (10, 10, 1000, True)
     assert not os.path.exists(tmp_path / 'torch')  # nothing was downloaded
 
 

@@ -360,6 +360,10 @@ def make_result(run, splits, model, weights, meta, accuracy, stage_times, float_
         'checkpoint': args.checkpoint and os.path.abspath(args.checkpoint),
         'loaded_from': args.load, 'saved_to': args.save,
         'num_val': len(splits.val_data), 'val_total': len(splits.val),
+        # labels are folder indices: a folder of another number of classes is not an ImageNet row (table: 'classes')
+        'num_classes': len(splits.val.classes), 'train_classes': None if splits.train is None else len(splits.train.classes),
+        'model_classes': default_cfg(run.spec.timm_name)['num_classes'],
+        'allow_class_subset': bool(args.allow_class_subset),
         **{k: meta.get(k) for k in ('num_calib', 'num_qwt', 'start_block', 'qwt_solver', 'qwt_accumulate',
                                     'calib_search')},
         **top,
