@@ -16,7 +16,10 @@ SOLVER_CHOICES = ('inverse', 'lstsq')      # quant.regression.SOLVERS
 ACCUMULATE_CHOICES = ('concat', 'normal')  # quant.qwt.ACCUMULATE
 # timm 0.4.12 on current torch: two warnings every run would print, both harmless (timm's own code).
 KNOWN_WARNINGS = ((FutureWarning, r'`torch\.jit\.script` is deprecated'),
-                  (UserWarning, r'torch\.meshgrid: in an upcoming release, it will be required to pass the indexing'))
+                  (UserWarning, r'torch\.meshgrid: in an upcoming release, it will be required to pass the indexing'),
+                  # torch's, at every loader iteration, for the published 4 workers on fewer CPUs: the pipeline
+                  # says it once, with why the default stays (utils.run.data.workers_note)
+                  (UserWarning, r'This DataLoader will create \d+ worker processes in total'))
 DEFAULT_BITS = 4
 # (option, choices with the default first, help): choices beyond the published procedure; the defaults give
 # the published results
@@ -233,7 +236,7 @@ def unwritable(path):
 
 
 def quiet_known_warnings():
-    """Silence exactly timm 0.4.12's two known warnings, nothing else."""
+    """Silence exactly the known warnings above, nothing else."""
     for category, message in KNOWN_WARNINGS:
         warnings.filterwarnings('ignore', message=message, category=category)
 
