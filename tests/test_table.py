@@ -385,3 +385,11 @@ def test_include_all_adds_no_rows_for_cells_that_never_ran():
     assert [(r['model'], r['bits'], r['fp'], r['note']) for r in rows] == [('DeiT-T', '', 10.0, 'random weights; demo')]
     rows, _ = table.build_rows(table.load_paper(), loaded(fp_result()), only_results=True, include=table.ALL)
     assert [(r['model'], r['bits']) for r in rows] == [('DeiT-S', 'W4/A4'), ('DeiT-S', 'W6/A6')]
+
+
+def test_the_files_make_table_writes_by_default_are_ignored_by_git():
+    if subprocess.run(['git', '-C', ROOT, 'rev-parse'], capture_output=True).returncode != 0:
+        pytest.skip('not a git checkout')
+    names = [f'results_table.{ext}' for ext in ('md', 'csv', 'png')]
+    p = subprocess.run(['git', '-C', ROOT, 'check-ignore', *names], capture_output=True, text=True)
+    assert p.stdout.split() == names
