@@ -77,7 +77,7 @@ def test_unlabelled_file_is_an_error_and_nothing_moves(tmp_path, capsys):
 
 
 @pytest.mark.parametrize('content, why', [
-    (bytes(range(128, 256)) * 4, 'is not a text CSV (UnicodeDecodeError): '),
+    (bytes(range(128, 256)) * 4, ' is not a text CSV (UnicodeDecodeError): '),
     (b'ImageId,PredictionString\nILSVRC2012_val_00000001,\n', ': a row has no synset in PredictionString: '),
 ])
 def test_kaggle_file_that_is_not_the_csv_is_one_line(tmp_path, capsys, content, why):
