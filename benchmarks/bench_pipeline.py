@@ -20,6 +20,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from utils.run.cli import quiet_known_warnings  # noqa: E402
+
+quiet_known_warnings()  # timm 0.4.12's, before it is imported (the scripts' own filter)
 from models import build_model, randomize_layernorms  # noqa: E402
 from quant import qwt_compensate, repq_vit, set_compensation  # noqa: E402
 from quant.layers import quantizers  # noqa: E402

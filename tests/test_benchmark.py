@@ -39,3 +39,12 @@ def test_system_malloc_flag(monkeypatch, extra, allocator_calls):
         bench_pipeline.main(['--model', 'deit_tiny', '--device', 'cpu', '--calib_images', '1', '--qwt_images', '1',
                              '--eval_images', '1', *extra])
     assert len(calls) == allocator_calls
+
+
+def test_help_starts_with_the_usage_not_a_warning():
+    """timm 0.4.12's torch.jit.script FutureWarning is filtered as in the entry scripts."""
+    import subprocess
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks', 'bench_pipeline.py')
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONWARNINGS'}
+    proc = subprocess.run([sys.executable, script, '--help'], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0 and proc.stderr == '' and proc.stdout.startswith('usage: bench_pipeline.py')

@@ -223,3 +223,48 @@ def test_qwt_samples_that_do_not_split_over_the_processes_are_refused(setup, tmp
     assert tool('capture', '--data_dir', root, '--out', tmp_path / 'o.pth', '--qwt_samples', samples, '--', script) == 2
     assert capsys.readouterr().err == (f'error: --qwt_samples {samples} must be a positive multiple of WORLD_SIZE '
                                        f'{world_size}\n')
+
+
+def test_the_script_runs_in_a_scratch_folder_unless_its_files_are_kept(setup, tmp_path, monkeypatch):
+    """The published script writes checkpoint/<model>/.../log.txt into its current folder: the capture runs it
+    in a scratch folder of its own (removed), or in --keep_files DIR; relative paths still reach it."""
+    tmp, root, ckpt = setup
+    script = tmp_path / 'writes.py'
+    script.write_text(textwrap.dedent(f"""
+        import os, sys
+        from timm.data import ImageDataset
+        from torch.utils.data import DataLoader
+        import torchvision.transforms as T
+        os.makedirs('checkpoint', exist_ok=True)
+        open(os.path.join('checkpoint', 'log.txt'), 'w').write(os.getcwd())
+        data = ImageDataset(os.path.join(sys.argv[1], 'train'), transform=T.Compose([T.Resize((8, 8)), T.ToTensor()]))
+        loader = DataLoader(data, batch_size=2, shuffle=True)
+        next(iter(loader))
+        for images, _ in loader:
+            pass
+    """))
+    monkeypatch.chdir(tmp_path)
+    os.symlink(root, tmp_path / 'data')
+    assert tool('capture', '--data_dir', 'data', '--out', 'c.pth', '--qwt_samples', 4, '--', 'writes.py', 'data') == 0
+    assert os.path.exists(tmp_path / 'c.pth') and not os.path.exists(tmp_path / 'checkpoint')
+    from tools import capture_inputs
+    calls = []
+    monkeypatch.setattr(capture_inputs.subprocess, 'call', lambda argv, cwd: calls.append((argv, cwd)) or 0)
+    assert tool('capture', '--data_dir', 'data', '--out', 'd.pth', '--keep_files', 'kept', '--', 'writes.py', 'data',
+                '--flag=data', 'new') == 0
+    (argv, cwd), = calls
+    assert cwd == 'kept' and os.path.isdir(tmp_path / 'kept')  # kept: not removed
+    assert argv[-4:] == \
+        ['--', str(tmp_path / 'data'), f"--flag={tmp_path / 'data'}", 'new']
+    assert argv[argv.index('--out') + 1] == str(tmp_path / 'd.pth') and str(tmp_path / 'writes.py') in argv
+
+
+def test_compare_names_only_the_images_that_differ(capsys, tmp_path):
+    a = {'calib': torch.zeros(2, 3, 4, 4), 'qwt': torch.zeros(3, 3, 4, 4), 'calib_files': ['a', 'b'],
+         'qwt_files': ['c', 'd', 'e']}
+    b = {**a, 'qwt_files': ['c', 'x', 'e']}
+    torch.save(a, tmp_path / 'a.pth')
+    torch.save(b, tmp_path / 'b.pth')
+    assert tool('compare', tmp_path / 'a.pth', tmp_path / 'b.pth') == 1
+    assert capsys.readouterr().out.splitlines()[-1] == \
+        f"different: 3 QwT images in {tmp_path / 'a.pth'} (the 2 calibration images are identical)"

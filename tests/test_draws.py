@@ -113,6 +113,9 @@ def test_two_processes_draw_the_published_shards(big_root, checkpoints, tmp_path
 
     torchrun(big_root, checkpoints['deit_tiny'], str(tmp_path / 'run'), '--eval', 'none')
     result = json.load(open(tmp_path / 'run' / 'result.json'))
+    # the log's command line is the whole launch: pasted back, it starts two processes again
+    command = [ln for ln in open(tmp_path / 'run' / 'log.txt') if ' ==== ' in ln][-1].split(' ==== ', 1)[1]
+    assert command.startswith('torchrun --nproc_per_node 2 --master_port ') and ' --eval none' in command
     assert result['world_size'] == 2 and result['num_qwt'] == 32 and result['num_calib'] == 8
     assert result['qwt_files'] == refs[0]['qwt_files'] + refs[1]['qwt_files']
     assert result['calib_files'] == refs[0]['calib_files']

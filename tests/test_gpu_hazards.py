@@ -22,13 +22,20 @@ def env(monkeypatch):
 
 @pytest.fixture
 def two_gpus(env):
-    """torch sees two CUDA devices; nothing touches a real one. Returns the init_process_group calls."""
+    """torch sees two CUDA devices; nothing touches a real one. Returns the process-group calls (backend,
+    device_id) that reach torch."""
     calls = []
     env.setattr(torch.cuda, 'is_available', lambda: True)
     env.setattr(torch.cuda, 'device_count', lambda: 2)
     env.setattr(torch.cuda, 'set_device', lambda device: None)
-    env.setattr(dist, 'init_process_group', lambda *a, **k: calls.append((a, k)))
+    env.setattr(dist, 'rendezvous', lambda *a, **k: iter([(FakeStore(), 1, 2)]))
+    env.setattr(dist, 'init_process_group', lambda *a, **k: calls.append((k['backend'], k.get('device_id'))))
     return calls
+
+
+class FakeStore:
+    def set_timeout(self, timeout):
+        pass
 
 
 def test_a_fixed_gpu_under_a_launcher_is_refused_in_one_line(env, two_gpus):
@@ -51,10 +58,10 @@ def test_nccl_is_bound_to_the_rank_gpu(env, two_gpus):
     env.setattr(distributed, 'is_initialized', lambda: False)
     info = distributed.init_distributed('cuda')
     assert info.device == torch.device('cuda', 1)
-    assert two_gpus == [((), {'backend': 'nccl', 'device_id': torch.device('cuda', 1)})]
+    assert two_gpus == [('nccl', torch.device('cuda', 1))]
     two_gpus.clear()
     distributed.init_distributed('cpu')
-    assert two_gpus == [((), {'backend': 'gloo'})]
+    assert two_gpus == [('gloo', None)]
 
 
 @pytest.mark.parametrize('backend,expected', [('nccl', {'device_ids': [3]}), ('gloo', {})])

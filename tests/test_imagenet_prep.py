@@ -74,3 +74,19 @@ def test_unlabelled_file_is_an_error_and_nothing_moves(tmp_path, capsys):
     assert capsys.readouterr().err == (f'error: 1 file(s) of {val} have no label, e.g. holiday.JPEG: are the labels '
                                        'those of the ILSVRC2012 val split?\n')
     assert len(os.listdir(val)) == 5
+
+
+@pytest.mark.parametrize('content, why', [
+    (bytes(range(128, 256)) * 4, ' is not a text CSV (UnicodeDecodeError): '),
+    (b'ImageId,PredictionString\nILSVRC2012_val_00000001,\n', ': a row has no synset in PredictionString: '),
+])
+def test_kaggle_file_that_is_not_the_csv_is_one_line(tmp_path, capsys, content, why):
+    val = flat_val(tmp_path)
+    bad = tmp_path / 'not_a.csv'
+    bad.write_bytes(content)
+    with pytest.raises(SystemExit) as exc:
+        prepare_imagenet_val.main([str(val), '--kaggle', str(bad)])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == (f"error: {bad}{why}expected Kaggle's LOC_val_solution.csv (a text CSV with "
+                                       'the columns ImageId,PredictionString)\n')
+    assert len(os.listdir(val)) == 4  # nothing moved

@@ -151,24 +151,7 @@ def test_demo_of_another_model_needs_no_data_and_no_weights(tmp_path):
     assert (result['num_val'], result['val_total'], result['num_calib'], result['num_qwt']) == (40, 40, 16, 32)
     assert len(result['qwt_blocks']) == 12 and result['qwt_top1'] is not None
     assert '| DeiT-T | W4/A4 | 72.2 |  | 58.2 | 61.4 |' in proc.stdout
-    assert '| 1 | random weights; demo; 16 calibration images; 32 QwT images |' in proc.stdout
-    assert not os.path.exists(tmp_path / 'torch')  # nothing was downloaded
-
-
-def test_demo_runs_the_trained_digits_model_where_qwt_recovers_accuracy(tmp_path):
-    """--demo (qwt_swin.py): swin_digits, trained on the UCI digits, at W3/A3 on a folder of the digits: FP,
-    RepQ-ViT and RepQ-ViT + QwT on the 500 held-out digits, QwT above RepQ-ViT; block 0's singular fit is
-    one warning and left out, as published."""
-    out = str(tmp_path / 'demo')
-    proc = run_script('qwt_swin.py', '--demo', '--output_dir', out, env={'TORCH_HOME': str(tmp_path / 'torch')})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.load(open(os.path.join(out, 'result.json')))
-    assert (r['model'], r['weights'], r['eval'], r['w_bits'], r['a_bits']) == ('swin_digits', 'pretrained', 'all', 3, 3)
-    assert (r['num_val'], r['num_calib'], r['num_qwt']) == (500, 32, 256)
-    assert r['fp_top1'] == 94.4  # 472 of 500: the model as trained (tests/test_digits.py)
-    assert r['qwt_top1'] > r['repq_top1'] and r['repq_top1'] < r['fp_top1'] - 2
-    assert r['qwt_blocks'][0]['singular'] and not r['qwt_blocks'][0]['used']
-    assert 'demo: swin_digits, trained on the UCI handwritten digits (models/digits), at W3/A3' in proc.stdout
-    assert proc.stdout.count('is numerically singular') == 1 and '--qwt_solver lstsq fits it' in proc.stdout
-    assert 'QwT: 3 of 4 blocks compensated, 1 left out (1 for a numerically singular fit: block 0;' in proc.stdout
+    assert '| 1 | random weights; 10/1000 classes; demo; 16 calibration images; 32 QwT images |' in proc.stdout
+    assert (result['num_classes'], result['train_classes'], result['model_classes'], result['allow_class_subset']) == \
+        (10, 10, 1000, True)
     assert not os.path.exists(tmp_path / 'torch')  # nothing was downloaded

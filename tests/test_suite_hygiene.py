@@ -13,7 +13,7 @@ from conftest import ROOT, torch_flags
 
 # (module, attribute) pairs the suite patches with monkeypatch.setattr
 UNDO_CHECKED = {('torch', 'quantile'), ('torch', 'inverse'), ('torch', 'load'), ('torch', 'equal'),
-                ('torch.cuda', 'is_available'), ('torch.version', 'cuda')}
+                ('torch.cuda', 'is_available'), ('torch.version', 'cuda'), ('torch._utils', 'cpu_count')}
 PATCH = re.compile(r"monkeypatch\.setattr\(\s*(torch(?:\.\w+)*)\s*,\s*'(\w+)'")
 
 

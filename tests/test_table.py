@@ -172,8 +172,9 @@ def test_non_comparable_runs_are_left_out_unless_included():
     rows, warnings = table.build_rows(table.load_paper(), rs, only_results=True, include=frozenset())
     assert [(r['model'], r['bits'], r['seeds'], r['note']) for r in rows] == [('DeiT-S', 'W4/A4', '3', '')]
     assert len(warnings) == 1
-    assert warnings[0].startswith('left out 4 run(s) not comparable with the paper (1 demo, 1 eval-none, 2 random, '
-                                  '1 subset): run0/result.json, run1/result.json, run2/result.json and 1 more; ')
+    # each run counted once, under all its categories: the counts add up to the runs left out
+    assert warnings[0].startswith('left out 4 run(s) not comparable with the paper (1 demo+random, 1 eval-none, '
+                                  '1 random, 1 subset): run0/result.json, run1/result.json, run2/result.json and 1 more; ')
     assert warnings[0].endswith('add them with --include demo,eval-none,random,subset')
 
     rows, _ = table.build_rows(table.load_paper(), rs, only_results=True, include=table.parse_include('subset'))
@@ -354,7 +355,7 @@ def test_cli(tmp_path):
     assert '| ResNet-18 | W4/A4 | Percentile | 71.0 |  | 58.3 | 68.9 |  |  |  |  |  |  |  |' in md  # both CSVs
     assert 'demo' not in md and 'subset' not in md
     assert len(list(csv.DictReader(open(tmp_path / 'tmp' / 'x.csv')))) == 20 + 6
-    assert 'warning: left out 2 run(s) not comparable with the paper (1 demo, 1 random, 1 subset)' in p.stderr
+    assert 'warning: left out 2 run(s) not comparable with the paper (1 demo+random, 1 subset)' in p.stderr
     assert 'add them with --include demo,random,subset' in p.stderr
     assert 'wrote tmp/x.md, tmp/x.csv' in p.stderr
 
@@ -369,7 +370,7 @@ def test_cli_errors(tmp_path):
     assert 'Traceback' not in p.stderr
     p = run_cli(str(tmp_path), '--include', 'everything', cwd=tmp_path)
     assert p.returncode == 2 and p.stderr == 'error: --include everything: unknown everything (use demo, random, ' \
-                                             'subset, eval-none or all)\n'
+                                             'subset, classes, eval-none or all)\n'
     bad = write_result(tmp_path / 'run', result())
     with open(bad, 'w') as f:
         f.write('{"model": "deit_small", ')
@@ -386,3 +387,47 @@ def test_eval_all_runs_fill_the_fp_column_unless_an_fp_run_does():
     assert [r['fp'] for r in rows] == [79.7]  # the FP run wins
     rows, _ = table.build_rows(table.load_paper(), [result()], only_results=True)
     assert rows[0]['fp'] is None
+
+
+def test_class_subset_runs_are_left_out_or_marked():
+    """A run on a 10-class folder (--allow_class_subset) scores folder-index labels: never a plain ImageNet row."""
+    sub = result('deit_tiny_patch16_224', model='deit_tiny', repq=58.2, qwt=61.4, num_val=40, val_total=40,
+                 num_classes=10, train_classes=10, model_classes=1000, allow_class_subset=True)
+    full = result(seed=1, num_classes=1000, train_classes=1000, model_classes=1000, allow_class_subset=False)
+    rows, warnings = table.build_rows(table.load_paper(), loaded(sub, full), only_results=True, include=frozenset())
+    assert [(r['model'], r['seeds']) for r in rows] == [('DeiT-S', '1')]
+    assert warnings[0].startswith('left out 1 run(s) not comparable with the paper (1 classes): run0/result.json; ')
+    assert warnings[0].endswith('add them with --include classes')
+    rows, _ = table.build_rows(table.load_paper(), loaded(sub, full), only_results=True, include=table.ALL)
+    assert [(r['model'], r['bits'], r['note']) for r in rows] == [('DeiT-T', 'W4/A4', '10/1000 classes'),
+                                                                  ('DeiT-S', 'W4/A4', '')]
+    # a train/ of another class count alone (val/ complete) is a class subset too
+    assert table.categories(dict(full, train_classes=10)) == ['classes']
+
+
+def test_left_out_counts_add_up_to_the_runs():
+    kinds = [dict(demo=True, weights='random', num_val=10, val_total=40), dict(num_val=10), dict(eval='none'),
+             dict(demo=True, weights='random', num_val=10, val_total=40, num_classes=10, model_classes=1000)]
+    rs = loaded(*[result(seed=i, **k) for i, k in enumerate(kinds)])
+    _, warnings = table.build_rows(table.load_paper(), rs, include=frozenset())
+    counts = warnings[0].partition('with the paper (')[2].partition('):')[0]
+    assert counts == '1 demo+random+subset, 1 demo+random+subset+classes, 1 eval-none, 1 subset'
+    assert sum(int(c.split()[0]) for c in counts.split(', ')) == 4
+
+
+def test_include_all_adds_no_rows_for_cells_that_never_ran():
+    """A random-weight --eval fp demo of deit_tiny is one row of its own, not the paper's W4/A4 and W6/A6 rows
+    of a variant that never ran; an --eval fp run of the published setting still fills the paper rows."""
+    demo_fp = fp_result('deit_tiny_patch16_224', model='deit_tiny', fp=10.0, demo=True, weights='random')
+    rows, _ = table.build_rows(table.load_paper(), loaded(demo_fp), only_results=True, include=table.ALL)
+    assert [(r['model'], r['bits'], r['fp'], r['note']) for r in rows] == [('DeiT-T', '', 10.0, 'random weights; demo')]
+    rows, _ = table.build_rows(table.load_paper(), loaded(fp_result()), only_results=True, include=table.ALL)
+    assert [(r['model'], r['bits']) for r in rows] == [('DeiT-S', 'W4/A4'), ('DeiT-S', 'W6/A6')]
+
+
+def test_the_files_make_table_writes_by_default_are_ignored_by_git():
+    if subprocess.run(['git', '-C', ROOT, 'rev-parse'], capture_output=True).returncode != 0:
+        pytest.skip('not a git checkout')
+    names = [f'results_table.{ext}' for ext in ('md', 'csv', 'png')]
+    p = subprocess.run(['git', '-C', ROOT, 'check-ignore', *names], capture_output=True, text=True)
+    assert p.stdout.split() == names

@@ -16,8 +16,10 @@ hold the same files and the same pixels, 1 (saying where they differ) otherwise.
 import argparse
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -41,6 +43,9 @@ def parse_args(argv=None):
     c.add_argument('--qwt_samples', type=int, default=512, help='QwT images over all processes (default 512)')
     c.add_argument('--cpu', action='store_true',
                    help='run a script written for one GPU on the CPU: .cuda() is a no-op, cuda devices become the CPU')
+    c.add_argument('--keep_files', default=None, metavar='DIR',
+                   help='run the script in DIR and keep the files it writes there (checkpoint/, logs); by default '
+                        'it runs in a scratch folder of its own, removed afterwards')
     c.add_argument('--in_process', action='store_true', help=argparse.SUPPRESS)  # the child that runs the script
     c.add_argument('script', help='the script to run, then its own arguments (after --)')
     c.add_argument('script_args', nargs=argparse.REMAINDER)
@@ -57,7 +62,7 @@ def capture(args, argv):
     if not os.path.isfile(args.script):
         raise UserError(f'script {args.script!r} not found')
     if not args.in_process:  # the script's own process; its errors are its own lines, its exit code ours
-        return subprocess.call([sys.executable, os.path.abspath(__file__), 'capture', '--in_process', *argv[1:]])
+        return run_in_scratch(args)
     import torch
     from utils.core.files import rank_path, write_atomic
     from utils.run.data import fix_posterize
@@ -73,6 +78,30 @@ def capture(args, argv):
           f'to {out}', file=sys.stderr)
 
 
+def absolute(arg):
+    """``arg`` (or the value of ``--flag=arg``) as an absolute path if it names an existing file or folder, so
+    that the script finds it from its scratch folder."""
+    flag, eq, value = arg.partition('=') if arg.startswith('-') else ('', '', arg)
+    return flag + eq + os.path.abspath(value) if value and os.path.exists(value) else arg
+
+
+def run_in_scratch(args):
+    """Run the capture in a process of its own whose current folder is --keep_files or a scratch folder
+    (removed afterwards), so that what the script writes (the published one: checkpoint/<model>/.../log.txt)
+    lands nowhere else. Returns its exit code."""
+    folder = args.keep_files or tempfile.mkdtemp(prefix='capture_inputs_')
+    os.makedirs(folder, exist_ok=True)
+    script_args = args.script_args[1:] if args.script_args[:1] == ['--'] else args.script_args
+    child = [sys.executable, os.path.abspath(__file__), 'capture', '--in_process', '--data_dir',
+             os.path.abspath(args.data_dir), '--out', os.path.abspath(args.out), '--qwt_samples', str(args.qwt_samples),
+             *(['--cpu'] if args.cpu else []), os.path.abspath(args.script), '--', *map(absolute, script_args)]
+    try:
+        return subprocess.call(child, cwd=folder)
+    finally:
+        if args.keep_files is None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def compare(args):
     import torch
     from utils.table.capture import compare_inputs
@@ -80,8 +109,14 @@ def compare(args):
     lines = compare_inputs(a, b)
     for line in lines:
         print(line)
-    print(f"{'different' if lines else 'identical'}: {len(a['calib_files'])} calibration and "
-          f"{len(a['qwt_files'])} QwT images in {args.a}")
+    kinds = {'calib': f"{len(a['calib_files'])} calibration", 'qwt': f"{len(a['qwt_files'])} QwT"}
+    differ = [k for k in kinds if any(line.startswith(k) for line in lines)]  # 'calib_files: ...' is 'calib'
+    if not lines or len(differ) == len(kinds):
+        print(f"{'different' if lines else 'identical'}: {' and '.join(kinds.values())} images in {args.a}")
+    else:  # name only what differs
+        same = [v for k, v in kinds.items() if k not in differ]
+        print(f"different: {' and '.join(kinds[k] for k in differ)} images in {args.a} (the {' and '.join(same)} "
+              "images are identical)")
     return 1 if lines else 0
 
 

@@ -8,8 +8,8 @@ Prints the Markdown table and writes PREFIX.md, PREFIX.csv and, with matplotlib,
 results_table.*). Runs enter by their configuration: one row per model, bit width and variant (the
 settings that differ from the published procedure, named in the note), mean ± sample std over seeds (n);
 two runs of one row and seed keep the newer result.json, with a warning naming both; --eval fp runs fill
-the FP column. Demo, random-weight, val-subset (--num_val) and --eval none runs are left out unless
---include names them.
+the FP column. Demo, random-weight, val-subset (--num_val), class-subset (--allow_class_subset on a folder
+of another number of classes than the model) and --eval none runs are left out unless --include names them.
 """
 import argparse
 import os

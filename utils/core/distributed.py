@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from utils.core.environment import cpus_available, cpus_per_process, env_int, local_processes
+from utils.core import rendezvous
+from utils.core.environment import DIST_TIMEOUT_S, cpus_available, cpus_per_process, env_int, local_processes
 from utils.core.errors import UserError, cause
 
 
@@ -103,7 +104,7 @@ def resolve_device(requested, local_rank=0):
     return device, note
 
 
-def init_distributed(device=None, local_rank=None):
+def init_distributed(device=None, local_rank=None, timeout_s=DIST_TIMEOUT_S):
     """Start the process group if a launcher set WORLD_SIZE > 1 (torchrun, torch.distributed.launch).
 
     LOCAL_RANK from the environment wins over ``--local_rank``/``--local-rank``. NCCL on GPUs, gloo on
@@ -120,7 +121,9 @@ def init_distributed(device=None, local_rank=None):
         backend = 'nccl' if dev.type == 'cuda' else 'gloo'
         try:
             # device_id binds NCCL's communicator to this rank's GPU at once (and barrier() needs no guess)
-            dist.init_process_group(backend=backend, **({'device_id': dev} if dev.type == 'cuda' else {}))
+            rendezvous.init_process_group(backend, timeout_s, device_id=dev if dev.type == 'cuda' else None)
+        except UserError:
+            raise
         except Exception as e:  # no rendezvous address, port taken, peers unreachable, no backend
             where = ', '.join(f"{k}={os.environ.get(k, '(unset)')}" for k in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'))
             raise UserError(f"could not form the {backend} process group ({where}): {cause(e)}. "

@@ -8,7 +8,7 @@ import warnings
 from models.registry import DIGITS_MODELS, resolve_model, table_names
 from utils.run.demo import demo_defaults
 from utils.run.naming import FAMILY_METHODS, FAMILY_SCRIPTS, output_folder
-from utils.core.environment import cpus_per_process, env_int
+from utils.core.environment import DIST_TIMEOUT_S, cpus_per_process, env_int
 from utils.core.errors import UserError
 
 EVAL_CHOICES = ('both', 'repq', 'qwt', 'none', 'fp', 'all')
@@ -16,7 +16,10 @@ SOLVER_CHOICES = ('inverse', 'lstsq')      # quant.regression.SOLVERS
 ACCUMULATE_CHOICES = ('concat', 'normal')  # quant.qwt.ACCUMULATE
 # timm 0.4.12 on current torch: two warnings every run would print, both harmless (timm's own code).
 KNOWN_WARNINGS = ((FutureWarning, r'`torch\.jit\.script` is deprecated'),
-                  (UserWarning, r'torch\.meshgrid: in an upcoming release, it will be required to pass the indexing'))
+                  (UserWarning, r'torch\.meshgrid: in an upcoming release, it will be required to pass the indexing'),
+                  # torch's, at every loader iteration, for the published 4 workers on fewer CPUs: the pipeline
+                  # says it once, with why the default stays (utils.run.data.workers_note)
+                  (UserWarning, r'This DataLoader will create \d+ worker processes in total'))
 DEFAULT_BITS = 4
 # (option, choices with the default first, help): choices beyond the published procedure; the defaults give
 # the published results
@@ -123,6 +126,10 @@ def build_parser(family, raise_errors=False):
     p.add_argument('--device', default=None, help='cuda, cuda:N or cpu (default: cuda if available, else cpu)')
     p.add_argument('--local_rank', '--local-rank', dest='local_rank', type=int, default=None,
                    help='set by torch.distributed.launch; LOCAL_RANK from the environment wins')
+    p.add_argument('--dist_timeout', type=float, default=DIST_TIMEOUT_S, metavar='SECONDS',
+                   help=f'with several processes: how long they wait for each other to form the process group '
+                        f'before stopping with an error (default {DIST_TIMEOUT_S} s; rank 0 prints a line while it '
+                        'waits)')
     p.add_argument('--save', default=None, metavar='PATH',
                    help='write the quantized and compensated model here as soon as it is fitted (atomic)')
     p.add_argument('--load', default=None, metavar='PATH',
@@ -191,6 +198,8 @@ def check_args(args, family, world_size):
         value = getattr(args, dest)
         if value is not None and value < 1:
             raise UserError(f"--{dest} must be positive, got {value}")
+    if args.dist_timeout <= 0:
+        raise UserError(f"--dist_timeout must be positive (seconds), got {args.dist_timeout:g}")
     for dest in ('num_workers', 'eval_workers', 'start_block'):
         if getattr(args, dest) is not None and getattr(args, dest) < 0:
             raise UserError(f"--{dest} must be >= 0, got {getattr(args, dest)}")
@@ -284,7 +293,7 @@ def unwritable(path):
 
 
 def quiet_known_warnings():
-    """Silence exactly timm 0.4.12's two known warnings, nothing else."""
+    """Silence exactly the known warnings above, nothing else."""
     for category, message in KNOWN_WARNINGS:
         warnings.filterwarnings('ignore', message=message, category=category)
 

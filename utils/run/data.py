@@ -123,6 +123,21 @@ def val_subset(dataset, num):
     return Subset(dataset, order.sort().values.tolist())
 
 
+def available_cpus():
+    """The CPUs this process may run on, as torch's DataLoader counts them."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+
+
+def workers_note(num_workers, cpus):
+    """The project's one line where the training loader has more workers than CPUs (torch's own warning, at
+    every loader iteration, is silenced): why the published default stays, or None."""
+    if num_workers <= cpus:
+        return None
+    return (f"--num_workers {num_workers} on {cpus} CPU(s): the workers share the CPUs (slower loading), but each "
+            "worker's seed decides the augmentation of the images it loads, so fewer workers would draw other "
+            "images than the published run (SPEC §1b); kept")
+
+
 def train_loader(dataset, batch_size, num_workers, dist_info):
     """The published training-split loader (SPEC §1b). One process: shuffled by the global generator, so
     each iteration draws a base seed and a new order. Several: ``DistributedSampler`` with its defaults

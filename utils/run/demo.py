@@ -38,6 +38,10 @@ RANDOM_DEMO = {
                    allow_class_subset=True),
 }
 DEMO_CLASSES, DEMO_TRAIN_PER_CLASS, DEMO_VAL_PER_CLASS = 10, 6, 4
+# CPU threads of a --demo run: a matrix product split over another number of threads sums in another order,
+# which can move a fake-quantized activation across a rounding step and a digit's prediction with it. One
+# thread makes the figures independent of the core count (tools/readme_figures.py writes the README's with it).
+DEMO_THREADS = 1
 
 
 def demo_defaults(family, model=None):
@@ -77,3 +81,9 @@ def demo_line(model, w_bits, a_bits, method='RepQ-ViT'):
                 'held-out digits')
     return (f'demo: {model} W{w_bits}/A{a_bits} on a small generated folder, timm weights if cached, else random '
             '(chance accuracy: this shows that every stage runs)')
+
+
+def demo_threads_line(threads, capability):
+    """The thread count and CPU vector instructions the demo's figures hold for, for its log."""
+    return (f'demo: {threads} CPU thread(s), {capability} kernels (the README\'s demo table holds for '
+            f'{DEMO_THREADS} thread on {capability}; other CPU kernels can differ in the last digit)')

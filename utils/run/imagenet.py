@@ -15,11 +15,17 @@ GROUND_TRUTH = 'ILSVRC2012_validation_ground_truth.txt'
 
 def kaggle_labels(path):
     """{image id: synset} from LOC_val_solution.csv ('ImageId,PredictionString', the synset first)."""
-    with open(path, newline='') as f:
-        reader = csv.DictReader(f)
-        if not {'ImageId', 'PredictionString'} <= set(reader.fieldnames or ()):
-            raise UserError(f"{path}: expected the columns ImageId,PredictionString of Kaggle's LOC_val_solution.csv")
-        return {row['ImageId']: row['PredictionString'].split()[0] for row in reader}
+    expected = "expected Kaggle's LOC_val_solution.csv (a text CSV with the columns ImageId,PredictionString)"
+    try:
+        with open(path, newline='') as f:
+            reader = csv.DictReader(f)
+            if not {'ImageId', 'PredictionString'} <= set(reader.fieldnames or ()):
+                raise UserError(f"{path}: {expected}")
+            return {row['ImageId']: row['PredictionString'].split()[0] for row in reader}
+    except (UnicodeDecodeError, csv.Error) as e:  # a binary file, the devkit or an archive passed by mistake
+        raise UserError(f"{path} is not a text CSV ({type(e).__name__}): {expected}") from None
+    except (AttributeError, IndexError):  # a row without its PredictionString
+        raise UserError(f"{path}: a row has no synset in PredictionString: {expected}") from None
 
 
 def devkit_labels(devkit):

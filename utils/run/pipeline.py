@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import random
-import shlex
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -25,10 +24,11 @@ from utils.core import distributed
 from utils.table import results as table
 from utils.core.allocator import keep_freed_memory
 from utils.run.naming import FAMILY_SCRIPTS, output_folder
-from utils.run.data import (ImageLog, eval_loader, eval_transform, image_dataset, replay_loader_iteration_draw,
-                        train_loader, train_transform, val_subset)
+from utils.run.data import (ImageLog, available_cpus, eval_loader, eval_transform, image_dataset,
+                            replay_loader_iteration_draw, train_loader, train_transform, val_subset, workers_note)
 from utils.run import family as families
-from utils.run.demo import demo_line, make_demo_data
+from utils.run.demo import DEMO_THREADS, demo_line, demo_threads_line, make_demo_data
+from utils.run.launch import launch_command
 from utils.core.errors import UserError, one_line
 from utils.run.evaluate import evaluate
 from utils.core.progress import progress_bar
@@ -101,9 +101,9 @@ def resolve_run_model(args, family, payload):
 
 
 def command_line(args, family):
-    """This run's command, shell-quoted so that it can be pasted back (the launcher, if any, left out)."""
+    """This run's whole launch (launcher, processes per node, nodes), shell-quoted so that it can be pasted back."""
     script = sys.argv[0] if os.path.basename(sys.argv[0]) in FAMILY_SCRIPTS.values() else FAMILY_SCRIPTS[family]
-    return shlex.join(['python', script, *getattr(args, '_argv', sys.argv[1:])])
+    return launch_command(script, getattr(args, '_argv', sys.argv[1:]), os.environ)
 
 
 def prepare(args, family):
@@ -112,11 +112,13 @@ def prepare(args, family):
     spec, w_bits, a_bits = resolve_run_model(args, family, payload)
     if args.output_dir is None:  # --load: name the folder after the saved model
         args = argparse.Namespace(**{**vars(args), 'output_dir': output_folder(spec.name, w_bits, a_bits, loaded=True)})
-    dist_info = distributed.init_distributed(args.device, args.local_rank)
+    dist_info = distributed.init_distributed(args.device, args.local_rank, args.dist_timeout)
     threads = distributed.limit_cpu_threads()
     if dist_info.device.type == 'cpu':
         keep_freed_memory()
     setup_logging(args.output_dir, dist_info.is_main)
+    if args.demo and dist_info.device.type == 'cpu':
+        torch.set_num_threads(DEMO_THREADS)  # the demo's figures must not depend on the core count
     seed_everything(args.seed)
     _logger.info('==== %s', command_line(args, family))
     _logger.info('%s (%s) W%d/A%d on %s x %d', spec.name, spec.timm_name, w_bits, a_bits,
@@ -127,6 +129,8 @@ def prepare(args, family):
                  'workers: %d', *threads, args.eval_workers)
     if args.demo:
         _logger.info(demo_line(spec.name, w_bits, a_bits, families.method(family)))
+        if dist_info.device.type == 'cpu':
+            _logger.info(demo_threads_line(torch.get_num_threads(), torch.backends.cpu.get_cpu_capability()))
     checkpoint = args.checkpoint
     if family == 'resnet' and payload is None:
         checkpoint = families.resnet_checkpoint(spec, args)
@@ -159,6 +163,9 @@ def open_splits(run):
             check_classes(split, run.spec.timm_name, args.allow_class_subset)
     _logger.info('train %s images, val %d images, %d classes', 'n/a' if train is None else len(train), len(val),
                  len(val.classes))
+    note = train is not None and workers_note(args.num_workers, available_cpus())
+    if note:
+        _logger.info(note)
     return Splits(val, val_data, train)
 
 
@@ -330,7 +337,7 @@ def run(args, family):
     if args.demo and args.data_dir is None:
         with tempfile.TemporaryDirectory(prefix='qwt_demo_') as data_dir:
             make_demo_data(data_dir, args.model)
-            return run(argparse.Namespace(**{**vars(args), 'data_dir': data_dir}), family)
+            return run(argparse.Namespace(**{**vars(args), 'data_dir': data_dir, '_generated_data': True}), family)
     r = prepare(args, family)
     args = r.args
     with r.timer('data'):
@@ -359,9 +366,12 @@ def run(args, family):
     set_compensation(model, True)
     result = make_result(r, splits, model, weights, meta, accuracy, stage_times, float_model)
     if r.dist.is_main:
-        write_text_atomic(os.path.join(args.output_dir, 'result.json'), json.dumps(result, indent=2) + '\n')
+        path = os.path.join(args.output_dir, 'result.json')
+        write_text_atomic(path, json.dumps(result, indent=2) + '\n')
         for line in summary_lines(result):
             _logger.info(line)
+        _logger.info('wrote %s (and the log %s)', os.path.abspath(path),
+                     os.path.abspath(os.path.join(args.output_dir, 'log.txt')))
         rows, _ = table.build_rows(table.load_paper(), [dict(result, path='this run')], only_results=True)
         _logger.info('compared with the paper:\n%s', table.to_markdown(rows))
     distributed.barrier()
@@ -379,10 +389,15 @@ def make_result(run, splits, model, weights, meta, accuracy, stage_times, float_
         'w_bits': run.w_bits, 'a_bits': run.a_bits,
         'eval': args.eval, 'seed': meta.get('seed', args.seed), 'world_size': run.dist.world_size,
         'device': str(run.dist.device), 'weights': weights, 'source_weights': meta.get('weights', weights),
-        'demo': bool(args.demo), 'data_dir': os.path.abspath(args.data_dir),
+        # a folder the demo generated is removed after the run: no path that does not exist
+        'demo': bool(args.demo), 'data_dir': None if getattr(args, '_generated_data', False) else os.path.abspath(args.data_dir),
         'checkpoint': run.checkpoint and os.path.abspath(run.checkpoint),
         'loaded_from': args.load, 'saved_to': args.save,
         'num_val': len(splits.val_data), 'val_total': len(splits.val),
+        # labels are folder indices: a folder of another number of classes is not an ImageNet row (table: 'classes')
+        'num_classes': len(splits.val.classes), 'train_classes': None if splits.train is None else len(splits.train.classes),
+        'model_classes': default_cfg(run.spec.timm_name)['num_classes'],
+        'allow_class_subset': bool(args.allow_class_subset),
         **{k: meta.get(k) for k in ('num_calib', 'num_qwt', 'start_block', 'qwt_solver', 'qwt_accumulate',
                                     'calib_search', 'kernel_size', 'factor', 'conv_a_bits')},
         **top,

@@ -13,7 +13,8 @@ Runs enter the table by their configuration, never by file order:
 - two runs of one row and seed: the newer (result.json modification time) is kept, with a warning
   naming both;
 - ``--eval fp`` runs give the FP column of every row of their model (and data variant);
-- demo, random-weight, val-subset and ``--eval none`` runs are left out unless ``include`` names them.
+- demo, random-weight, val-subset, class-subset (--allow_class_subset) and ``--eval none`` runs are left out
+  unless ``include`` names them.
 """
 import csv
 import io
@@ -38,8 +39,9 @@ DISPLAY = {'resnet18': 'ResNet-18', 'resnet50': 'ResNet-50', 'resnet101': 'ResNe
            'deit_tiny_distilled': 'DeiT-T-distilled', 'deit_small_distilled': 'DeiT-S-distilled',
            'deit_base_distilled': 'DeiT-B-distilled', 'vit_small': 'ViT-S', 'vit_base': 'ViT-B',
            'swin_tiny': 'Swin-T', 'swin_small': 'Swin-S'}
-# Runs not comparable with the paper, left out unless included by name.
-CATEGORIES = ('demo', 'random', 'subset', 'eval-none')
+# Runs not comparable with the paper, left out unless included by name. 'classes': a folder with another
+# number of classes than the model (--allow_class_subset), scored on folder-index labels.
+CATEGORIES = ('demo', 'random', 'subset', 'classes', 'eval-none')
 ALL = frozenset(CATEGORIES)
 PUBLISHED = {'qwt_solver': 'inverse', 'qwt_accumulate': 'concat', 'start_block': 0, 'num_calib': 32,
              'num_qwt': 512, 'kernel_size': 1, 'factor': 64, 'conv_a_bits': '8'}  # the last three: ResNet only
@@ -158,9 +160,17 @@ def categories(r):
         out.append('random')
     if r.get('num_val') is not None and r.get('val_total') is not None and r['num_val'] < r['val_total']:
         out.append('subset')
+    if class_subset(r):
+        out.append('classes')
     if r.get('eval') == 'none' or all(r.get(k) is None for k in ('fp_top1', 'repq_top1', 'qwt_top1')):
         out.append('eval-none')
     return out
+
+
+def class_subset(r):
+    """Whether the run's folders hold another number of classes than its model (--allow_class_subset)."""
+    model = r.get('model_classes')
+    return model is not None and any(r.get(k) not in (None, model) for k in ('num_classes', 'train_classes'))
 
 
 def data_variant(r):
@@ -170,6 +180,8 @@ def data_variant(r):
         labels.append('random weights')
     if 'subset' in categories(r):
         labels.append(f"val subset {r['num_val']}/{r['val_total']}")
+    if class_subset(r):
+        labels.append(f"{r.get('num_classes')}/{r['model_classes']} classes")
     if r.get('demo'):
         labels.append('demo')
     return tuple(labels)
@@ -207,15 +219,16 @@ def select(results, include=ALL):
 
 
 def _left_out_warning(left_out):
+    """One line; each run is counted once, under all its categories (``demo+random``), so the counts add up."""
     counts = {}
     for _, cats in left_out:
-        for c in cats:
-            counts[c] = counts.get(c, 0) + 1
+        counts['+'.join(cats)] = counts.get('+'.join(cats), 0) + 1
     names = ', '.join(r['path'] for r, _ in left_out[:3]) + (f' and {len(left_out) - 3} more' if len(left_out) > 3
                                                               else '')
+    kinds = sorted({c for _, cats in left_out for c in cats})
     return (f"left out {len(left_out)} run(s) not comparable with the paper "
             f"({', '.join(f'{n} {c}' for c, n in sorted(counts.items()))}): {names}; "
-            f"add them with --include {','.join(sorted(counts))}")
+            f"add them with --include {','.join(kinds)}")
 
 
 def _newest(runs, key, label, warnings):
@@ -313,9 +326,9 @@ def build_rows(paper, results, only_results=False, include=ALL, expected=None):
     for t, b in expected:
         if b != 'FP' and not any(k[:2] == (t, b) for k in keys):
             keys.add((t, b, (), ()))
-    for t, dvar in fps:  # an FP run with no quantized row of its model and data: the model's paper rows
-        if not any(k[0] == t and k[2] == dvar for k in keys):
-            keys |= {(t, p['bits'], dvar, ()) for p in by_model.get(t, [])} or {(t, '', dvar, ())}
+    for t, dvar in fps:  # an FP run with no quantized row of its model and data: the model's paper rows, or
+        if not any(k[0] == t and k[2] == dvar for k in keys):  # for a variant no cell ran, one row of its own
+            keys |= {(t, p['bits'], dvar, ()) for p in by_model.get(t, []) if not dvar} or {(t, '', dvar, ())}
     names = {r['timm_name']: r.get('model') for r in kept}
 
     def display(timm_name):
