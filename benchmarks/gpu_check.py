@@ -24,6 +24,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -35,9 +36,14 @@ if ROOT not in sys.path:
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # script_logits
 PUBLISHED = os.path.normpath(os.path.join(ROOT, '..', 'shared', 'published-qwt'))
 SCRIPTS = {'vit': 'qwt_vit_and_deit.py', 'swin': 'qwt_swin.py', 'resnet': 'qwt_resnet.py'}
-PUBLISHED_SCRIPTS = {'vit': 'qwt_vit_and_deit.py', 'swin': 'qwt_swin.py'}
-# (family, table name, timm name) of the models compared with the published code and timed
-PARITY = (('vit', 'deit_small', 'deit_small_patch16_224'), ('swin', 'swin_tiny', 'swin_tiny_patch4_window7_224'))
+PUBLISHED_SCRIPTS = {'vit': 'qwt_vit_and_deit.py', 'swin': 'qwt_swin.py', 'resnet': 'qwt_resnet_group_conv_only_percentile.py'}
+# The published ResNet script reads its weights from here, under its working folder
+PUBLISHED_RESNET_WEIGHTS = {'resnet18': 'resnet18_imagenet.pth.tar', 'resnet50': 'resnet50_imagenet.pth.tar',
+                            'resnet101': 'resnet101-63fe2227.pth'}
+# (family, table name, timm name) of the models compared with the published code and timed. The dry run
+# has no ResNet: the published ResNet is its own torchvision-layout class, which has no small stand-in.
+PARITY = (('vit', 'deit_small', 'deit_small_patch16_224'), ('swin', 'swin_tiny', 'swin_tiny_patch4_window7_224'),
+          ('resnet', 'resnet18', 'resnet18'))
 TIMED = (('vit', 'deit_small', 'deit_small_patch16_224'), ('vit', 'vit_base', 'vit_base_patch16_224'),
          ('swin', 'swin_tiny', 'swin_tiny_patch4_window7_224'))
 DRY_PARITY = (('vit', 'deit_tiny', 'deit_tiny_patch16_224'), ('swin', 'swin_tiny', 'swin_tiny_patch4_window7_224'))
@@ -55,7 +61,16 @@ class Check:
         self.out = os.path.abspath(args.out)
         self.work = os.path.join(self.out, 'work')
         self.steps = []
+        self.deadline = time.monotonic() + args.budget_s
         os.makedirs(self.work, exist_ok=True)
+
+    def seconds_left(self):
+        return self.deadline - time.monotonic()
+
+    def partial(self, name, details):
+        """A step's results so far, in the report (a run cut short keeps them)."""
+        self.current = {'step': name, 'status': 'running', 'seconds': None, **details}
+        write_report(self)
 
     def python(self, argv, timeout, cwd=None, env=None):
         """Run ``python argv`` (a step's own process: a hang or a crash cannot take the check down);
@@ -63,6 +78,7 @@ class Check:
         env = {**os.environ, 'PYTHONWARNINGS': 'ignore', 'PYTHONUNBUFFERED': '1', **(env or {})}
         for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'):
             env.pop(k, None)
+        timeout = max(1, min(timeout, int(self.seconds_left())))
         try:
             proc = subprocess.run([sys.executable, *argv], cwd=cwd or ROOT, env=env, capture_output=True, text=True,
                                   timeout=timeout)
@@ -72,6 +88,7 @@ class Check:
         return proc.returncode, (proc.stdout + proc.stderr)[-3000:]
 
     def record(self, name, status, seconds, details):
+        self.current = None
         self.steps.append({'step': name, 'status': status, 'seconds': round(seconds, 1), **details})
         write_report(self)
         mark = {'ok': 'ok  ', 'failed': 'FAIL', 'skipped': 'skip'}[status]
@@ -137,7 +154,8 @@ def step_vs_published(check):
     have_published = os.path.isfile(os.path.join(check.args.published, 'qwt_vit_and_deit.py'))
     results, ok = {}, True
     for family, name, timm_name in parity:
-        weights = random_weights(check, timm_name)
+        check.partial('vs_published', {'models': results})
+        weights = random_weights(check, timm_name, family)
         flags = ['--model', name, '--data_dir', data, '--w_bit', '4', '--a_bit', '4']
         tool = os.path.join(ROOT, 'benchmarks', 'script_logits.py')
         common = ['--tiny'] if check.dry else []
@@ -159,7 +177,9 @@ def step_vs_published(check):
             results[name] = {**entry, 'published': f'skipped: {check.args.published} not found'}
             continue
         pub_cwd = os.path.join(check.work, f'published_{name}')  # the published code writes checkpoint/ here
-        os.makedirs(pub_cwd, exist_ok=True)
+        os.makedirs(os.path.join(pub_cwd, 'pretrained_weights'), exist_ok=True)
+        if family == 'resnet':  # where the published ResNet script loads its weights from
+            shutil.copyfile(weights, os.path.join(pub_cwd, 'pretrained_weights', PUBLISHED_RESNET_WEIGHTS[name]))
         start = time.perf_counter()
         code, tail = check.python([tool, '--out', os.path.join(check.work, f'published_{name}.pth'), *common,
                                    '--weights', weights, '--isolate', *(['--cpu'] if check.dry else []), '--',
@@ -179,6 +199,7 @@ def step_vs_published(check):
 def step_timings(check):
     results, ok = {}, True
     for family, name, timm_name in TIMED:
+        check.partial('timings', {'models': results})
         code, tail = check.python([__file__, '--time-model', timm_name, '--device', check.device,
                                    *(['--tiny'] if check.dry else [])], 900)
         if code != 0:
@@ -213,25 +234,26 @@ def generated_folder(check):
     return root
 
 
-def random_weights(check, timm_name):
+def random_weights(check, timm_name, family):
     """A random-weight state dict of ``timm_name`` (its TINY stand-in in the dry run), with trained-like
-    LayerNorms; the same file feeds this project's --checkpoint and the published script."""
+    LayerNorms (BatchNorm statistics for a ResNet); the same file feeds this project's --checkpoint and the
+    published script."""
     import torch
     path = os.path.join(check.work, f'{timm_name}.pth')
     if not os.path.isfile(path):
-        torch.save(build(timm_name, check.dry).state_dict(), path)
+        torch.save(build(timm_name, check.dry and family != 'resnet').state_dict(), path)
     return path
 
 
 def build(timm_name, tiny):
-    """timm's random initialisation of ``timm_name`` (or its TINY stand-in), trained-like LayerNorms."""
+    """timm's random initialisation of ``timm_name`` (or its TINY stand-in), trained-like normalisation."""
     import timm
     import torch
-    from models import randomize_layernorms
+    from models import randomize_batchnorms, randomize_layernorms
     from script_logits import tiny_model
     torch.manual_seed(0)
     model = tiny_model(timm_name, num_classes=1000) if tiny else timm.create_model(timm_name, pretrained=False)
-    return randomize_layernorms(model)
+    return randomize_batchnorms(model) if timm_name.startswith('resnet') else randomize_layernorms(model)
 
 
 def compare_records(published_path, ours_path):
@@ -371,7 +393,8 @@ def time_model(timm_name, device_name, tiny):
 # ---- the report --------------------------------------------------------------------------------------
 
 def write_report(check):
-    report = {'dry_run': check.dry, 'device': check.device, 'steps': check.steps,
+    steps = check.steps + ([check.current] if getattr(check, 'current', None) else [])
+    report = {'dry_run': check.dry, 'device': check.device, 'steps': steps,
               'passed': all(s['status'] != 'failed' for s in check.steps)}
     with open(os.path.join(check.out, 'gpu_check.json'), 'w') as f:
         json.dump(report, f, indent=2)
@@ -401,6 +424,8 @@ def main(argv=None):
     p.add_argument('--out', default=os.path.join(ROOT, 'output', 'gpu_check'), help='report folder')
     p.add_argument('--only', default=None, help='comma-separated steps to run (default: all): '
                    + ', '.join(name for name, _ in plan()))
+    p.add_argument('--budget-s', dest='budget_s', type=float, default=3600,
+                   help='stop starting work after this many seconds; what is left is reported as not run (default 3600)')
     p.add_argument('--published', default=PUBLISHED, help='the published QwT code (default ../shared/published-qwt)')
     p.add_argument('--selftest-group', dest='selftest_group', action='store_true', help=argparse.SUPPRESS)
     p.add_argument('--time-model', dest='time_model', default=None, help=argparse.SUPPRESS)
@@ -422,6 +447,9 @@ def main(argv=None):
     check = Check(args)
     for name, fn in steps:
         if name not in wanted:
+            continue
+        if check.seconds_left() < 5:
+            check.record(name, 'skipped', 0, {'why': f'--budget-s {args.budget_s:g} spent'})
             continue
         start = time.perf_counter()
         try:

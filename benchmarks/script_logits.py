@@ -63,21 +63,23 @@ def substituted_models(weights=None, tiny=False):
 
 
 class RootCalls:
-    """Global forward hooks: the outputs of every call of the root model (the first module called from
-    outside any module with an image batch), in order."""
+    """Global forward hooks: the logits of every call of a whole model (a module called from outside any
+    module, with an image batch, returning [batch, classes]; a script's own (features, logits) pair counts by
+    its last item), in order, and the last such model (the quantized one, once compensated)."""
 
     def __init__(self):
         self.depth, self.root, self.outputs = 0, None, []
 
     def pre(self, module, args):
-        if self.depth == 0 and self.root is None and args and torch.is_tensor(args[0]) and args[0].dim() == 4:
-            self.root = module
         self.depth += 1
 
     def post(self, module, args, output):
         self.depth -= 1
-        if self.depth == 0 and module is self.root:
-            logits = output[-1] if isinstance(output, (tuple, list)) else output
+        if self.depth or not (args and torch.is_tensor(args[0]) and args[0].dim() == 4):
+            return
+        logits = output[-1] if isinstance(output, (tuple, list)) else output
+        if torch.is_tensor(logits) and logits.dim() == 2 and logits.shape[0] == args[0].shape[0]:
+            self.root = module
             self.outputs.append(logits.detach().float().cpu())
 
     @contextlib.contextmanager
