@@ -380,7 +380,7 @@ def test_pipeline_builds_the_spec_transforms(name, one_image_root):
     from models import resolve_model
     from utils.run import pipeline
     mean, std, resize = SPEC_TRANSFORMS[name]
-    args = argparse.Namespace(data_dir=one_image_root, num_val=None, strict_images=False, eval='both', batch_size=1,
+    args = argparse.Namespace(data_dir=one_image_root, num_val=None, strict_images=False, eval="both", batch_size=1, num_workers=0,
                               qwt_samples=0, allow_class_subset=True)
     splits = pipeline.open_splits(SimpleNamespace(args=args, spec=resolve_model(name), payload=None))
     val = splits.val.transform.transforms
