@@ -13,8 +13,10 @@ from conftest import ROOT, torch_flags
 
 # (module, attribute) pairs the suite patches with monkeypatch.setattr
 UNDO_CHECKED = {('torch', 'quantile'), ('torch', 'inverse'), ('torch', 'load'), ('torch', 'equal'),
-                ('torch.cuda', 'is_available'), ('torch.version', 'cuda'), ('torch._utils', 'cpu_count')}
-PATCH = re.compile(r"monkeypatch\.setattr\(\s*(torch(?:\.\w+)*)\s*,\s*'(\w+)'")
+                ('torch.cuda', 'is_available'), ('torch.version', 'cuda'), ('torch._utils', 'cpu_count'),
+                ('torch.cuda', 'current_device'), ('torch.cuda', 'device_count'), ('torch.cuda', 'set_device')}
+# any MonkeyPatch, whatever the fixture calls it (``monkeypatch``, or a fixture that returns it)
+PATCH = re.compile(r"\b\w+\.setattr\(\s*(torch(?:\.\w+)*)\s*,\s*'(\w+)'")
 
 
 def test_monkeypatch_undo_restores_the_torch_attributes_the_suite_patches():

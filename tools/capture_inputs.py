@@ -78,6 +78,11 @@ def capture(args, argv):
           f'to {out}', file=sys.stderr)
 
 
+# Folders a script reads by a relative path from its working folder: the published ResNet script loads
+# pretrained_weights/<file> (SPEC §3b). Linked into the scratch folder; never written there.
+SCRIPT_INPUTS = ('pretrained_weights',)
+
+
 def absolute(arg):
     """``arg`` (or the value of ``--flag=arg``) as an absolute path if it names an existing file or folder, so
     that the script finds it from its scratch folder."""
@@ -91,6 +96,10 @@ def run_in_scratch(args):
     lands nowhere else. Returns its exit code."""
     folder = args.keep_files or tempfile.mkdtemp(prefix='capture_inputs_')
     os.makedirs(folder, exist_ok=True)
+    for name in SCRIPT_INPUTS:  # what a script reads by a relative path stays where it looks
+        here, there = os.path.abspath(name), os.path.join(folder, name)
+        if os.path.exists(here) and not os.path.lexists(there):
+            os.symlink(here, there)
     script_args = args.script_args[1:] if args.script_args[:1] == ['--'] else args.script_args
     child = [sys.executable, os.path.abspath(__file__), 'capture', '--in_process', '--data_dir',
              os.path.abspath(args.data_dir), '--out', os.path.abspath(args.out), '--qwt_samples', str(args.qwt_samples),
