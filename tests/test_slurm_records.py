@@ -122,7 +122,7 @@ def test_follow_start_lines_carry_the_jobs_start_and_the_estimate_counts_from_it
     """Cell b started 60 s before the follower noticed it, cell a (same model and kind) took 100 s: the start
     lines carry 60 s and 200 s ago, and the time left is 100 - 60 = 40 s (not 100 s from the moment noticed)."""
     a, b = make_cell(tmp_path, 0), make_cell(tmp_path, 1)
-    now = time.time()
+    now = int(time.time()) + 0.25  # whole milliseconds: the record keeps 3 decimals
     cells.write_record(a, LAUNCH, 'cmd', status='done', job_id='94_0', host='vm', runs=1, started_at=now - 200,
                        wall_s=100.0)
     write_result(a)
@@ -152,7 +152,7 @@ def test_follow_start_lines_carry_the_jobs_start_and_the_estimate_counts_from_it
 
 def test_a_start_on_another_day_carries_its_date(tmp_path, monkeypatch, capsys):
     cell = make_cell(tmp_path)
-    at = time.time() - 3 * 86400
+    at = int(time.time()) - 3 * 86400 + 0.25
     cells.write_record(cell, LAUNCH, 'cmd', status='done', job_id='95_0', host='vm', runs=2, started_at=at,
                        wall_s=5.0)
     write_result(cell)
@@ -165,10 +165,10 @@ def test_a_start_on_another_day_carries_its_date(tmp_path, monkeypatch, capsys):
 
 def test_records_keep_the_start_from_start_to_end(tmp_path):
     cell = make_cell(tmp_path)
-    at = time.time() - 30
+    at = int(time.time()) - 30 + 0.25
     cells.record_start(cell, LAUNCH, 'cmd', started_at=at, job_id='96_0')
     r = read(cell)
-    assert (r['started_at'], r['started']) == (round(at, 3), time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(at)))
+    assert (r['started_at'], r['started']) == (at, time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(at)))
     write_result(cell)
     cells.record_end(cell, LAUNCH, 'cmd', 0, 30.0, at, job_id='96_0')
     assert (read(cell)['status'], read(cell)['started_at'], read(cell)['started']) == ('done', r['started_at'],

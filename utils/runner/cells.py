@@ -249,8 +249,8 @@ def last_line(path, prefer='error:'):
 def _start_fields(started_at):
     """When a run started: ``started`` for people, ``started_at`` (time.time()) for the follower's start line,
     which must carry the run's start, not the moment the submitter noticed it."""
-    return {'started': time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(started_at)),
-            'started_at': round(started_at, 3)}
+    at = round(started_at, 3)
+    return {'started': time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(at)), 'started_at': at}
 
 
 def record_start(cell, launch, command_line, started_at=None, **extra):
