@@ -13,6 +13,9 @@ import pytest
 from conftest import ROOT
 from utils.run.demo import make_image_folder
 from utils.runner import command as reproduce
+from utils.runner.cells import plan
+from utils.runner.flags import build_parser
+from utils.runner.slurm import CellJob
 
 STAND_IN = os.path.join(ROOT, 'tests', 'stand_in_entry.py')
 TINY_ENTRY = os.path.join(ROOT, 'tests', 'tiny_entry.py')
@@ -187,12 +190,14 @@ def test_cancel_cancels_the_plans_jobs_and_their_cells_say_cancelled(data_dir, t
 def test_a_bad_partition_is_refused_in_one_line_with_nothing_queued_or_left(data_dir, tmp_path, capsys, env):
     """Nor any of submitit's files of the refused array (a pickle per cell, the sbatch script); an older stray
     pickle in the folder stays."""
+    from submitit.helpers import DelayedSubmission
     before = queued_ids()
-    old = tmp_path / 'slurm' / ('0' * 32 + '.pkl')
+    argv = slurm_args(data_dir, tmp_path, '--models', 'deit_tiny', '--bits', '4', '--partition', 'no_such_partition')
+    cells, launch = plan(build_parser().parse_args(argv))
+    old = tmp_path / 'slurm' / ('0' * 32 + '.pkl')  # of an earlier submission of the same cell
     old.parent.mkdir()
-    old.write_bytes(b'older')
-    code, out, err = run(capsys, *slurm_args(data_dir, tmp_path, '--models', 'deit_tiny', '--bits', '4',
-                                             '--partition', 'no_such_partition'))
+    DelayedSubmission(CellJob(cells[0], launch, {})).dump(old)
+    code, out, err = run(capsys, *argv)
     assert code == 2
     assert err.count('\n') == 1 and err.startswith('error: sbatch refused the job array: ')
     assert 'invalid partition' in err.lower()

@@ -182,8 +182,8 @@ def test_a_refused_submission_removes_its_own_files_only(tmp_path):
     folder = tmp_path / 'slurm'
     folder.mkdir()
     ours, other = [make_cell(tmp_path, 0), make_cell(tmp_path, 1)], make_cell(tmp_path, 2)
-    old = folder / ('a' * 32 + '.pkl')           # before the submission: never touched
-    old.write_bytes(b'not ours')
+    old = folder / ('a' * 32 + '.pkl')  # an earlier refused submission of the same cell: not this one's
+    submitit.helpers.DelayedSubmission(slurm.CellJob(ours[0], LAUNCH, {})).dump(old)
     before = slurm._submission_files(str(folder))
     for i, cell in enumerate([*ours, other]):  # other: another submitter's job, pickled meanwhile
         submitit.helpers.DelayedSubmission(slurm.CellJob(cell, LAUNCH, {})).dump(folder / f'{i}{"b" * 31}.pkl')
