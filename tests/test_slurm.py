@@ -13,6 +13,9 @@ import pytest
 from conftest import ROOT
 from utils.run.demo import make_image_folder
 from utils.runner import command as reproduce
+from utils.runner.cells import plan
+from utils.runner.flags import build_parser
+from utils.runner.slurm import CellJob
 
 STAND_IN = os.path.join(ROOT, 'tests', 'stand_in_entry.py')
 TINY_ENTRY = os.path.join(ROOT, 'tests', 'tiny_entry.py')
@@ -144,6 +147,8 @@ def test_submitter_killed_then_rerun_submits_nothing_twice(data_dir, tmp_path, c
     assert code == 0 and 'submitted' not in out and '2 queued or running already' in out
     assert {f: record(tmp_path, f)['job_id'] for f in folders} == ids
     assert all(record(tmp_path, f)['status'] == 'done' for f in folders)
+    for f, label in zip(folders, ('deit_tiny FP', 'deit_tiny W4/A4 seed 0')):  # the job's start, not when noticed
+        assert f"[{record(tmp_path, f)['started'][11:]}] start {label} on " in out
 
 
 def test_a_cancelled_job_is_submitted_again_by_the_rerun(data_dir, tmp_path, capsys, env):
@@ -161,25 +166,43 @@ def test_a_cancelled_job_is_submitted_again_by_the_rerun(data_dir, tmp_path, cap
     assert record(tmp_path, 'deit_tiny_w4a4_seed0')['job_id'] == quant
 
 
-def test_cancel_cancels_the_plans_jobs(data_dir, tmp_path, capsys, env):
+def test_cancel_cancels_the_plans_jobs_and_their_cells_say_cancelled(data_dir, tmp_path, capsys, env):
+    """Running jobs get scancel's SIGTERM and their runs end with -15: the cells stay cancelled, not failed."""
     env.setenv('STAND_IN_SLEEP', '30')
     argv = slurm_args(data_dir, tmp_path, '--models', 'deit_tiny', '--bits', '4')
     assert run(capsys, *argv, '--no_wait')[0] == 0
-    ids = {record(tmp_path, f)['job_id'] for f in ('deit_tiny_fp', 'deit_tiny_w4a4_seed0')}
+    folders = ('deit_tiny_fp', 'deit_tiny_w4a4_seed0')
+    ids = {record(tmp_path, f)['job_id'] for f in folders}
+    wait_for(lambda: all(record(tmp_path, f)['status'] == 'running' for f in folders), what='the jobs to start')
     code, out, _ = run(capsys, *argv, '--cancel')
     assert code == 0 and f"cancelled 2 job(s): {' '.join(sorted(ids))}" in out
-    wait_for(lambda: not ids & queued_ids(), what='the cancelled jobs to leave the queue')
-    assert record(tmp_path, 'deit_tiny_fp')['status'] == 'interrupted'
+    wait_for(lambda: not ids & queued_ids(), what='the cancelled jobs to leave the queue')  # COMPLETING included
+    for f in folders:
+        r = record(tmp_path, f)
+        assert (r['status'], r['returncode'], r['job_id'] in ids) == ('cancelled', -signal.SIGTERM, True), r
+    code, out, _ = run(capsys, *argv, '--dry_run')
+    fp = record(tmp_path, 'deit_tiny_fp')
+    assert code == 0 and '0 done, 2 to run' in out
+    assert f"deit_tiny  FP              to run: cancelled last time (job {fp['job_id']}, --cancel at " \
+           f"{fp['cancelled']})" in out
 
 
-def test_a_bad_partition_is_refused_in_one_line_with_nothing_queued(data_dir, tmp_path, capsys, env):
+def test_a_bad_partition_is_refused_in_one_line_with_nothing_queued_or_left(data_dir, tmp_path, capsys, env):
+    """Nor any of submitit's files of the refused array (a pickle per cell, the sbatch script); an older stray
+    pickle in the folder stays."""
+    from submitit.helpers import DelayedSubmission
     before = queued_ids()
-    code, out, err = run(capsys, *slurm_args(data_dir, tmp_path, '--models', 'deit_tiny', '--bits', '4',
-                                             '--partition', 'no_such_partition'))
+    argv = slurm_args(data_dir, tmp_path, '--models', 'deit_tiny', '--bits', '4', '--partition', 'no_such_partition')
+    cells, launch = plan(build_parser().parse_args(argv))
+    old = tmp_path / 'slurm' / ('0' * 32 + '.pkl')  # of an earlier submission of the same cell
+    old.parent.mkdir()
+    DelayedSubmission(CellJob(cells[0], launch, {})).dump(old)
+    code, out, err = run(capsys, *argv)
     assert code == 2
     assert err.count('\n') == 1 and err.startswith('error: sbatch refused the job array: ')
     assert 'invalid partition' in err.lower()
     assert queued_ids() <= before and not (tmp_path / 'deit_tiny_fp' / 'cell.json').exists()
+    assert os.listdir(tmp_path / 'slurm') == [old.name]
 
 
 def test_a_preempted_job_is_requeued_and_its_cell_counts_the_runs(data_dir, tmp_path, capsys, env):

@@ -195,6 +195,9 @@ def cell_state(cell, launch, alive=None):
         return 'to run', 'other flags last time', None
     if status == 'failed':
         return 'to run', f"failed last time: {record.get('last_line', '')}", None
+    if status == 'cancelled':
+        job = f"job {record['job_id']}, " if record.get('job_id') else ''
+        return 'to run', f"cancelled last time ({job}--cancel at {record.get('cancelled')})", None
     return 'to run', 'interrupted last time', None
 
 
@@ -243,19 +246,33 @@ def last_line(path, prefer='error:'):
     return next((ln for ln in reversed(lines) if ln.startswith(prefer)), lines[-1] if lines else '')
 
 
-def record_start(cell, launch, command_line, **extra):
+def _start_fields(started_at):
+    """When a run started: ``started`` for people, ``started_at`` (time.time()) for the follower's start line,
+    which must carry the run's start, not the moment the submitter noticed it."""
+    at = round(started_at, 3)
+    return {'started': time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(at)), 'started_at': at}
+
+
+def record_start(cell, launch, command_line, started_at=None, **extra):
     """cell.json as the cell starts (its folder made); ``extra``: the backend's ids (pid, job id, runs)."""
     os.makedirs(cell.folder, exist_ok=True)
-    write_record(cell, launch, command_line, status='running', started=time.strftime('%Y-%m-%d %H:%M:%S'), **extra)
+    started_at = time.time() if started_at is None else started_at
+    write_record(cell, launch, command_line, status='running', **_start_fields(started_at), **extra)
 
 
 def record_end(cell, launch, command_line, returncode, wall, started_at, **extra):
     """cell.json once the cell's run has ended with ``returncode`` after ``wall`` seconds (started at
     ``started_at``, time.time()): done if it wrote a complete result.json since, else failed with the
-    console's error line. Returns (True, the result dict) or (False, why)."""
-    record = {**identity(cell, launch), 'command': command_line, **extra, 'wall_s': round(wall, 1),
-              'finished': time.strftime('%Y-%m-%d %H:%M:%S'), 'returncode': returncode}
+    console's error line, or still cancelled when --cancel marked it so before stopping it (the run then
+    ends on SLURM's SIGTERM, which is no failure of its own). Returns (True, the result dict) or (False, why)."""
+    record = {**identity(cell, launch), 'command': command_line, **extra, **_start_fields(started_at),
+              'wall_s': round(wall, 1), 'finished': time.strftime('%Y-%m-%d %H:%M:%S'), 'returncode': returncode}
     problem = None if returncode == 0 else last_line(cell.console_path) or f'exit code {returncode}'
+    previous = read_record(cell) or {}
+    if problem is not None and previous.get('status') == 'cancelled':
+        write_json(cell.cell_path, {**record, 'status': 'cancelled', 'cancelled': previous.get('cancelled'),
+                                    'last_line': problem})
+        return False, f"cancelled (--cancel at {previous.get('cancelled')})"
     if problem is None:
         r = _read_json(cell.result_path)
         fresh = os.path.exists(cell.result_path) and os.stat(cell.result_path).st_mtime >= started_at - 1
@@ -265,6 +282,13 @@ def record_end(cell, launch, command_line, returncode, wall, started_at, **extra
         return True, r
     write_json(cell.cell_path, {**record, 'status': 'failed', 'last_line': problem})
     return False, problem
+
+
+def record_cancelled(cell):
+    """cell.json of a cell that --cancel stops: written before the job is signalled, so that its run, ending on
+    the signal, keeps it cancelled (record_end) rather than failed."""
+    write_json(cell.cell_path, {**(read_record(cell) or {}), 'status': 'cancelled',
+                                'cancelled': time.strftime('%Y-%m-%d %H:%M:%S')})
 
 
 def record_interrupted(cell, why=None):

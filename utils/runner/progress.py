@@ -60,14 +60,23 @@ def _eta_text(est):
     return f", {'at least ' if rough else 'about '}{_duration(seconds)} left"
 
 
+def _stamp(at=None, now=None):
+    """The time of a progress line: HH:MM:SS of ``at`` (time.time(); default now), with the date when it is
+    not today's (a job followed long after it started)."""
+    now = time.time() if now is None else now
+    at = now if at is None else at
+    same_day = time.localtime(at)[:3] == time.localtime(now)[:3]
+    return time.strftime('%H:%M:%S' if same_day else '%Y-%m-%d %H:%M:%S', time.localtime(at))
+
+
 class Reporter:
-    """Progress lines, with the time of day."""
+    """Progress lines, with the time of day (of ``at``, time.time(), where the event happened earlier)."""
 
     def __init__(self, out):
         self.out = out
 
-    def __call__(self, text):
-        print(f"[{time.strftime('%H:%M:%S')}] {text}", file=self.out, flush=True)
+    def __call__(self, text, at=None):
+        print(f"[{_stamp(at)}] {text}", file=self.out, flush=True)
 
 
 def _accuracy_text(cell, r):
@@ -85,8 +94,9 @@ class Progress:
         self.report, self.total, self.done, self.timed, self.n_slots = report, total, done, timed, n_slots
         self.outcome = {}   # cell: (ok, result dict or why it failed)
 
-    def started(self, cell, where):
-        self.report(f'start {cell.label} on {where}')
+    def started(self, cell, where, at=None):
+        """One cell started, at ``at`` (time.time()) when that was before now (a SLURM job found running)."""
+        self.report(f'start {cell.label} on {where}', at=at)
 
     def ended(self, cell, ok, detail, wall, returncode, pending, running, log_path):
         """One cell ended: ``detail`` is its result dict, or why it failed (``log_path`` holds its output)."""

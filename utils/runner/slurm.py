@@ -18,8 +18,8 @@ import sys
 import time
 
 from utils.core.errors import UserError
-from utils.runner.cells import (cell_argv, read_record, read_result, record_end, record_interrupted, record_start,
-                                write_record)
+from utils.runner.cells import (cell_argv, read_record, read_result, record_cancelled, record_end, record_interrupted,
+                                record_start, write_record)
 
 POLL_S = 2.0
 VANISHED_GRACE_S = 5.0   # a job gone from squeue may still be writing its cell.json
@@ -56,8 +56,11 @@ class CellJob:
         jid = job_id()
         runs = int(os.environ.get('SLURM_RESTART_COUNT') or 0) + 1  # any requeue: submitit's, scontrol, SLURM's
         extra = {'backend': 'slurm', 'job_id': jid, 'runs': runs, 'host': socket.gethostname()}
-        record_start(cell, self.launch, shlex.join(argv), **extra)
+        previous = read_record(cell) or {}
+        if previous.get('status') == 'cancelled' and previous.get('job_id') == jid:
+            return None  # --cancel marked it, and this job started before scancel reached it
         start, started_at = time.monotonic(), time.time()
+        record_start(cell, self.launch, shlex.join(argv), started_at=started_at, **extra)
         with open(cell.console_path, 'a') as console:
             console.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} job {jid} run {runs} on {extra['host']}: "
                           f"{shlex.join(argv)}\n")
@@ -125,11 +128,12 @@ class SlurmBackend:
         """Cells whose jobs are still queued or running are followed, not submitted again."""
 
     def cancel(self, running):
-        """--cancel: scancel the plan's live jobs; their cells stay not done. Returns the line to print."""
+        """--cancel: scancel the plan's live jobs; their cells stay not done, recorded as cancelled first, so
+        that a job ending on scancel's SIGTERM keeps them so. Returns the line to print."""
         ids = [record['job_id'] for _, record in running]
-        complaint = cancel(ids)
         for cell, _ in running:
-            record_interrupted(cell)
+            record_cancelled(cell)
+        complaint = cancel(ids)
         if complaint:
             raise UserError(f'scancel: {complaint}')
         return f"cancelled {len(ids)} job(s){': ' + ' '.join(ids) if ids else ''}"
@@ -140,12 +144,13 @@ class SlurmBackend:
         executor = self.submitit.SlurmExecutor(folder=self.folder, python=sys.executable)
         executor.update_parameters(job_name='qwt-table', **self.options)
         env = {'OMP_NUM_THREADS': str(self.launch.threads)} if self.launch.threads else {}
-        jobs = []
+        jobs, before = [], _submission_files(self.folder)
         try:
             with contextlib.redirect_stderr(io.StringIO()), executor.batch():  # sbatch's lines: ours, in one
                 for cell in todo:
                     jobs.append(executor.submit(CellJob(cell, self.launch, env)))
         except self.submitit.core.utils.FailedJobError as e:
+            _remove_refused(self.folder, before, todo, e)
             lines = [ln.replace('sbatch: error:', '').strip() for ln in str(e).splitlines() if ln.strip()]
             raise UserError(f"sbatch refused the job array: {'; '.join(lines)}") from None
         submitted = time.strftime('%Y-%m-%d %H:%M:%S')
@@ -170,6 +175,37 @@ class SlurmBackend:
         return follow([*waiting, *todo], progress)
 
 
+def _submission_files(folder):
+    """The names in submitit's folder of files that a submission leaves there when sbatch refuses it: one
+    ``<uuid>.pkl`` per job (its pickled callable) and ``.submission_file_<uuid>.sh`` (the sbatch script)."""
+    try:
+        return {n for n in os.listdir(folder) if n.endswith('.pkl') or n.startswith('.submission_file_')}
+    except OSError:
+        return set()
+
+
+def _remove_refused(folder, before, cells, error):
+    """Remove what the refused submission of ``cells`` left in ``folder`` (``before``: the names there before
+    it): its sbatch script (the command sbatch refused names it) and the pickles of its own jobs, and nothing
+    another submission may have put there meanwhile."""
+    from submitit.core.utils import DelayedSubmission
+    cmd = getattr(error.__cause__, 'cmd', None) or []
+    script = os.path.abspath(cmd[-1]) if len(cmd) == 2 and cmd[0] == 'sbatch' else None
+    for name in sorted(_submission_files(folder) - before):
+        path = os.path.join(folder, name)
+        if name.endswith('.pkl'):
+            try:
+                job = DelayedSubmission.load(path).function
+            except Exception:  # not a pickle of ours (another submitter's, being written)
+                continue
+            ours = isinstance(job, CellJob) and job.cell in cells
+        else:
+            ours = os.path.abspath(path) == script
+        if ours:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+
+
 class _Running:
     """A started cell, as the estimate of the time left sees it."""
 
@@ -186,10 +222,14 @@ def follow(cells, progress):
         alive = squeue_states([r['job_id'] for r in records.values() if r.get('job_id')])
         for cell, r in records.items():
             if r.get('status') in ('running', 'done', 'failed') and cell not in started:
-                started[cell] = time.monotonic()
-                progress.started(cell, f"{r.get('host', '?')} (job {r.get('job_id')}, run {r.get('runs', 1)})")
+                at = r.get('started_at')  # the job's own start: this loop may notice it seconds or days later
+                started[cell] = time.monotonic() - (max(0.0, time.time() - at) if at else 0.0)
+                progress.started(cell, f"{r.get('host', '?')} (job {r.get('job_id')}, run {r.get('runs', 1)})", at=at)
             if r.get('status') in ('done', 'failed'):
                 _ended(cell, r, progress, cells, started, ended)
+            elif r.get('status') == 'cancelled':  # --cancel from another command: not a failure to record
+                _ended(cell, {**r, 'last_line': f"cancelled (--cancel at {r.get('cancelled')})"}, progress, cells,
+                       started, ended, ok=False)
             elif r.get('job_id') in alive:
                 gone_since.pop(cell, None)
             elif time.monotonic() - gone_since.setdefault(cell, time.monotonic()) >= VANISHED_GRACE_S:
