@@ -5,8 +5,14 @@ import os
 import subprocess
 import sys
 
-import pytest
-import torch
+# One CPU thread per test process (pytest.ini runs a worker per core; threads of one worker spinning against
+# another's make both slower), and for the scripts the tests start. A count set outside wins.
+os.environ.setdefault('OMP_NUM_THREADS', '1')
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ['OMP_NUM_THREADS']))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
