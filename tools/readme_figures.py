@@ -36,11 +36,12 @@ class Demo:
 
 
 # A new demo is one entry here (its row, its figures and the test follow).
-DEMOS = (Demo('vit', 'qwt_vit_and_deit.py'), Demo('swin', 'qwt_swin.py'))
+DEMOS = (Demo('vit', 'qwt_vit_and_deit.py'), Demo('swin', 'qwt_swin.py'), Demo('resnet', 'qwt_resnet.py'))
 # Runs behind the README's sentences on other settings (written by this tool, not rerun by the test).
 EXTRA = (Demo('vit_w3a3', 'qwt_vit_and_deit.py', ('--w_bits', '3', '--a_bits', '3')),
          Demo('swin_lstsq', 'qwt_swin.py', ('--qwt_solver', 'lstsq')))
-TABLE_HEADER = ('| command | model | bits | FP | RepQ-ViT | RepQ-ViT + QwT | time |', '|---|---|---|---|---|---|---|')
+# 'quantized': RepQ-ViT for the ViT and the Swin, Percentile for the ResNet (the README says so above the table)
+TABLE_HEADER = ('| command | model | bits | FP | quantized | + QwT | time |', '|---|---|---|---|---|---|---|')
 
 
 def run_demo(demo, out_dir, env=None):
@@ -81,7 +82,7 @@ def figures_text(results, threads, capability, torch_version):
     images = _join(sorted({str(r['num_qwt']) for _, r in results}))
     return (f"Measured with `python tools/readme_figures.py` (torch {torch_version}, {threads} CPU thread as the demo "
             f"pins it, {capability} kernels; `tests/test_readme_demo.py` reruns the demos and holds these rows "
-            f"against them). At these bits RepQ-ViT loses {lost} points of top-1 against full precision, and QwT's "
+            f"against them). At these bits quantization loses {lost} points of top-1 against full precision, and QwT's "
             f"per-block linear correction, fitted in closed form on {images} images, gives back {back} of them for "
             f"{size} MB of fp16 weights.")
 
