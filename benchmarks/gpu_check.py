@@ -13,7 +13,8 @@ The plan (``plan()``), the same with and without a GPU; only the device and the 
   demos         each entry script's --demo on the device (FP, quantized, + QwT top-1)
   vs_published  the entry scripts end to end (default flags: inverse solver, 512 QwT images) and the published
                 scripts (../shared/published-qwt, unchanged) on the same device, weights and images:
-                logits of the quantized and the compensated model, and every block's W, b
+                logits of the quantized and the compensated model, and every block's W, b (the dry run
+                requires them bit for bit; a GPU run reports them: cuDNN may pick other algorithms)
   timings       calibration (and the published per-channel calibration, for the ratio), the QwT fit and
                 evaluation images/s, with peak device memory per stage (reset after a warm-up)
 Writes OUT/gpu_check.json and OUT/gpu_check.md after every step (a run cut short keeps what it measured);
@@ -192,6 +193,10 @@ def step_vs_published(check):
             continue
         entry.update(compare_records(os.path.join(check.work, f'published_{name}.pth'),
                                      os.path.join(check.work, f'ours_{name}.pth')))
+        same = all(entry[k]['identical'] for k in ('repq_logits', 'qwt_logits', 'compensation'))
+        if check.dry and not same:  # one CPU, one thread count: the published arithmetic, bit for bit
+            ok = False
+            entry['why'] = 'logits or W, b differ from the published run on the same CPU'
         results[name] = entry
     return ok, {'models': results}
 
