@@ -197,13 +197,18 @@ def main(argv=None):
     return rows, naive
 
 
+def print_stage_table(rows):
+    """(label, seconds) rows as a Markdown table (the benchmarks' shared output)."""
+    print('| stage | seconds |\n|---|---|')
+    for label, sec in rows:
+        print(f'| {label} | {sec:.2f} |')
+
+
 def report(args, device, rows, naive):
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()
     print(f'# {args.model} W{args.w_bits}/A{args.a_bits} on {device} ({name}, {torch.get_num_threads()} threads), '
           f'torch {torch.__version__}')
-    print('| stage | seconds |\n|---|---|')
-    for label, sec in rows:
-        print(f'| {label} | {sec:.2f} |')
+    print_stage_table(rows)
     print(f'| peak memory | {peak_memory_mb(device):.0f} MB |')
     if naive:
         slow, fast, diff = naive['calibration']

@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench_pipeline import print_stage_table  # noqa: E402
 from models import build_model, randomize_batchnorms  # noqa: E402
 from quant import percentile_ptq, qwt_compensate  # noqa: E402
 from quant.layers import quantizers  # noqa: E402
@@ -63,9 +64,7 @@ def main(argv=None):
     print(f'# {args.model} W{args.w_bits} (random weights), {args.calib_images} calibration images of '
           f'{args.size}x{args.size}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), '
           f'{platform.processor() or platform.machine()}')
-    print('| stage | seconds |\n|---|---|')
-    for label, value in rows:
-        print(f'| {label} | {value:.2f} |')
+    print_stage_table(rows)
     print(f'identical parameters: {n_quantizers - len(differ)} of {n_quantizers} quantizers')
     if differ:
         raise SystemExit(f'error: the vectorised search differs from the published loop in {", ".join(differ[:3])}')

@@ -377,7 +377,7 @@ def time_model(timm_name, device_name, tiny):
     published = copy.deepcopy(model)
     t_cal, m_cal = stage(lambda: repq_vit(model, calib, 4, 4))
     t_pub, m_pub = stage(lambda: repq_vit(published, calib, 4, 4, per_channel_loop=True))
-    del published
+    published = None  # free it before the QwT stage
     t_qwt, m_qwt = stage(lambda: qwt_compensate(model, qwt_images, batch_size=32))
 
     def evaluate():

@@ -121,6 +121,21 @@ def save_random_checkpoint(timm_name, path, wrap=False):
     return path
 
 
+@contextlib.contextmanager
+def gloo_group(rank, world_size, port, timeout_s=60):
+    """A test worker's gloo process group on localhost, at one CPU thread (the reference runs at one too);
+    a collective that some rank never joins fails after ``timeout_s`` instead of hanging the suite."""
+    import datetime
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 def free_port():
     import socket
     with socket.socket() as s:

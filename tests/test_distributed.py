@@ -2,18 +2,16 @@
 one process (SPEC §3, §4)."""
 import contextlib
 import copy
-import datetime
 import os
 import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import TensorDataset
 
 import quant
-from conftest import make_tiny_vit
+from conftest import gloo_group, make_tiny_vit
 from quant.qwt import compensated_blocks, qwt_compensate
 from utils.core import distributed
 from utils.run import data
@@ -115,10 +113,7 @@ def _run_all(model, qwt_images, eval_images, eval_targets, dist_info):
 
 
 def _worker(rank, port, setup_path, out_path):
-    torch.set_num_threads(1)
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
-    try:
+    with gloo_group(rank, WORLD, port, GROUP_TIMEOUT_S):
         setup = torch.load(setup_path, weights_only=False)
         per_rank = N_QWT // WORLD
         mine = setup['qwt_images'][rank * per_rank:(rank + 1) * per_rank]
@@ -126,8 +121,6 @@ def _worker(rank, port, setup_path, out_path):
         res = _run_all(setup['model'], mine, setup['eval_images'], setup['eval_targets'], info)
         res['rank'], res['world_size'] = info.rank, info.world_size
         torch.save(res, out_path.format(rank=rank))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope='module')

@@ -2,7 +2,6 @@
 features (gathered as published), so it equals the one-process fit on all images bit for bit; and every rank
 ends with rank 0's W, b and r² (broadcast), even where a rank's own solve came out different."""
 import copy
-import datetime
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import quant
-from conftest import free_port, make_tiny_resnet
+from conftest import free_port, gloo_group, make_tiny_resnet
 from quant import qwt_conv
 
 WORLD = 2
@@ -40,17 +39,12 @@ def _fit(model, images, perturb_rank=None):
 
 
 def _worker(rank, port, setup_path, out_path):
-    torch.set_num_threads(1)
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
+    with gloo_group(rank, WORLD, port):
         setup = torch.load(setup_path, weights_only=False)
         mine = setup['images'][rank * N_QWT // WORLD:(rank + 1) * N_QWT // WORLD]
         out = {'plain': _fit(copy.deepcopy(setup['model']), mine),
                'perturbed': _fit(copy.deepcopy(setup['model']), mine, perturb_rank=1)}
         torch.save(out, out_path.format(rank=rank))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope='module')
