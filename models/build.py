@@ -74,10 +74,15 @@ def _first(names, n=3):
     return ', '.join(names[:n]) + (f' and {len(names) - n} more' if len(names) > n else '')
 
 
+# BatchNorm's step counter: checkpoints saved before torch 0.4.1 (torchvision's and others' older ResNet
+# files) lack it, and torch's BatchNorm fills it in on loading; it plays no part at inference.
+OPTIONAL_KEYS = ('num_batches_tracked',)
+
+
 def state_dict_mismatches(expected, state):
     """What keeps ``state`` from loading into a model whose state dict is ``expected`` (empty: fits)."""
     problems = []
-    missing = [k for k in expected if k not in state]
+    missing = [k for k in expected if k not in state and k.rsplit('.', 1)[-1] not in OPTIONAL_KEYS]
     unexpected = [k for k in state if k not in expected]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
               if k in state and state[k].shape != v.shape]
