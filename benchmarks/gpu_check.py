@@ -1,6 +1,6 @@
 """Everything a GPU must prove about this project, in one command and one report.
 
-    bash benchmarks/gpu_check.sh                 # on a GPU node: about 6 minutes on one H200
+    bash benchmarks/gpu_check.sh                 # on a GPU node (not yet timed on one)
     bash benchmarks/gpu_check.sh --dry-run       # no GPU: the same plan on the CPU, tiny models (CI runs this)
     bash benchmarks/gpu_check.sh --only demos,timings --out output/gpu_check
 
