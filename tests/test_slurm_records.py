@@ -52,6 +52,8 @@ def test_a_run_ended_by_cancel_stays_cancelled_and_the_plan_says_so(tmp_path):
     ok, why = cells.record_end(cell, LAUNCH, 'cmd', -15, 3.0, time.time() - 3, job_id='77_0')
     r = read(cell)
     assert (ok, why) == (False, f'cancelled (--cancel at {when})')
+    from utils.runner.progress import Cancelled
+    assert isinstance(why, Cancelled)  # said as cancelled in the end lines, not as a failure
     assert (r['status'], r['returncode'], r['cancelled'], r['job_id']) == ('cancelled', -15, when, '77_0')
     assert r['last_line'] == 'slurmstepd: error: *** JOB 77 CANCELLED ***'
     assert cells.cell_state(cell, LAUNCH)[:2] == ('to run', f'cancelled last time (job 77_0, --cancel at {when})')
@@ -197,3 +199,31 @@ def test_a_refused_submission_removes_its_own_files_only(tmp_path):
     error.__cause__ = subprocess.CalledProcessError(1, ['sbatch', str(refused)])
     slurm._remove_refused(str(folder), before, ours, error)
     assert sorted(os.listdir(folder)) == sorted([old.name, f'2{"b" * 31}.pkl', 'c' * 32 + '.pkl', racing.name])
+
+
+def test_a_cancelled_cell_ends_said_as_cancelled_not_failed(tmp_path):
+    """Followed or run: a cell --cancel stopped gets a 'cancelled' line and count, not 'FAILED', and the
+    command's last lines list it as cancelled; a real failure beside it is still a failure. A ResNet cell's
+    done line names its method, Percentile."""
+    from utils.runner.command import report_end
+    from utils.runner.progress import Cancelled
+    lines = []
+    a, b, c = make_cell(tmp_path, 0), make_cell(tmp_path, 1), make_cell(tmp_path, 2)
+    resnet = Cell('resnet18', 'resnet18', 'resnet', 'quant', 4, 4, 0, str(tmp_path / 'r'), str(tmp_path / 'e.py'), ())
+    progress = Progress(lines.append, 4, 0, [], 1)
+    progress.ended(a, False, Cancelled('cancelled (--cancel at 2030-01-02 03:04:05)'), 61.0, -15, [], [], 'a.log')
+    progress.ended(b, False, 'error: stand-in failure', 2.0, 2, [], [], 'b.log')
+    progress.ended(resnet, True, {'repq_top1': 58.25, 'qwt_top1': 68.5}, 3.0, 0, [], [], 'r.log')
+    assert lines[0].startswith('cancelled deit_tiny W4/A4 seed 0 after 1m01s: cancelled (--cancel at 2030-01-02 '
+                               '03:04:05) | 0/4 done, 0 failed, 1 cancelled, 0 running')
+    assert lines[1].startswith('FAILED deit_tiny W4/A4 seed 1 (exit 2) after ') and '1 failed, 1 cancelled' in lines[1]
+    assert 'Percentile 58.25, + QwT 68.50' in lines[2]
+    out = tmp_path / 'out.txt'
+    with open(out, 'w') as f:
+        code = report_end([a, b, c], {x: ('to run', '', None) for x in (a, b, c)}, progress.outcome, f)
+    text = out.read_text()
+    assert code == 1 and 'cancelled: deit_tiny W4/A4 seed 0: cancelled (--cancel at 2030-01-02 03:04:05)' in text
+    assert 'failed: deit_tiny W4/A4 seed 1: error: stand-in failure' in text and 'failed: deit_tiny W4/A4 seed 0' not in text
+    assert text.rstrip().endswith('1 cell(s) failed, 1 cancelled, 0 not run; fix them and run the same command again')
+    ok, why = cells.record_end(c, LAUNCH, 'cmd', 0, 1.0, time.time())  # no cancel: no Cancelled
+    assert not isinstance(why, Cancelled)

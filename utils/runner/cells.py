@@ -19,7 +19,7 @@ from utils.run import cli
 from utils.run.naming import FAMILY_SCRIPTS, output_folder
 from utils.run.weights import PUBLISHED_FOLDER
 from utils.runner.flags import _unique, check_extra, checkpoint_file, make_launch, parse_bits
-from utils.runner.progress import _duration
+from utils.runner.progress import Cancelled, _duration
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CELL_FILE = 'cell.json'      # what the cell was run with, and how it ended
@@ -272,7 +272,7 @@ def record_end(cell, launch, command_line, returncode, wall, started_at, **extra
     if problem is not None and previous.get('status') == 'cancelled':
         write_json(cell.cell_path, {**record, 'status': 'cancelled', 'cancelled': previous.get('cancelled'),
                                     'last_line': problem})
-        return False, f"cancelled (--cancel at {previous.get('cancelled')})"
+        return False, Cancelled(f"cancelled (--cancel at {previous.get('cancelled')})")
     if problem is None:
         r = _read_json(cell.result_path)
         fresh = os.path.exists(cell.result_path) and os.stat(cell.result_path).st_mtime >= started_at - 1

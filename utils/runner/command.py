@@ -13,6 +13,7 @@ from utils.core.errors import UserError
 from utils.runner.cells import cell_state, plan
 from utils.runner.flags import _unique, build_parser, slurm_options, split_argv
 from utils.runner.local import LocalBackend
+from utils.runner.cells import Cancelled
 from utils.runner.progress import Progress, Reporter, _eta_text, estimate
 from utils.table import figures
 from utils.table import results as table
@@ -145,15 +146,18 @@ def run_todo(backend, todo, waiting, cells, states, timed, launch, out):
 
 def report_end(cells, states, outcome, out):
     """The failed and blocked cells, one line each; returns the exit code (0: every cell done)."""
-    failed = [(c, d) for c, (ok, d) in outcome.items() if not ok]
+    failed = [(c, d) for c, (ok, d) in outcome.items() if not ok and not isinstance(d, Cancelled)]
+    cancelled = [(c, d) for c, (ok, d) in outcome.items() if isinstance(d, Cancelled)]
     blocked = [c for c in cells if states[c][0] == 'blocked']
     for c, detail in failed:
         print(f'failed: {c.label}: {detail} (see {c.console_path})', file=out)
+    for c, detail in cancelled:
+        print(f'cancelled: {c.label}: {detail}', file=out)
     for reason in _unique(c.blocked for c in blocked):
         print(f'not run ({sum(c.blocked == reason for c in blocked)} cells): {reason}', file=out)
-    if failed or blocked:
-        print(f'{len(failed)} cell(s) failed, {len(blocked)} not run; fix them and run the same command again',
-              file=out)
+    if failed or cancelled or blocked:
+        print(f'{len(failed)} cell(s) failed, ' + (f'{len(cancelled)} cancelled, ' if cancelled else '')
+              + f'{len(blocked)} not run; fix them and run the same command again', file=out)
         return 1
     return 0
 

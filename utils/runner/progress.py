@@ -2,6 +2,8 @@
 counts, and the estimate of the time left from the cells already finished."""
 import time
 
+from utils.run.naming import FAMILY_METHODS
+
 
 def _duration(seconds):
     if seconds is None:
@@ -82,7 +84,11 @@ class Reporter:
 def _accuracy_text(cell, r):
     if cell.kind == 'fp':
         return f"FP top-1 {r['fp_top1']:.2f}"
-    return f"RepQ-ViT {r['repq_top1']:.2f}, + QwT {r['qwt_top1']:.2f}"
+    return f"{FAMILY_METHODS.get(cell.family, 'RepQ-ViT')} {r['repq_top1']:.2f}, + QwT {r['qwt_top1']:.2f}"
+
+
+class Cancelled(str):
+    """Why a cell ended without a result when --cancel stopped it: said as cancelled, not as a failure."""
 
 
 class Progress:
@@ -104,11 +110,15 @@ class Progress:
         if ok:
             self.done += 1
             self.timed.append((cell, wall))
-        failed = sum(not o for o, _ in self.outcome.values())
-        counts = f'{self.done}/{self.total} done, {failed} failed, {len(running)} running'
+        failed = sum(not o and not isinstance(d, Cancelled) for o, d in self.outcome.values())
+        cancelled = sum(isinstance(d, Cancelled) for _, d in self.outcome.values())
+        counts = (f'{self.done}/{self.total} done, {failed} failed, ' + (f'{cancelled} cancelled, ' if cancelled else '')
+                  + f'{len(running)} running')
         eta = _eta_text(estimate(pending, running, self.timed, self.n_slots)) if pending or running else ''
         if ok:
             self.report(f'done {cell.label} in {_duration(wall)}: {_accuracy_text(cell, detail)} | {counts}{eta}')
+        elif isinstance(detail, Cancelled):
+            self.report(f'cancelled {cell.label} after {_duration(wall)}: {detail} | {counts}{eta}')
         else:
             self.report(f'FAILED {cell.label} (exit {returncode}) after {_duration(wall)}: {detail} '
                         f'[{log_path}] | {counts}{eta}')

@@ -18,7 +18,7 @@ import sys
 import time
 
 from utils.core.errors import UserError
-from utils.runner.cells import (cell_argv, read_record, read_result, record_cancelled, record_end, record_interrupted,
+from utils.runner.cells import (Cancelled, cell_argv, read_record, read_result, record_cancelled, record_end, record_interrupted,
                                 record_start, write_record)
 
 POLL_S = 2.0
@@ -228,8 +228,8 @@ def follow(cells, progress):
             if r.get('status') in ('done', 'failed'):
                 _ended(cell, r, progress, cells, started, ended)
             elif r.get('status') == 'cancelled':  # --cancel from another command: not a failure to record
-                _ended(cell, {**r, 'last_line': f"cancelled (--cancel at {r.get('cancelled')})"}, progress, cells,
-                       started, ended, ok=False)
+                _ended(cell, {**r, 'last_line': Cancelled(f"cancelled (--cancel at {r.get('cancelled')})")}, progress,
+                       cells, started, ended, ok=False)
             elif r.get('job_id') in alive:
                 gone_since.pop(cell, None)
             elif time.monotonic() - gone_since.setdefault(cell, time.monotonic()) >= VANISHED_GRACE_S:
