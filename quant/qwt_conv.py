@@ -10,7 +10,7 @@ from torch import nn
 
 from models import stem, walk
 from quant.layers import set_quant_state
-from quant.qwt import CompensatedBlock
+from quant.qwt import CompensatedBlock, _fp_and_quant
 from utils.core import distributed
 from utils.core.errors import UserError
 from utils.core.progress import progress_bar
@@ -111,13 +111,6 @@ class CompensatedConvBlock(CompensatedBlock):
     def forward_fp32(self, x):
         out = self.block(x)
         return out + self._conv(x, out, self.comp_weight, self.comp_bias)
-
-
-def _fp_and_quant(block, x):
-    set_quant_state(block, False, False)
-    fp = block(x)
-    set_quant_state(block, True, True)
-    return fp, block(x)
 
 
 def fit_block(block, xs, kernel_size, factor):

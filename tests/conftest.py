@@ -136,6 +136,17 @@ def gloo_group(rank, world_size, port, timeout_s=60):
         dist.destroy_process_group()
 
 
+def side_by_side(commands, cwd, env, timeout=900):
+    """Run ``python argv`` for each argv of ``commands`` at once (in ``cwd``, with ``env``); each must exit 0.
+    Returns their standard outputs, in order."""
+    procs = [subprocess.Popen([sys.executable, *argv], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for argv in commands]
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, out[-2000:] + err[-3000:]
+    return [out for out, _ in outs]
+
+
 def free_port():
     import socket
     with socket.socket() as s:

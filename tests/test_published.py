@@ -6,13 +6,11 @@ Weights: random ones saved in a hub cache under timm's file names (the published
 pretrained weights; nothing is downloaded). Folder: 4 classes x 130 training images, so that the 512 QwT
 images of the published code (a constant there) fit; --batch_size 8 keeps the published calibration short."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, save_random_checkpoint
+from conftest import ROOT, side_by_side, save_random_checkpoint
 from utils.run.demo import make_image_folder
 
 PUBLISHED = os.path.normpath(os.path.join(ROOT, '..', 'shared', 'published-qwt'))
@@ -43,23 +41,18 @@ def test_published_scripts_draw_what_dump_inputs_writes(folder):
         env.pop(k, None)
     tool = os.path.join(ROOT, 'tools', 'capture_inputs.py')
 
+    def at_once(commands):  # both runs at once
+        return side_by_side(commands, folder, env, timeout=900)
+
     def flags(model):
         return ['--model', model, '--data_dir', 'data', '--batch_size', '8', '--num_workers', '2']
 
-    def side_by_side(commands):
-        procs = [subprocess.Popen([sys.executable, *argv], cwd=folder, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for argv in commands]
-        outs = [p.communicate(timeout=900) for p in procs]
-        for p, (out, err) in zip(procs, outs):
-            assert p.returncode == 0, out[-2000:] + err[-3000:]
-        return [out for out, _ in outs]
-
-    side_by_side([[tool, 'capture', '--cpu', '--data_dir', 'data', '--out', f'published_{model}.pth', '--',
-                   os.path.join(PUBLISHED, script), *flags(model)] for script, model, _, _ in CASES])
-    side_by_side([[os.path.join(ROOT, script), *flags(model), '--dump_inputs', f'ours_{model}.pth', '--device',
-                   'cpu', '--allow_class_subset'] for script, model, _, _ in CASES])
-    compared = side_by_side([[tool, 'compare', f'published_{model}.pth', f'ours_{model}.pth']
-                             for _, model, _, _ in CASES])
+    at_once([[tool, 'capture', '--cpu', '--data_dir', 'data', '--out', f'published_{model}.pth', '--',
+              os.path.join(PUBLISHED, script), *flags(model)] for script, model, _, _ in CASES])
+    at_once([[os.path.join(ROOT, script), *flags(model), '--dump_inputs', f'ours_{model}.pth', '--device',
+              'cpu', '--allow_class_subset'] for script, model, _, _ in CASES])
+    compared = at_once([[tool, 'compare', f'published_{model}.pth', f'ours_{model}.pth']
+                        for _, model, _, _ in CASES])
     for (_, model, _, _), out in zip(CASES, compared):
         assert out.strip() == f'identical: 8 calibration and 512 QwT images in published_{model}.pth'
         got = torch.load(folder / f'published_{model}.pth')

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, make_tiny_resnet
+from conftest import ROOT, side_by_side, make_tiny_resnet
 from utils.core.errors import UserError
 from utils.run import cli
 from utils.run.demo import make_image_folder
@@ -178,23 +178,18 @@ def test_published_resnet_script_draws_what_dump_inputs_writes(tmp_path):
     tool = os.path.join(ROOT, 'tools', 'capture_inputs.py')
     seeds = (0, 1)
 
+    def at_once(commands):  # both runs at once
+        return side_by_side(commands, tmp_path, env, timeout=600)
+
     def flags(seed):
         return ['--model', 'resnet18', '--data_dir', 'data', '--batch_size', '8', '--num_workers', '2',
                 '--seed', str(seed)]
 
-    def side_by_side(commands):
-        procs = [subprocess.Popen([sys.executable, *argv], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for argv in commands]
-        outs = [p.communicate(timeout=600) for p in procs]
-        for p, (out, err) in zip(procs, outs):
-            assert p.returncode == 0, out[-2000:] + err[-3000:]
-        return [out for out, _ in outs]
-
-    side_by_side([[tool, 'capture', '--cpu', '--data_dir', 'data', '--out', f'published_{s}.pth', '--',
-                   PUBLISHED_SCRIPT, *flags(s)] for s in seeds])
-    side_by_side([[os.path.join(ROOT, 'qwt_resnet.py'), *flags(s), '--dump_inputs', f'ours_{s}.pth', '--device', 'cpu',
-                   '--allow_class_subset'] for s in seeds])
-    compared = side_by_side([[tool, 'compare', f'published_{s}.pth', f'ours_{s}.pth'] for s in seeds])
+    at_once([[tool, 'capture', '--cpu', '--data_dir', 'data', '--out', f'published_{s}.pth', '--',
+              PUBLISHED_SCRIPT, *flags(s)] for s in seeds])
+    at_once([[os.path.join(ROOT, 'qwt_resnet.py'), *flags(s), '--dump_inputs', f'ours_{s}.pth', '--device', 'cpu',
+              '--allow_class_subset'] for s in seeds])
+    compared = at_once([[tool, 'compare', f'published_{s}.pth', f'ours_{s}.pth'] for s in seeds])
     for s, out in zip(seeds, compared):
         assert out.strip() == f'identical: 8 calibration and 512 QwT images in published_{s}.pth'
     a, b = (torch.load(tmp_path / f'published_{s}.pth') for s in seeds)

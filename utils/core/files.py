@@ -1,6 +1,16 @@
-"""File writes that never leave a half-written file behind."""
+"""File writes that never leave a half-written file behind, and the matching read."""
+import json
 import os
 import tempfile
+
+
+def read_json(path):
+    """The JSON in ``path``, or None where it is missing or not (yet) valid JSON."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def write_atomic(path, write):

@@ -113,12 +113,12 @@ def prepare(args, family):
     if args.output_dir is None:  # --load: name the folder after the saved model
         args = argparse.Namespace(**{**vars(args), 'output_dir': output_folder(spec.name, w_bits, a_bits, loaded=True)})
     dist_info = distributed.init_distributed(args.device, args.local_rank, args.dist_timeout)
-    threads = distributed.limit_cpu_threads()
+    if args.demo and dist_info.device.type == 'cpu':
+        torch.set_num_threads(DEMO_THREADS)  # the demo's figures must not depend on the core count
+    threads = distributed.limit_cpu_threads()  # never raises the count: the log line says what runs
     if dist_info.device.type == 'cpu':
         keep_freed_memory()
     setup_logging(args.output_dir, dist_info.is_main)
-    if args.demo and dist_info.device.type == 'cpu':
-        torch.set_num_threads(DEMO_THREADS)  # the demo's figures must not depend on the core count
     seed_everything(args.seed)
     _logger.info('==== %s', command_line(args, family))
     _logger.info('%s (%s) W%d/A%d on %s x %d', spec.name, spec.timm_name, w_bits, a_bits,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from models.registry import resolve_model
 from utils.core.errors import UserError
-from utils.core.files import write_text_atomic
+from utils.core.files import read_json, write_text_atomic
 from utils.run import cli
 from utils.run.naming import FAMILY_SCRIPTS, output_folder
 from utils.run.weights import PUBLISHED_FOLDER
@@ -139,14 +139,6 @@ def identity(cell, launch):
             'device': launch.device, 'procs': launch.procs}
 
 
-def _read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def _sha256(path):
     with open(path, 'rb') as f:
         return hashlib.sha256(f.read()).hexdigest()
@@ -171,7 +163,7 @@ def result_problem(cell, r):
 def cell_state(cell, launch, alive=None):
     """('done' | 'running' | 'to run' | 'blocked', detail, the cell.json record or None). 'running': its
     record says queued or running and ``alive(record)`` (the backends' check of its process or job) agrees."""
-    record = _read_json(cell.cell_path)
+    record = read_json(cell.cell_path)
     same = isinstance(record, dict) and all(record.get(k) == v for k, v in identity(cell, launch).items())
     status = record.get('status') if same else None
     if status in ('queued', 'running') and alive is not None and alive(record):
@@ -182,7 +174,7 @@ def cell_state(cell, launch, alive=None):
             intact = _sha256(cell.result_path) == record.get('result_sha256')
         except OSError:
             intact = False
-        problem = 'result.json changed since' if not intact else result_problem(cell, _read_json(cell.result_path))
+        problem = 'result.json changed since' if not intact else result_problem(cell, read_json(cell.result_path))
         if problem is None:
             return 'done', f"({_duration(record.get('wall_s'))})", record
     if cell.blocked:
@@ -209,12 +201,12 @@ def write_json(path, obj):
 
 def read_result(cell):
     """The cell's result.json, or None."""
-    return _read_json(cell.result_path)
+    return read_json(cell.result_path)
 
 
 def read_record(cell):
     """The cell's cell.json, or None."""
-    record = _read_json(cell.cell_path)
+    record = read_json(cell.cell_path)
     return record if isinstance(record, dict) else None
 
 
@@ -274,7 +266,7 @@ def record_end(cell, launch, command_line, returncode, wall, started_at, **extra
                                     'last_line': problem})
         return False, Cancelled(f"cancelled (--cancel at {previous.get('cancelled')})")
     if problem is None:
-        r = _read_json(cell.result_path)
+        r = read_json(cell.result_path)
         fresh = os.path.exists(cell.result_path) and os.stat(cell.result_path).st_mtime >= started_at - 1
         problem = result_problem(cell, r) if fresh else 'exited 0 without writing result.json'
     if problem is None:
