@@ -142,3 +142,32 @@ def test_threads_and_val_workers_take_the_process_share(sixteen_cpus):
         assert distributed.limit_cpu_threads()[0] == 4
     finally:
         torch.set_num_threads(before)
+
+
+def test_val_workers_stop_at_eight(sixteen_cpus):
+    """One process with 16 CPUs: the val loader takes 8 workers (EVAL_WORKERS), not 16."""
+    assert cli.parse_args('vit', ['--model', 'deit_tiny', '--data_dir', '.']).eval_workers == 8
+
+
+@pytest.mark.parametrize('stage,exc,expected', [
+    ('qwt_data', torch.cuda.OutOfMemoryError('x'), 'out of GPU memory in stage qwt: QwT holds'),
+    ('save', MemoryError(), 'out of memory (RAM) in stage qwt: QwT holds'),
+    ('calibration_data', RuntimeError("can't allocate memory"), 'out of memory (RAM) in stage repq: RepQ-ViT'),
+    ('data', RuntimeError('cuDNN error: CUDNN_STATUS_NOT_ENOUGH_WORKSPACE'), 'out of GPU memory in stage repq: '),
+    ('build', RuntimeError('CUDA error: out of memory'), 'out of GPU memory in stage build: the full-precision'),
+    (None, RuntimeError('CUSOLVER_STATUS_ALLOC_FAILED'), 'out of GPU memory: use a device with more memory, or fewer '
+                                                        'processes per node (CUSOLVER_STATUS_ALLOC_FAILED)')])
+def test_every_stage_maps_to_its_advice(stage, exc, expected):
+    """The stages without advice of their own take their neighbour's (QwT images and --save: QwT; the
+    calibration batch and the data: RepQ-ViT); an error that left no stage gets the general line."""
+    from utils.run import memory
+    if stage is not None:
+        exc.qwt_stage = stage
+    assert memory.is_out_of_memory(exc)
+    assert memory.describe(exc, str(exc)).startswith(expected)
+
+
+def test_other_errors_are_not_out_of_memory():
+    from utils.run import memory
+    assert not memory.is_out_of_memory(RuntimeError('shape mismatch'))
+    assert not memory.on_gpu(MemoryError()) and memory.on_gpu(RuntimeError('CUBLAS_STATUS_ALLOC_FAILED'))
