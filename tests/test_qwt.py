@@ -485,6 +485,32 @@ def test_compensated_block_forward_is_half_precision_form_hand_values():
         assert torch.equal(comp(x), x)
 
 
+def test_compensated_block_training_branch_is_float32_with_exact_gradients():
+    """The published training branch (QwT*): in training mode the product runs in float32 with the bias,
+    x + x @ W + b = [1 + 2^-12 + 3 + 3 * 2^-12 + 0.25, 2^-13] (hand values of the test above), and the
+    gradient of the summed output is dL/dW = x^T 1 = [[1 + 2^-12, 1 + 2^-12], [0.5, 0.5]], dL/db = [1, 1].
+    Back in eval mode: the half-precision form again."""
+    x = torch.tensor([[[1 + 2 ** -12, 0.5]]])
+    comp = CompensatedBlock(torch.nn.Identity().eval(), torch.tensor([[3.0, 0.0], [0.0, 1 + 2 ** -12]]),
+                            torch.tensor([0.25, -1.0]))
+    assert not comp.training and not comp.comp_weight.requires_grad and not comp.comp_bias.requires_grad
+    comp.train()
+    comp.comp_weight.requires_grad_(True)
+    comp.comp_bias.requires_grad_(True)
+    out = comp(x)
+    assert out.dtype == torch.float32
+    assert out.tolist() == [[[1 + 2 ** -12 + 3 + 3 * 2 ** -12 + 0.25, 2 ** -13]]]
+    out.sum().backward()
+    assert comp.comp_weight.grad.tolist() == [[1 + 2 ** -12, 1 + 2 ** -12], [0.5, 0.5]]
+    assert comp.comp_bias.grad.tolist() == [1.0, 1.0]
+    comp.eval()
+    with torch.no_grad():
+        assert comp(x).tolist() == [[[1 + 2 ** -12 + 3 + 0.25, 0.0]]]
+        comp.train()
+        comp.enabled = False
+        assert torch.equal(comp(x), x)
+
+
 def test_compensated_block_inference_close_to_float32_form(compensated):
     comp, x = _first_block_and_input(compensated, 'eval_images')
     with torch.no_grad():
