@@ -39,11 +39,11 @@ def _family(model, role):
 
 
 def _steps(slots):
-    """A readable name for each walk step: 'block 3' (counted as the QwT log counts) or 'the PatchMerging
-    after block 1'."""
+    """A readable name for each walk step: 'block 3' (counted as the QwT log counts) or 'PatchMerging after
+    block 1'."""
     names, block = [], 0
     for s in slots:
-        names.append(f'block {block}' if s.kind == 'block' else f'the PatchMerging after block {block - 1}')
+        names.append(f'block {block}' if s.kind == 'block' else f'PatchMerging after block {block - 1}')
         block += s.kind == 'block'
     return names
 
@@ -71,7 +71,7 @@ def check_fp_model(q_model, fp_model, first_images):
     q_names, fp_names = _steps(q_slots), _steps(fp_slots)
     for q_name, fp_name in zip(q_names, fp_names):
         if q_name != fp_name:
-            raise UserError(f"fp_model has {fp_name} where q_model has {q_name} (stages of other depths): {FIX}")
+            raise UserError(f"fp_model's walk has {fp_name} where q_model's has {q_name} (stages of other depths): {FIX}")
     if len(q_slots) != len(fp_slots):
         raise UserError(f"fp_model has {len(fp_slots) - fp_blocks} PatchMerging layers but q_model has "
                         f"{len(q_slots) - q_blocks}: {FIX}")
