@@ -47,7 +47,8 @@ def compensation_kind(q_model, solver='inverse', accumulate='concat', kernel_siz
     if family_of(q_model) is resnet:
         if (solver, accumulate) != ('inverse', 'concat'):
             raise UserError(f"QwT for ResNets has the published ridge solver only (solver 'inverse', accumulate "
-                            f"'concat'), not solver {solver!r}, accumulate {accumulate!r}: leave both at their defaults")
+                            f"'concat'), not solver {solver!r}, accumulate {accumulate!r}: leave both at their "
+                            "defaults")
         return GroupConv(kernel_size, factor)
     return TokenLinear(solver, accumulate)
 

@@ -17,6 +17,7 @@ from utils.core import distributed
 
 ACCUMULATE = ('normal', 'concat')
 
+
 class CompensatedBlock(nn.Module):
     """``out = block(x) + x @ W + b``. At inference the product runs in half precision, as published;
     W counts as 16 bits in the model size. ``enabled = False`` gives the plain quantized block."""
@@ -42,9 +43,9 @@ class CompensatedBlock(nn.Module):
         return self.block(x) + x @ self.comp_weight.float() + self.comp_bias
 
 
-
 def _zeros_like_fit(c_in, c_out, ref):
-    return torch.zeros(c_in, c_out, dtype=ref.dtype, device=ref.device), torch.zeros(c_out, dtype=ref.dtype, device=ref.device)
+    return (torch.zeros(c_in, c_out, dtype=ref.dtype, device=ref.device),
+            torch.zeros(c_out, dtype=ref.dtype, device=ref.device))
 
 
 def moment_ss_res(gram, rhs, y_sq, w1):

@@ -229,10 +229,10 @@ def gloo_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp('fp_model_dist')
     g = torch.Generator().manual_seed(5)
     vit_fp, resnet_fp = make_tiny_vit(seed=1), make_tiny_resnet(seed=1)
-    setup = {'vit_fp': vit_fp, 'vit_q': quant.repq_vit(copy.deepcopy(vit_fp), torch.randn(8, 3, 32, 32, generator=g), 4, 4),
-             'resnet_fp': resnet_fp,
+    setup = {'vit_fp': vit_fp, 'resnet_fp': resnet_fp,
+             'vit_q': quant.repq_vit(copy.deepcopy(vit_fp), torch.randn(8, 3, 32, 32, generator=g), 4, 4),
              'resnet_q': quant.percentile_ptq(copy.deepcopy(resnet_fp), torch.randn(4, 3, 32, 32, generator=g), 4, 4),
-             'images': {'vit': torch.randn(8, 3, 32, 32, generator=g), 'resnet': torch.randn(8, 3, 32, 32, generator=g)}}
+             'images': {key: torch.randn(8, 3, 32, 32, generator=g) for key in ('vit', 'resnet')}}
     torch.save(setup, tmp / 'setup.pt')
     single = _dist_fits(setup, setup['images'], ('vit', 'resnet'))
     mp.spawn(_worker, args=(free_port(), str(tmp / 'setup.pt'), str(tmp / 'rank{rank}.pt')), nprocs=WORLD, join=True)
@@ -260,10 +260,11 @@ def test_two_processes_with_fp_model_end_with_rank_0s_fit(gloo_runs):
         assert torch.equal(w, w_ref) and torch.equal(b, b_ref)
 
 
-# --- an fp_model that does not correspond ------------------------------------------------------------------------------
+# --- an fp_model that does not correspond ---------------------------------------------------------------------------
 FIX = re.escape('pass the full-precision model that q_model was quantized from (its blocks correspond one to one)')
 
 
+@functools.lru_cache(maxsize=None)
 def _mismatches():
     from timm.models.swin_transformer import SwinTransformer
     from timm.models.vision_transformer import VisionTransformer
@@ -283,14 +284,15 @@ def _mismatches():
         'family': ('vit', swin, rf"^fp_model is a SwinTransformer but q_model a VisionTransformer: {FIX}$"),
         'not timm': ('vit', torch.nn.Sequential(torch.nn.Linear(2, 2)),
                      rf"^fp_model is a Sequential, not a timm VisionTransformer, SwinTransformer or ResNet: {FIX}$"),
-        'stages': ('swin', other_stages, r"^fp_model's walk has PatchMerging after block 0 where q_model's has block 1 "
-                                         rf"\(stages of other depths\): {FIX}$"),
+        'stages': ('swin', other_stages, r"^fp_model's walk has PatchMerging after block 0 where q_model's has "
+                                         rf"block 1 \(stages of other depths\): {FIX}$"),
         'shape': ('swin', merge, r"^fp_model's PatchMerging after block 1 gives shape \[2, 64, 40\] where "
                                  rf"q_model's gives \[2, 64, 48\] on the first batch: {FIX}$"),
         'device': ('vit', make_tiny_vit().to('meta'), r"^fp_model is on meta but q_model on cpu: move it with "
                                                        r"fp_model\.to\('cpu'\)$"),
-        'resnet': ('resnet', make_tiny_resnet(bottleneck=True), r"^fp_model's block 0 gives shape \[2, 256, 8, 8\] "
-                                                                rf"where q_model's gives \[2, 64, 8, 8\] on the first batch: {FIX}$"),
+        'resnet': ('resnet', make_tiny_resnet(bottleneck=True),
+                   rf"^fp_model's block 0 gives shape \[2, 256, 8, 8\] where q_model's gives \[2, 64, 8, 8\] on the "
+                   rf"first batch: {FIX}$"),
     }
 
 
@@ -299,8 +301,8 @@ def _tiny_quantized(kind):
     g = torch.Generator().manual_seed(0)
     if kind == 'resnet':
         return quant.percentile_ptq(make_tiny_resnet(), torch.randn(2, 3, 32, 32, generator=g), 4, 4)
-    return quant.repq_vit(make_tiny_swin() if kind == 'swin' else make_tiny_vit(), torch.randn(4, 3, 32, 32, generator=g),
-                          4, 4)
+    model = make_tiny_swin() if kind == 'swin' else make_tiny_vit()
+    return quant.repq_vit(model, torch.randn(4, 3, 32, 32, generator=g), 4, 4)
 
 
 @pytest.mark.parametrize('case', ['count', 'width', 'family', 'not timm', 'stages', 'shape', 'device', 'resnet'])

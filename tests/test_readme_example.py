@@ -26,7 +26,8 @@ def _correct(model):
 _qwt = _correct(q)
 quant.set_compensation(q, False)
 print('CHECK', _json.dumps({'fp': _correct(fp), 'quantized': _correct(q), 'qwt': _qwt, 'n': len(y_test),
-      'compensated': len(quant.compensated_blocks(q)), 'mine': sum(type(m).__name__ == 'MyQuantLinear' for m in q.modules()),
+      'compensated': len(quant.compensated_blocks(q)),
+      'mine': sum(type(m).__name__ == 'MyQuantLinear' for m in q.modules()),
       'project': sum(isinstance(m, _PROJECT) for m in q.modules())}))
 '''
 

@@ -325,7 +325,8 @@ def test_a_group_conv_fit_beyond_half_precision_is_left_out(scale, left_out):
     target = lambda x: scale * x.flip(1)  # noqa: E731
     w_ref, b_ref = _ridge_reference(xs[0], target(xs[0]))
     block = _Zero().eval()
-    fit = qwt_conv.GroupConv().fit(block, lambda x: (target(x), block(x)), xs, True, Stopwatch('cpu', ('passes', 'fit')))
+    clock = Stopwatch('cpu', ('passes', 'fit'))
+    fit = qwt_conv.GroupConv().fit(block, lambda x: (target(x), block(x)), xs, True, clock)
     assert fit.r2 > 0.9
     if left_out:
         assert float(w_ref.abs().max()) > 65504
