@@ -144,6 +144,33 @@ def test_the_float_transformer_agrees_within_the_stated_tolerance(name):
     assert [s['used'] for s in stats2] == [s['used'] for s in stats]
 
 
+
+def test_a_distilled_deit_through_fp_model():
+    """The distillation token enters the blocks through q_model's stem: a tiny distilled DeiT (RepQ-ViT W4/A4)
+    compensated through a switched-off copy gives the published fit bit for bit, and its logits (the mean of the
+    two heads) too; with the float model as fp_model, block 0 (the same input, targets that differ by rounding) gets
+    the same fit to float tolerance."""
+    g = torch.Generator().manual_seed(7)
+    fp = make_tiny_vit(seed=2, distilled=True)
+    q = quant.repq_vit(copy.deepcopy(fp), torch.randn(8, 3, 32, 32, generator=g), 4, 4)
+    images = torch.randn(16, 3, 32, 32, generator=g)
+    off = copy.deepcopy(q)
+    set_quant_state(off, False, False)
+    runs = {}
+    for key, fp_model in (('published', None), ('off', off), ('float', fp)):
+        m = copy.deepcopy(q)
+        quant.qwt_compensate(m, images, batch_size=8, fp_model=fp_model)
+        with torch.no_grad():
+            runs[key] = (_comp(m), m(images))
+    assert all(torch.equal(w, w2) and torch.equal(b, b2)
+               for (w, b), (w2, b2) in zip(runs['published'][0], runs['off'][0], strict=True))
+    assert torch.equal(runs['published'][1], runs['off'][1]) and any(w.any() for w, _ in runs['published'][0])
+    (w, b), (w_ref, b_ref) = runs['float'][0][0], runs['published'][0][0]
+    scale = float(w_ref.abs().max())
+    torch.testing.assert_close(w, w_ref, rtol=0, atol=1e-3 * scale)
+    torch.testing.assert_close(b, b_ref, rtol=0, atol=1e-3 * scale)
+    assert torch.isfinite(runs['float'][1]).all()
+
 # --- a model quantized by brevitas directly ----------------------------------------------------------------------
 def _brevitas_copy(model, w_bits, a_bits, calib):
     """``model`` with every nn.Linear of its blocks (not the head) a brevitas QuantLinear: per-channel weights at
