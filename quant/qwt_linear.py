@@ -254,8 +254,6 @@ def _fit_block_concat(block, xs, fit, solver, clock, pair=None):
     return BlockFit(outs, weight, bias, r2, rms, fallback, overflow, used)
 
 
-
-
 FALLBACK_WARNING = 'QwT block %d: %s (%d tokens for %d unknowns per output); %s. Hint: %s.'
 SINGULAR_WARNING = ('QwT block %d: the float32 inverse of [X,1]^T[X,1] is numerically singular (rank %d of %d, '
                     'condition %.1e) and its fit has r2 %.4g, so the published procedure leaves this block '
