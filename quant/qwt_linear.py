@@ -142,7 +142,6 @@ def broken_fit(xs, r2):
     return (rank, c + 1, condition) if condition >= SINGULAR_CONDITION or r2 < R2_BROKEN else None
 
 
-
 def _float64_normal_equations(xs, ys):
     """Normal equations and ΣY² of these features and targets summed in float64 (all-reduced)."""
     c_in, c_out = xs[0].shape[-1], ys[0].shape[-1]
