@@ -136,8 +136,9 @@ def qwt_compensate(q_model, images, start_block=0, batch_size=32, solver='invers
         if fitted.fp16_overflow is not None:
             _logger.warning(OVERFLOW_WARNING, block_id, fitted.r2, fitted.fp16_overflow, kind.overflow_hint)
         if fitted.r2 is not None:
-            _logger.info('QwT block %d: r2 %.4f, %s %.6f, %s', block_id, fitted.r2, kind.residual, fitted.rms,
-                         'compensated' if fitted.used else 'zero compensation')
+            _logger.info('QwT block %d: r2 %.4f, %s %.6f, %s%s', block_id, fitted.r2, kind.residual, fitted.rms,
+                         'compensated' if fitted.used else 'zero compensation',
+                         '' if math.isfinite(fitted.r2) else kind.nan_note)
         broken = kind.singular(xs, fitted, clock)
         if broken:
             _logger.warning(*kind.singular_warning(block_id, fitted.r2, broken))

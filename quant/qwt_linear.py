@@ -269,6 +269,7 @@ class TokenLinear:
     accumulate: str = 'concat'
     block_class = CompensatedBlock
     residual = 'rms residual'
+    nan_note = ''
 
     def __post_init__(self):
         if self.accumulate not in ACCUMULATE:
