@@ -67,9 +67,9 @@ def calibrate(model, images, batch_size=None):
 
 
 @torch.no_grad()
-def minmax_ptq(model, calib_images, w_bits, a_bits, timings=None, progress=False):
+def minmax_ptq(model, calib_images, w_bits, a_bits, options=None, timings=None, progress=False):
     """brevitas min-max: quantized layers, then activation statistics from ``calib_images``. In place;
-    returns ``model`` (eval mode)."""
+    returns ``model`` (eval mode). ``options`` (the run's flags) changes nothing here."""
     from utils.core.timing import Stopwatch
     model.eval()
     clock = Stopwatch(calib_images.device, ('wrap', 'calibrate'))
@@ -83,13 +83,13 @@ def minmax_ptq(model, calib_images, w_bits, a_bits, timings=None, progress=False
 
 
 @torch.no_grad()
-def gptq_ptq(model, calib_images, w_bits, a_bits, timings=None, progress=False):
+def gptq_ptq(model, calib_images, w_bits, a_bits, options=None, timings=None, progress=False):
     """brevitas GPTQ: as ``minmax_ptq``, then each layer's weights rounded by GPTQ (brevitas.graph.gptq) on
     ``calib_images``, with the quantized activations of the layers before it. In place; returns ``model``."""
     from brevitas.graph.gptq import gptq_mode
     from utils.core.progress import progress_bar
     from utils.core.timing import Stopwatch
-    minmax_ptq(model, calib_images, w_bits, a_bits, timings, progress)
+    minmax_ptq(model, calib_images, w_bits, a_bits, options, timings, progress)
     clock = Stopwatch(calib_images.device, ('gptq',))
     with clock('gptq'), gptq_mode(model, use_quant_activations=True) as gptq:
         bar = progress_bar(total=gptq.num_layers, desc='brevitas GPTQ', unit='layer', enabled=progress)

@@ -1,10 +1,9 @@
-"""What differs between the families' runs (SPEC §1b, §3b): the post-training quantizer and its name, the
+"""What differs between the families' runs (SPEC §1b, §3b): the default post-training quantizer's name, the
 QwT options, how many evaluation-loader iterations the published script makes between calibration and the
 QwT images, and the ResNet checks made before anything heavy runs."""
 import torch
 
 from models.registry import DIGITS_MODELS
-from quant import percentile_ptq, repq_vit
 from quant.qwt_conv import check_conv_qwt_args
 from utils.core.errors import UserError
 from utils.run.naming import FAMILY_METHODS
@@ -16,17 +15,8 @@ EVAL_DRAWS_BEFORE_QWT = {'vit': 1, 'swin': 1, 'resnet': 2}
 
 
 def method(family):
+    """The label of the family's default --ptq method (the published script's quantizer)."""
     return FAMILY_METHODS[family]
-
-
-def post_training_quantize(family, model, calib, w_bits, a_bits, args, timings, progress):
-    """RepQ-ViT (ViT, Swin) or Percentile (ResNet) on ``model`` in place, with the run's flags."""
-    per_channel = args.calib_search == 'per_channel'
-    if family == 'resnet':
-        conv_input_bits = a_bits if args.conv_a_bits == 'a_bits' else None  # None: the published 8 bits
-        return percentile_ptq(model, calib, w_bits, a_bits, conv_input_bits=conv_input_bits,
-                              per_channel_loop=per_channel, timings=timings, progress=progress)
-    return repq_vit(model, calib, w_bits, a_bits, per_channel_loop=per_channel, timings=timings, progress=progress)
 
 
 def qwt_options(family, args):
@@ -34,10 +24,11 @@ def qwt_options(family, args):
     return {'kernel_size': args.kernel_size, 'factor': args.factor} if family == 'resnet' else {}
 
 
-def method_meta(family, args):
-    """The result.json / --save fields that name the method and its ResNet options (None elsewhere)."""
+def method_meta(family, method, args):
+    """The result.json / --save fields that name the PTQ method (``method``: a utils.run.ptq.PTQMethod) and
+    the ResNet options (None elsewhere)."""
     resnet = family == 'resnet'
-    return {'method': method(family), 'kernel_size': args.kernel_size if resnet else None,
+    return {'ptq': method.name, 'method': method.label, 'kernel_size': args.kernel_size if resnet else None,
             'factor': args.factor if resnet else None, 'conv_a_bits': args.conv_a_bits if resnet else None}
 
 

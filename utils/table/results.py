@@ -13,6 +13,10 @@ Runs enter the table by their configuration, never by file order:
 - two runs of one row and seed: the newer (result.json modification time) is kept, with a warning
   naming both;
 - ``--eval fp`` runs give the FP column of every row of their model (and data variant);
+- a run of another PTQ method than the paper's (``--ptq brevitas-*``) gets rows of its own, named in the
+  method column and the note, without paper figures;
+- result.json files written before --ptq existed (``repq_*`` keys, no ``ptq`` field) read as the family's
+  default method (load_results);
 - demo, random-weight, val-subset, class-subset (--allow_class_subset) and ``--eval none`` runs are left out
   unless ``include`` names them.
 """
@@ -34,6 +38,10 @@ RESNET_COLUMNS = {'model': 'model', 'timm_name': 'model', 'fp_top1': 'fp_top1', 
                   'repq_vit_top1': 'percentile_top1', 'repq_vit_qwt_top1': 'percentile_qwt_top1'}
 # The post-training quantizer of a row: RepQ-ViT unless the paper row or the result.json says otherwise.
 DEFAULT_METHOD = 'RepQ-ViT'
+# The methods of the paper's rows, with their --ptq names: a result file without a 'ptq' field is one of these.
+PAPER_METHODS = {'RepQ-ViT': 'repq', 'Percentile': 'percentile'}
+# result.json keys before --ptq: the PTQ figures were written under repq_* (ResNet's Percentile too).
+OLD_KEYS = {'ptq_top1': 'repq_top1', 'ptq_top5': 'repq_top5', 'ptq_size_mb': 'repq_size_mb'}
 REQUIRED = ('timm_name', 'w_bits', 'a_bits')
 DISPLAY = {'resnet18': 'ResNet-18', 'resnet50': 'ResNet-50', 'resnet101': 'ResNet-101', 'deit_tiny': 'DeiT-T', 'deit_small': 'DeiT-S', 'deit_base': 'DeiT-B',
            'deit_tiny_distilled': 'DeiT-T-distilled', 'deit_small_distilled': 'DeiT-S-distilled',
@@ -126,11 +134,25 @@ def load_results(files):
         for k in ('w_bits', 'a_bits'):
             if not isinstance(r[k], int) or isinstance(r[k], bool):
                 raise UserError(f'{path}: {k} is {r[k]!r}, expected an integer')
-        for k in ('fp_top1', 'repq_top1', 'qwt_top1'):
+        r = upgrade(r)
+        for k in ('fp_top1', 'ptq_top1', 'qwt_top1'):
             if r.get(k) is not None and not isinstance(r[k], (int, float)):
                 raise UserError(f'{path}: {k} is {r[k]!r}, expected a number or null')
         out.append(dict(r, path=path, mtime=mtime))
     return out
+
+
+def upgrade(r):
+    """A result.json dict in today's form: a file written before --ptq has its PTQ figures under ``repq_*``
+    and no ``ptq`` field (its method is its 'method', else RepQ-ViT): they move to ``ptq_*`` and ``ptq``."""
+    r = dict(r)
+    for new, old in OLD_KEYS.items():
+        if new not in r and old in r:
+            r[new] = r.pop(old)
+    r['method'] = method_of(r)
+    if not r.get('ptq'):
+        r['ptq'] = PAPER_METHODS.get(r['method'])
+    return r
 
 
 def parse_include(text):
@@ -162,7 +184,7 @@ def categories(r):
         out.append('subset')
     if class_subset(r):
         out.append('classes')
-    if r.get('eval') == 'none' or all(r.get(k) is None for k in ('fp_top1', 'repq_top1', 'qwt_top1')):
+    if r.get('eval') == 'none' or all(r.get(k) is None for k in ('fp_top1', 'ptq_top1', 'qwt_top1')):
         out.append('eval-none')
     return out
 
@@ -188,8 +210,9 @@ def data_variant(r):
 
 
 def method_variant(r):
-    """The quantization settings of the run that differ from the published procedure."""
-    labels = []
+    """The quantization settings of the run that differ from the published procedure: another PTQ method
+    than the paper's first."""
+    labels = [] if method_of(r) in PAPER_METHODS else [method_of(r)]
     for key in ('qwt_solver', 'qwt_accumulate', 'start_block', 'kernel_size', 'factor', 'conv_a_bits'):
         if r.get(key) is not None and r[key] != PUBLISHED[key]:
             labels.append(f'{key} {r[key]}')
@@ -272,7 +295,7 @@ def _row(name, timm_name, bits, paper, paper_fp, runs, fp_run, notes, method=DEF
     row = {'model': name, 'timm_name': timm_name, 'bits': bits, 'paper_fp': paper_fp,
            'fp': fp, 'paper_repq': p.get('repq_vit_top1'),
            'paper_qwt': p.get('repq_vit_qwt_top1')}
-    for col, key in (('repq', 'repq_top1'), ('qwt', 'qwt_top1')):
+    for col, key in (('repq', 'ptq_top1'), ('qwt', 'qwt_top1')):
         mean, std, n = mean_std(r.get(key) for r in runs.values())
         row.update({col: _round(mean), f'{col}_std': _round(std), f'{col}_n': n})
         row[f'delta_{col}'] = _delta(mean, row[f'paper_{col}'])
@@ -305,7 +328,7 @@ def build_rows(paper, results, only_results=False, include=ALL, expected=None):
     exist (tools/reproduce.py's cells); their rows are shown, and absent seeds are noted as missing.
     Returns (rows, warnings): runs left out, and runs replaced by a newer one of the same row and seed."""
     expected = expected or {}
-    kept, left_out = select(results, include)
+    kept, left_out = select([upgrade(r) for r in results], include)
     warnings = [_left_out_warning(left_out)] if left_out else []
     fps = _newest([r for r in kept if is_fp(r)], lambda r: (r['timm_name'], data_variant(r)),
                   lambda r: f"{r['timm_name']} FP{''.join(f' ({v})' for v in data_variant(r))}", warnings)
@@ -356,8 +379,11 @@ def build_rows(paper, results, only_results=False, include=ALL, expected=None):
         if fp_run is None and (t, 'FP') in expected:
             notes.append('missing: FP')
         paper_fp = by_model[t][0]['fp_top1'] if t in by_model else None
-        method = method_of(by_model[t][0]) if t in by_model else method_of(next(iter(runs.values()), fp_run or {}))
-        rows.append(_row(display(t), t, b, paper_rows.get((t, b)), paper_fp, runs, fp_run, notes, method))
+        other = next((m for m in mvar if m not in PAPER_METHODS and m in {method_of(r) for r in runs.values()}), None)
+        method = other or (method_of(by_model[t][0]) if t in by_model else
+                           method_of(next(iter(runs.values()), fp_run or {})))
+        paper = None if other else paper_rows.get((t, b))  # the paper has no figures of another method
+        rows.append(_row(display(t), t, b, paper, paper_fp, runs, fp_run, notes, method))
     return rows, warnings
 
 
