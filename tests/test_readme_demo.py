@@ -72,7 +72,7 @@ def test_swin_demo_recovers_accuracy_and_leaves_block0_out(demo_runs):
     assert (r['model'], r['weights'], r['eval'], r['w_bits'], r['a_bits']) == ('swin_digits', 'pretrained', 'all', 3, 3)
     assert (r['num_val'], r['num_calib'], r['num_qwt']) == (500, 32, 256)
     assert r['fp_top1'] == 94.4  # 472 of 500: the model as trained (tests/test_digits.py)
-    assert r['qwt_top1'] > r['repq_top1'] and r['repq_top1'] < r['fp_top1'] - 2
+    assert r['qwt_top1'] > r['ptq_top1'] and r['ptq_top1'] < r['fp_top1'] - 2
     assert r['qwt_blocks'][0]['singular'] and not r['qwt_blocks'][0]['used']
     assert 'demo: swin_digits, trained on the UCI handwritten digits (models/digits), at W3/A3' in stdout
     assert stdout.count('is numerically singular') == 1 and '--qwt_solver lstsq fits it' in stdout
@@ -82,7 +82,7 @@ def test_swin_demo_recovers_accuracy_and_leaves_block0_out(demo_runs):
 def test_the_demo_table_takes_a_new_demo_by_one_entry():
     """The generator is generic over DEMOS: a row per entry, its command from the entry."""
     demo = rf.Demo('resnet', 'qwt_resnet.py')
-    r = {'model': 'resnet_digits', 'w_bits': 4, 'a_bits': 4, 'fp_top1': 97.0, 'repq_top1': 90.25, 'qwt_top1': 95.5}
+    r = {'model': 'resnet_digits', 'w_bits': 4, 'a_bits': 4, 'fp_top1': 97.0, 'ptq_top1': 90.25, 'qwt_top1': 95.5}
     assert rf.table_row(demo, r, 12.4) == \
         '| `python qwt_resnet.py --demo` | `resnet_digits` | W4/A4 | 97.00 | 90.25 | 95.50 | 12 s |'
     assert rf.without_time(rf.table_row(demo, r, 12.4)) == rf.table_row(demo, r)

@@ -219,7 +219,7 @@ def test_reproduce_resnet18_row_beside_the_published_figures(folder, tmp_path):
     assert [(r['method'], r['kernel_size'], r['factor'], r['conv_a_bits']) for r in results] == [
         ('Percentile', 1, 64, '8')] * 2
     fp = json.load(open(out / 'resnet18_fp' / 'result.json'))['fp_top1']
-    repq = sum(r['repq_top1'] for r in results) / 2
+    repq = sum(r['ptq_top1'] for r in results) / 2
     qwt = sum(r['qwt_top1'] for r in results) / 2
     row = [c.strip() for c in lines[2].strip('|').split('|')]
     assert row[:8] == ['ResNet-18', 'W4/A4', '71.0', f'{fp:.2f}', '58.3', '68.9', row[6], row[7]]
@@ -260,6 +260,6 @@ def test_demo_runs_the_digits_resnet_where_qwt_recovers_accuracy(tmp_path):
         'resnet_digits', 'Percentile', 'all', 2, 4, 32, '8')
     assert (r['num_val'], r['num_calib'], r['num_qwt'], len(r['qwt_blocks'])) == (500, 32, 256, 3)
     assert r['fp_top1'] == 99.6 and r['fp_top1'] >= 80
-    assert r['repq_top1'] < r['fp_top1'] - 2 and r['qwt_top1'] > r['repq_top1']
+    assert r['ptq_top1'] < r['fp_top1'] - 2 and r['qwt_top1'] > r['ptq_top1']
     assert 'Percentile + QwT top-1' in proc.stdout and 'RepQ-ViT' not in proc.stdout
     assert seconds < 60

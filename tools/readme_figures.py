@@ -61,7 +61,7 @@ def table_row(demo, r, seconds=None):
     """The demo's table row; ``seconds`` None leaves the time cell empty (for comparisons)."""
     time_cell = '' if seconds is None else f'{seconds:.0f} s'
     return (f"| `{demo.command}` | `{r['model']}` | W{r['w_bits']}/A{r['a_bits']} | {r['fp_top1']:.2f} | "
-            f"{r['repq_top1']:.2f} | {r['qwt_top1']:.2f} | {time_cell} |")
+            f"{r['ptq_top1']:.2f} | {r['qwt_top1']:.2f} | {time_cell} |")
 
 
 def without_time(row):
@@ -76,9 +76,9 @@ def _join(words):
 
 def figures_text(results, threads, capability, torch_version):
     """The sentences under the table, from the demo runs (``results``: [(demo, result)] in table order)."""
-    lost = _join([f"{r['fp_top1'] - r['repq_top1']:.2f} (`{r['model']}`)" for _, r in results])
-    back = _join([f"{r['qwt_top1'] - r['repq_top1']:.2f}" for _, r in results])
-    size = _join([f"{r['qwt_size_mb'] - r['repq_size_mb']:.2f}" for _, r in results])
+    lost = _join([f"{r['fp_top1'] - r['ptq_top1']:.2f} (`{r['model']}`)" for _, r in results])
+    back = _join([f"{r['qwt_top1'] - r['ptq_top1']:.2f}" for _, r in results])
+    size = _join([f"{r['qwt_size_mb'] - r['ptq_size_mb']:.2f}" for _, r in results])
     images = _join(sorted({str(r['num_qwt']) for _, r in results}))
     return (f"Measured with `python tools/readme_figures.py` (torch {torch_version}, {threads} CPU thread as the demo "
             f"pins it, {capability} kernels; `tests/test_readme_demo.py` reruns the demos and holds these rows "
@@ -90,7 +90,7 @@ def figures_text(results, threads, capability, torch_version):
 def extra_text(extra):
     """The sentences on other settings, from ``extra`` ({key: result} of DEMOS and EXTRA)."""
     v, s = extra['vit_w3a3'], extra['swin_lstsq']
-    return (f"At W3/A3 the ViT loses less and QwT does not help: FP {v['fp_top1']:.2f}, RepQ-ViT {v['repq_top1']:.2f}, "
+    return (f"At W3/A3 the ViT loses less and QwT does not help: FP {v['fp_top1']:.2f}, RepQ-ViT {v['ptq_top1']:.2f}, "
             f"RepQ-ViT + QwT {v['qwt_top1']:.2f} (`python qwt_vit_and_deit.py --demo --w_bits 3 --a_bits 3`). Swin's "
             "first block is left out (one warning line says why: its first stage is rank-deficient, so the published "
             "float32 inverse cannot fit it). `--qwt_solver lstsq` fits that block, but on this demo it lowers "

@@ -16,7 +16,7 @@ MANAGED = {'model': 'use --models', 'data_dir': 'use --data_dir before --', 'w_b
            'checkpoint': 'use --checkpoint_dir', 'device': 'use --device (and --gpus) before --',
            'eval': 'every quantized cell runs --eval both, and each model one --eval fp cell',
            'save': 'not for table cells', 'load': 'not for table cells', 'demo': 'not for table cells',
-           'dump_inputs': 'not for table cells', 'local_rank': 'set by the launcher'}
+           'dump_inputs': 'not for table cells', 'local_rank': 'set by the launcher', 'ptq': 'use --ptq before --'}
 
 EPILOG = """\
 examples:
@@ -64,6 +64,9 @@ def build_parser():
     p.add_argument('--bits', nargs='+', default=['4', '6'], metavar='BITS',
                    help="bit widths: '4' is W4/A4, '4/8' is W4/A8 (default: 4 6)")
     p.add_argument('--seeds', nargs='+', type=int, default=[0], metavar='SEED', help='seeds (default: 0)')
+    p.add_argument('--ptq', nargs='+', default=['default'], metavar='METHOD',
+                   help="the PTQ methods QwT follows, a row per method (the entry scripts' --ptq; 'default': each "
+                        "family's own, RepQ-ViT or Percentile; default: default)")
     p.add_argument('--output_dir', default=os.path.join('output', 'table'),
                    help='folder of the cells and the table (default output/table)')
     p.add_argument('--checkpoint_dir', default=None,

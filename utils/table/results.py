@@ -224,8 +224,9 @@ def method_variant(r):
 
 
 def method_of(r):
-    """The PTQ method of a result.json or paper row (RepQ-ViT where it does not say)."""
-    return r.get('method') or DEFAULT_METHOD
+    """The PTQ method of a result.json or paper row where it does not say: the family's default (Percentile for a
+    ResNet, else RepQ-ViT)."""
+    return r.get('method') or ('Percentile' if str(r.get('timm_name', '')).startswith('resnet') else DEFAULT_METHOD)
 
 
 def bits_label(r):
@@ -310,6 +311,13 @@ def _row(name, timm_name, bits, paper, paper_fp, runs, fp_run, notes, method=DEF
     return row
 
 
+def _other_method(mvar, runs=None):
+    """The label of a row's PTQ method where it is not the paper's (method_variant puts it first), else None."""
+    from utils.run.ptq import METHODS
+    labels = {m.label for m in METHODS.values()} | {method_of(r) for r in (runs or {}).values()}
+    return next((m for m in mvar[:1] if m in labels and m not in PAPER_METHODS), None)
+
+
 def _bits_key(bits):
     try:
         w, a = bits[1:].split('/A')
@@ -324,8 +332,9 @@ def build_rows(paper, results, only_results=False, include=ALL, expected=None):
     Paper rows in paper order (only those with a run if ``only_results``), each followed by its variant
     rows, then the configurations the paper lacks, sorted by model and bits. ``include``: the
     categories of non-comparable runs to keep (all by default; tools/make_table.py keeps none unless
-    asked). ``expected``: {(timm_name, bits): seeds} and {(timm_name, 'FP'): ...} of runs that should
-    exist (tools/reproduce.py's cells); their rows are shown, and absent seeds are noted as missing.
+    asked). ``expected``: {(timm_name, bits): seeds}, {(timm_name, bits, method label): seeds} for another PTQ
+    method than the paper's, and {(timm_name, 'FP'): ...} of runs that should exist (tools/reproduce.py's
+    cells); their rows are shown, and absent seeds are noted as missing.
     Returns (rows, warnings): runs left out, and runs replaced by a newer one of the same row and seed."""
     expected = expected or {}
     kept, left_out = select([upgrade(r) for r in results], include)
@@ -346,9 +355,9 @@ def build_rows(paper, results, only_results=False, include=ALL, expected=None):
     keys = set(groups)
     if not only_results:
         keys |= {(t, b, (), ()) for t, b in paper_rows}
-    for t, b in expected:
-        if b != 'FP' and not any(k[:2] == (t, b) for k in keys):
-            keys.add((t, b, (), ()))
+    for t, b, *method in expected:  # (timm_name, bits[, another method's label])
+        if b != 'FP' and not any(k[:2] == (t, b) and _other_method(k[3]) == (method or [None])[0] for k in keys):
+            keys.add((t, b, (), tuple(method)))
     for t, dvar in fps:  # an FP run with no quantized row of its model and data: the model's paper rows, or
         if not any(k[0] == t and k[2] == dvar for k in keys):  # for a variant no cell ran, one row of its own
             keys |= {(t, p['bits'], dvar, ()) for p in by_model.get(t, []) if not dvar} or {(t, '', dvar, ())}
@@ -370,7 +379,8 @@ def build_rows(paper, results, only_results=False, include=ALL, expected=None):
         t, b, dvar, mvar = k
         runs = groups.get(k, {})
         notes = list(dvar + mvar)
-        want = expected.get((t, b))
+        other = _other_method(mvar, runs)
+        want = expected.get((t, b, other) if other else (t, b))
         if want is not None:
             missing = [s for s in want if s not in runs]
             if missing:
@@ -379,7 +389,6 @@ def build_rows(paper, results, only_results=False, include=ALL, expected=None):
         if fp_run is None and (t, 'FP') in expected:
             notes.append('missing: FP')
         paper_fp = by_model[t][0]['fp_top1'] if t in by_model else None
-        other = next((m for m in mvar if m not in PAPER_METHODS and m in {method_of(r) for r in runs.values()}), None)
         method = other or (method_of(by_model[t][0]) if t in by_model else
                            method_of(next(iter(runs.values()), fp_run or {})))
         paper = None if other else paper_rows.get((t, b))  # the paper has no figures of another method
