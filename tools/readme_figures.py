@@ -98,6 +98,37 @@ def extra_text(extra):
             "(`python qwt_swin.py --demo --qwt_solver lstsq`).")
 
 
+# Every --ptq method on each demo it applies to ('Other quantizers: --ptq' in the README): the default methods'
+# rows are the DEMOS' runs, the others one run each, at the demo's own bits.
+def ptq_demos():
+    """[(--ptq name, Demo)] of the README's method table, in registry order; the default method's Demo is the
+    plain demo of DEMOS (its own flags)."""
+    from utils.run import ptq
+    family = {'qwt_vit_and_deit.py': 'vit', 'qwt_swin.py': 'swin', 'qwt_resnet.py': 'resnet'}
+    out = []
+    for name, method in ptq.METHODS.items():
+        for d in DEMOS:
+            f = family[d.script]
+            if f in method.families:
+                out.append((name, d if name == ptq.DEFAULTS[f] else Demo(f'{d.key}_{name}', d.script, ('--ptq', name))))
+    return out
+
+
+PTQ_HEADER = ('| `--ptq` | method | command | model | bits | FP | PTQ | PTQ + QwT | QwT gives back |',
+              '|---|---|---|---|---|---|---|---|---|')
+
+
+def ptq_row(name, demo, r):
+    """One row of the method table, from the run's result.json ``r``."""
+    return (f"| `{name}` | {r['method']} | `{demo.command}` | `{r['model']}` | W{r['w_bits']}/A{r['a_bits']} | "
+            f"{r['fp_top1']:.2f} | {r['ptq_top1']:.2f} | {r['qwt_top1']:.2f} | {r['qwt_top1'] - r['ptq_top1']:+.2f} |")
+
+
+def ptq_table(results):
+    """The README's method table: ``results`` {demo key: result} of every Demo of ptq_demos()."""
+    return '\n'.join([*PTQ_HEADER, *(ptq_row(n, d, results[d.key]) for n, d in ptq_demos())])
+
+
 def block(name, text):
     return f'<!-- readme_figures:{name} -->\n{text}\n<!-- /readme_figures:{name} -->'
 
@@ -123,8 +154,9 @@ def main(argv=None):
     import torch
     from utils.run.demo import DEMO_THREADS
     runs, extra = [], {}
+    other = [d for _, d in ptq_demos() if d not in DEMOS]
     with tempfile.TemporaryDirectory(prefix='readme_figures_') as tmp:
-        for demo in (*DEMOS, *EXTRA):
+        for demo in (*DEMOS, *EXTRA, *other):
             print(f'running {demo.command} ...', file=sys.stderr, flush=True)
             r, seconds, _ = run_demo(demo, os.path.join(tmp, demo.key))
             if demo in DEMOS:
@@ -138,12 +170,15 @@ def main(argv=None):
     if args.check:
         old = (read_block(readme, 'demo_table') or '').splitlines()[2:]
         differ = [f'README: {a}\nrun:    {b}' for a, b in zip(old, rows) if without_time(a) != without_time(b)]
+        if read_block(readme, 'ptq_table') != ptq_table(extra):
+            differ.append('README: the block ptq_table differs from the --ptq runs')
         if len(old) != len(rows) or differ or read_block(readme, 'demo_figures') != figures:
             print('\n'.join(differ) or 'README.md differs from the runs: python tools/readme_figures.py rewrites it')
             sys.exit(1)
         print('README.md holds the figures of these runs')
         return
-    for name, text in (('demo_table', table), ('demo_figures', figures), ('demo_extra', extra_text(extra))):
+    for name, text in (('demo_table', table), ('demo_figures', figures), ('demo_extra', extra_text(extra)),
+                       ('ptq_table', ptq_table(extra))):
         readme = replace_block(readme, name, text)
     with open(README, 'w') as f:
         f.write(readme)

@@ -42,7 +42,8 @@ def quantize_layers(model, w_bits, a_bits):
     def layer_map(w, a):
         kw = {'weight_quant': weight_quant, 'weight_bit_width': w, 'input_quant': act_quant, 'input_bit_width': a,
               'bias_quant': None, 'return_quant_tensor': False}
-        return {nn.Linear: (qnn.QuantLinear, kw), nn.Conv2d: (qnn.QuantConv2d, kw)}
+        from timm.models.layers.linear import Linear as TimmLinear  # ResNet's fc: brevitas matches exact classes
+        return {nn.Linear: (qnn.QuantLinear, kw), TimmLinear: (qnn.QuantLinear, kw), nn.Conv2d: (qnn.QuantConv2d, kw)}
 
     edges = edge_layers(model)
     # brevitas builds each new layer with torch's initialisation before copying the weights over: those draws
@@ -50,6 +51,16 @@ def quantize_layers(model, w_bits, a_bits):
     with torch.random.fork_rng(devices=[]):
         layerwise_quantize(model, layer_map(w_bits, a_bits), name_blacklist=edges)
         layerwise_quantize(model, layer_map(EDGE_BITS, EDGE_BITS))  # the rest: only the edges are left
+    return model
+
+
+def rank0_state(model):
+    """Every parameter and buffer of ``model`` as rank 0 has it, inside a process group (no-op outside): the
+    quantizers' scales and GPTQ's rounded weights are rank 0's decisions on every rank, as QwT's are."""
+    from utils.core import distributed
+    if distributed.is_initialized():
+        for tensor in (*model.parameters(), *model.buffers()):
+            distributed.broadcast(tensor.data)
     return model
 
 
@@ -77,6 +88,7 @@ def minmax_ptq(model, calib_images, w_bits, a_bits, options=None, timings=None, 
         quantize_layers(model, w_bits, a_bits)
     with clock('calibrate'):
         calibrate(model, calib_images)
+        rank0_state(model)
     if timings is not None:
         timings.update(clock.seconds)
     return model
@@ -98,6 +110,7 @@ def gptq_ptq(model, calib_images, w_bits, a_bits, options=None, timings=None, pr
             gptq.update()
             bar.update(1)
         bar.close()
+    rank0_state(model)
     if timings is not None:
         timings.update(clock.seconds)
     return model
