@@ -48,6 +48,19 @@ def test_readme_demo_figures_are_those_of_fresh_runs(demo_runs):
     assert rf.read_block(README, 'demo_figures') == fresh
 
 
+def test_readme_method_table_rows_of_the_default_methods(demo_runs):
+    """The --ptq table's RepQ-ViT and Percentile rows are the plain demos' (the brevitas rows:
+    tests/test_ptq_demos.py)."""
+    from utils.run.ptq import DEFAULTS
+    block = rf.read_block(README, 'ptq_table')
+    assert block is not None, 'README.md has no <!-- readme_figures:ptq_table --> block'
+    if rf.ptq_kernels_line(torch.backends.cpu.get_cpu_capability()) not in block:
+        pytest.skip(f'the README method table was measured with other CPU kernels: {block.splitlines()[-1]!r}')
+    defaults = [ln for ln in rf.ptq_rows(block) if ln.split(' | ')[0][2:] in {f'`{n}`' for n in DEFAULTS.values()}]
+    fresh = [rf.ptq_row(name, d, demo_runs[d.key][1]) for name, d in rf.ptq_demos() if d in rf.DEMOS]
+    assert defaults == fresh and len(fresh) == 3
+
+
 def test_no_hoped_for_claims_left_in_the_readme():
     assert 'it keeps\nits accuracy at W3/A3' not in README and 'keeps its accuracy at W3/A3' not in README
     assert '`--qwt_solver lstsq` does)' not in README

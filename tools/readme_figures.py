@@ -124,9 +124,20 @@ def ptq_row(name, demo, r):
             f"{r['fp_top1']:.2f} | {r['ptq_top1']:.2f} | {r['qwt_top1']:.2f} | {r['qwt_top1'] - r['ptq_top1']:+.2f} |")
 
 
-def ptq_table(results):
-    """The README's method table: ``results`` {demo key: result} of every Demo of ptq_demos()."""
-    return '\n'.join([*PTQ_HEADER, *(ptq_row(n, d, results[d.key]) for n, d in ptq_demos())])
+def ptq_table(results, capability):
+    """The README's method table: ``results`` {demo key: result} of every Demo of ptq_demos(), measured with the
+    CPU kernels ``capability`` (a line under the table says so: the tests compare only on the same kernels)."""
+    rows = [ptq_row(n, d, results[d.key]) for n, d in ptq_demos()]
+    return '\n'.join([*PTQ_HEADER, *rows, '', ptq_kernels_line(capability)])
+
+
+def ptq_kernels_line(capability):
+    return f'Measured on {capability} CPU kernels, 1 CPU thread as the demo pins it.'
+
+
+def ptq_rows(block):
+    """The table rows of the README's method block."""
+    return [ln for ln in block.splitlines()[2:] if ln.startswith('|')]
 
 
 def block(name, text):
@@ -170,7 +181,7 @@ def main(argv=None):
     if args.check:
         old = (read_block(readme, 'demo_table') or '').splitlines()[2:]
         differ = [f'README: {a}\nrun:    {b}' for a, b in zip(old, rows) if without_time(a) != without_time(b)]
-        if read_block(readme, 'ptq_table') != ptq_table(extra):
+        if read_block(readme, 'ptq_table') != ptq_table(extra, torch.backends.cpu.get_cpu_capability()):
             differ.append('README: the block ptq_table differs from the --ptq runs')
         if len(old) != len(rows) or differ or read_block(readme, 'demo_figures') != figures:
             print('\n'.join(differ) or 'README.md differs from the runs: python tools/readme_figures.py rewrites it')
@@ -178,7 +189,7 @@ def main(argv=None):
         print('README.md holds the figures of these runs')
         return
     for name, text in (('demo_table', table), ('demo_figures', figures), ('demo_extra', extra_text(extra)),
-                       ('ptq_table', ptq_table(extra))):
+                       ('ptq_table', ptq_table(extra, torch.backends.cpu.get_cpu_capability()))):
         readme = replace_block(readme, name, text)
     with open(README, 'w') as f:
         f.write(readme)
