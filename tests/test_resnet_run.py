@@ -149,11 +149,11 @@ def test_conv_a_bits_opt_in(conv_a_bits, expected):
     """The published default reads 8-bit conv inputs whatever --a_bits (3 here); 'a_bits' gives the convs after
     the stem 3-bit inputs; the stem and fc stay 8-bit either way (SPEC §3b)."""
     from quant import QuantConv2d
-    from utils.run.family import post_training_quantize
+    from utils.run.ptq import METHODS
     model = make_tiny_resnet()
     args = argparse.Namespace(calib_search='vectorized', conv_a_bits=conv_a_bits)
     torch.manual_seed(0)
-    post_training_quantize('resnet', model, torch.randn(4, 3, 32, 32), 4, 3, args, {}, False)
+    METHODS['percentile'].function()(model, torch.randn(4, 3, 32, 32), 4, 3, args, {}, False)
     convs = {n: m for n, m in model.named_modules() if isinstance(m, QuantConv2d)}
     assert convs['conv1'].input_quantizer.n_bits == 8 and convs['conv1'].weight_quantizer.n_bits == 8
     assert model.fc.input_quantizer.n_bits == 8

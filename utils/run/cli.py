@@ -78,7 +78,8 @@ def build_parser(family, raise_errors=False):
     method = FAMILY_METHODS[family]
     compensation = 'QwT group-convolution compensation' if family == 'resnet' else 'QwT compensation'
     p = Parser(raise_errors=raise_errors, prog=FAMILY_SCRIPTS[family],
-               description=f'{method} post-training quantization, then {compensation}, evaluated on ImageNet.')
+               description=f'{method} (or --ptq METHOD) post-training quantization, then {compensation}, '
+                           'evaluated on ImageNet.')
     p.add_argument('--model', default=None, help=f"{', '.join(table_names(family))}, or a full timm 0.4.12 name")
     p.add_argument('--data_dir', default=None, help='ImageNet root holding train/<class>/* and val/<class>/*')
     p.add_argument('--w_bit', '--w_bits', dest='w_bits', type=int, default=None,
@@ -161,14 +162,14 @@ def build_parser(family, raise_errors=False):
                             "and W6/A8 in effect; default), or 'a_bits': a real --a_bits input")
     methods = [m for m in ptq_methods.METHODS.values() if family in m.families]
     p.add_argument('--ptq', default=None, metavar='METHOD',
-                   help='the post-training quantizer QwT follows: ' + ', '.join(f"'{m.name}' ({m.label})" for m in methods)
-                        + f" (default {ptq_methods.DEFAULTS[family]}, as published; brevitas's are described in the "
+                   help='the post-training quantizer QwT follows: '
+                        + ', '.join(f"'{m.name}' ({m.label})" for m in methods) + f" (default {ptq_methods.DEFAULTS[family]}, as published; brevitas's are described in the "
                           'README, Other quantizers)')
     p.add_argument('--eval', choices=EVAL_CHOICES, default='both',
                    help=f"val evaluation: 'both' models in one pass after QwT (default), 'ptq' ('repq' is its older "
-                        f"name) alone, right after the PTQ method ({method} by default) as published, 'qwt' alone, 'none', 'fp': the full-precision model only (no "
-                        "calibration), or 'all': the full-precision model (a copy kept before calibration), "
-                        f"{method} and {method} + QwT in one pass. The calibration and QwT images are the same in "
+                        f"name) alone, right after the PTQ method ({method} by default) as published, 'qwt' alone, "
+                        "'none', 'fp': the full-precision model only (no calibration), or 'all': the full-precision "
+                        "model (a copy kept before calibration), the PTQ model and it + QwT in one pass. The calibration and QwT images are the same in "
                         'every case' + (' (the draws of the published FP and Percentile evaluations before QwT are '
                                         'made whatever this says)' if family == 'resnet' else ''))
     return p
@@ -259,7 +260,8 @@ def check_ptq(args, family):
     if args.ptq is None:
         return
     if args.load is not None:
-        raise UserError(f"--ptq and --load exclude each other: --load {args.load} holds its own method; leave out --ptq")
+        raise UserError(f"--ptq and --load exclude each other: --load {args.load} holds its own method; leave out "
+                        "--ptq")
     method = ptq_methods.check(args.ptq, family)
     ptq_methods.check_flags(method, args)
     if method.fp_model and args.save is not None:

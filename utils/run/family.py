@@ -1,22 +1,16 @@
-"""What differs between the families' runs (SPEC §1b, §3b): the default post-training quantizer's name, the
-QwT options, how many evaluation-loader iterations the published script makes between calibration and the
-QwT images, and the ResNet checks made before anything heavy runs."""
+"""What differs between the families' runs (SPEC §1b, §3b): the fields naming the PTQ method, the QwT options,
+how many evaluation-loader iterations the published script makes between calibration and the QwT images, and
+the ResNet checks made before anything heavy runs."""
 import torch
 
 from models.registry import DIGITS_MODELS
 from quant.qwt_conv import check_conv_qwt_args
 from utils.core.errors import UserError
-from utils.run.naming import FAMILY_METHODS
 from utils.run.weights import find_weights
 
 # SPEC §1b step 6 / §3b: the published ViT and Swin scripts evaluate the RepQ-ViT model before QwT (one
 # eval-loader iteration); the ResNet script evaluates the FP model, then the Percentile model (two).
 EVAL_DRAWS_BEFORE_QWT = {'vit': 1, 'swin': 1, 'resnet': 2}
-
-
-def method(family):
-    """The label of the family's default --ptq method (the published script's quantizer)."""
-    return FAMILY_METHODS[family]
 
 
 def qwt_options(family, args):
