@@ -78,8 +78,7 @@ def build_parser(family, raise_errors=False):
     method = FAMILY_METHODS[family]
     compensation = 'QwT group-convolution compensation' if family == 'resnet' else 'QwT compensation'
     p = Parser(raise_errors=raise_errors, prog=FAMILY_SCRIPTS[family],
-               description=f'{method} (or --ptq METHOD) post-training quantization, then {compensation}, '
-                           'evaluated on ImageNet.')
+               description=f'{method} post-training quantization, then {compensation}, evaluated on ImageNet.')
     p.add_argument('--model', default=None, help=f"{', '.join(table_names(family))}, or a full timm 0.4.12 name")
     p.add_argument('--data_dir', default=None, help='ImageNet root holding train/<class>/* and val/<class>/*')
     p.add_argument('--w_bit', '--w_bits', dest='w_bits', type=int, default=None,
