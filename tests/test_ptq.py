@@ -184,3 +184,33 @@ def test_two_gloo_processes_take_rank0s_quantizers_and_fit(tmp_path):
     for k in r0['comp']:
         assert torch.equal(r0['comp'][k], r1['comp'][k]), k
     assert r0['stats'] == r1['stats']
+
+
+# ---- the table runner: a row per method ------------------------------------------------------------
+
+def test_runner_plans_a_row_per_method(tmp_path):
+    from utils.core.errors import UserError
+    from utils.runner import cells as table_cells, flags as runner_flags
+    ckpts, data = tmp_path / 'ckpts', tmp_path / 'data'
+    os.makedirs(ckpts)
+    os.makedirs(data)
+    (ckpts / 'deit_tiny_patch16_224-a1311bcf.pth').write_bytes(b'')  # only checked for existence at plan time
+    base = ['--data_dir', str(data), '--models', 'deit_tiny', '--bits', '4', '--seeds', '0', '--device', 'cpu',
+            '--output_dir', str(tmp_path / 'out'), '--checkpoint_dir', str(ckpts)]
+    args = runner_flags.build_parser().parse_args([*base, '--ptq', 'default', 'brevitas-minmax', 'repq'])
+    cells, _ = table_cells.plan(args)
+    assert [(c.label, c.method, c.ptq) for c in cells] == [
+        ('deit_tiny FP', 'RepQ-ViT', None), ('deit_tiny W4/A4 seed 0', 'RepQ-ViT', 'repq'),
+        ('deit_tiny W4/A4 brevitas min-max seed 0', 'brevitas min-max', 'brevitas-minmax')]
+    assert '--ptq' not in cells[1].flags and cells[1].folder == str(tmp_path / 'out' / 'deit_tiny_w4a4_seed0')
+    assert cells[2].flags[-6:-4] == ('--ptq', 'brevitas-minmax')
+    assert cells[2].folder == str(tmp_path / 'out' / 'deit_tiny_w4a4_brevitas-minmax_seed0')
+    r = {'timm_name': 'deit_tiny_patch16_224', 'eval': 'both', 'w_bits': 4, 'a_bits': 4, 'seed': 0,
+         'ptq': 'brevitas-minmax', 'ptq_top1': 1.0, 'qwt_top1': 2.0}
+    assert table_cells.result_problem(cells[2], r) is None
+    assert table_cells.result_problem(cells[1], r) == "result.json has ptq 'brevitas-minmax', expected 'repq'"
+    old = {k: v for k, v in r.items() if k not in ('ptq', 'ptq_top1')}
+    assert table_cells.result_problem(cells[1], {**old, 'repq_top1': 1.0}) is None  # written before --ptq
+    bad = runner_flags.build_parser().parse_args([*base, '--ptq', 'percentile'])
+    with pytest.raises(UserError, match=r'^--ptq percentile \(Percentile\) does not apply to vit models'):
+        table_cells.plan(bad)

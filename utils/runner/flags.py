@@ -25,8 +25,10 @@ examples:
   # two models, W4/A4 only, on the CPU, two cells at a time, smaller runs (flags after -- go to every run)
   python tools/reproduce.py --models deit_tiny swin_tiny --bits 4 --device cpu --parallel 2 \\
       --data_dir DIR --checkpoint_dir CKPTS -- --qwt_samples 64 --num_val 100
+  # each model behind its own quantizer and behind brevitas min-max: a row per method
+  python tools/reproduce.py --data_dir /path/to/imagenet --ptq default brevitas-minmax
 
-Each cell runs in OUTPUT_DIR/<model>_w<W>a<A>_seed<S>/ (FP: OUTPUT_DIR/<model>_fp/) with its own log.txt,
+Each cell runs in OUTPUT_DIR/<model>_w<W>a<A>[_<ptq>]_seed<S>/ (FP: OUTPUT_DIR/<model>_fp/) with its own log.txt,
 result.json, console.txt (the child's output) and cell.json. Run the same command again to resume: cells
 already done with the same flags are skipped. The table goes to OUTPUT_DIR/results_table.{md,csv,png}.
 Exit code: 0 when every cell is done, 1 when some failed or could not start, 2 for a usage error,
