@@ -146,7 +146,7 @@ def step_demos(check):
             results[family] = {'why': f'{script} --demo failed', 'log': tail}
             continue
         results[family] = {'model': res['model'], 'bits': f"W{res['w_bits']}/A{res['a_bits']}",
-                           **{k: res.get(k) for k in ('fp_top1', 'repq_top1', 'qwt_top1')},
+                           **{k: res.get(k) for k in ('fp_top1', 'ptq_top1', 'qwt_top1')},
                            'seconds': round(time.perf_counter() - start, 1)}
     return ok, {'demos': results}
 
@@ -173,9 +173,9 @@ def step_vs_published(check):
             results[name] = {**entry, 'why': f'{SCRIPTS[family]} failed', 'log': tail}
             continue
         res = read_json(os.path.join(ours_out, 'result.json'))
-        entry.update({k: res.get(k) for k in ('repq_top1', 'qwt_top1', 'num_qwt', 'num_calib')},
+        entry.update({k: res.get(k) for k in ('ptq_top1', 'qwt_top1', 'num_qwt', 'num_calib')},
                      blocks_used=sum(b['used'] for b in res['qwt_blocks']), blocks=len(res['qwt_blocks']),
-                     timings={k: res['timings'].get(k) for k in ('repq', 'qwt', 'eval')})
+                     timings={k: res['timings'].get(k) for k in ('ptq', 'qwt', 'eval')})
         if not have_published:
             results[name] = {**entry, 'published': f'skipped: {check.args.published} not found'}
             continue

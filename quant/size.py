@@ -1,5 +1,6 @@
 """Model size of SPEC §4: Σ numel × bits / 8 / 1e6 over parameters; a quantized layer's weight
-counts its weight bits, a QwT W 16 bits, everything else 32."""
+counts its weight bits (the project's layers, and brevitas's for --ptq brevitas-*), a QwT W 16 bits,
+everything else 32."""
 from quant.layers import QuantConv2d, QuantLinear
 from quant.qwt import CompensatedBlock
 
@@ -15,7 +16,17 @@ def parameter_bits(model):
             bits[id(m.weight)] = m.weight_quantizer.n_bits
         elif isinstance(m, CompensatedBlock):
             bits[id(m.comp_weight)] = QWT_WEIGHT_BITS
+        elif _brevitas_weight_bits(m) is not None:
+            bits[id(m.weight)] = _brevitas_weight_bits(m)
     return bits
+
+
+def _brevitas_weight_bits(module):
+    """The weight bits of a brevitas quantized layer (duck-typed: brevitas is imported only by its runs)."""
+    proxy = getattr(module, 'weight_quant', None)
+    if proxy is None or not getattr(proxy, 'is_quant_enabled', False) or not hasattr(proxy, 'bit_width'):
+        return None
+    return int(proxy.bit_width())
 
 
 def model_size_mb(model, include_compensation=True):

@@ -2,8 +2,8 @@
 and OUTPUT_DIR/log.txt and result.json written in a fraction of a second. Run under torchrun, only rank 0
 writes. Behaviour from the environment:
 
-  STAND_IN_ACC    JSON {"<model> W4/A4 seed 0": [repq_top1, qwt_top1], "<model> FP": fp_top1}; other runs get
-                  accuracies made from the seed
+  STAND_IN_ACC    JSON {"<model> W4/A4 seed 0": [ptq_top1, qwt_top1], "<model> W4/A4 <--ptq> seed 0": [...],
+                  "<model> FP": fp_top1}; other runs get accuracies made from the seed
   STAND_IN_FAIL   a model name: its runs print 'error: ...' and exit 2
   STAND_IN_SLEEP  seconds to wait before writing the result
   STAND_IN_LOG    a file that gets one JSON line per process: pid, start, end, argv and launcher variables
@@ -33,7 +33,7 @@ def main():
     if os.environ.get('STAND_IN_PID'):
         print(f'pid {os.getpid()}', flush=True)
     p = argparse.ArgumentParser()
-    for flag in ('--model', '--data_dir', '--checkpoint', '--output_dir', '--device', '--eval'):
+    for flag in ('--model', '--data_dir', '--checkpoint', '--output_dir', '--device', '--eval', '--ptq'):
         p.add_argument(flag)
     for flag, default in (('--w_bit', 4), ('--a_bit', 4), ('--seed', 0), ('--batch_size', 32), ('--qwt_samples', 512),
                           ('--num_val', None), ('--start_block', 0)):
@@ -45,13 +45,16 @@ def main():
         sys.exit(2)
     time.sleep(float(os.environ.get('STAND_IN_SLEEP', '0')))
     fp = args.eval == 'fp'
-    key = f'{args.model} FP' if fp else f'{args.model} W{args.w_bit}/A{args.a_bit} seed {args.seed}'
+    spec = registry.resolve_model(args.model)
+    ptq = args.ptq or ('percentile' if spec.family == 'resnet' else 'repq')
+    method = f' {ptq}' if args.ptq else ''
+    key = f'{args.model} FP' if fp else f'{args.model} W{args.w_bit}/A{args.a_bit}{method} seed {args.seed}'
     acc = json.loads(os.environ.get('STAND_IN_ACC', '{}')).get(key)
     if acc is None:
         acc = 80.0 if fp else [50.0 + args.seed, 55.0 + args.seed]
     n_val = 100 if args.num_val is None else min(args.num_val, 100)
     result = {
-        'model': args.model, 'timm_name': registry.resolve_model(args.model).timm_name,
+        'model': args.model, 'timm_name': spec.timm_name, 'ptq': ptq,
         'w_bits': args.w_bit, 'a_bits': args.a_bit, 'eval': args.eval, 'seed': args.seed,
         'world_size': int(os.environ.get('WORLD_SIZE', '1')), 'device': args.device,
         'weights': 'checkpoint' if args.checkpoint else 'pretrained', 'demo': False, 'data_dir': args.data_dir,
@@ -59,7 +62,7 @@ def main():
         'num_calib': None if fp else args.batch_size, 'num_qwt': None if fp else args.qwt_samples,
         'start_block': None if fp else args.start_block, 'qwt_solver': None if fp else 'inverse',
         'qwt_accumulate': None if fp else 'concat',
-        'fp_top1': acc if fp else None, 'repq_top1': None if fp else acc[0], 'qwt_top1': None if fp else acc[1],
+        'fp_top1': acc if fp else None, 'ptq_top1': None if fp else acc[0], 'qwt_top1': None if fp else acc[1],
         'qwt_blocks': [] if fp else [{'block': i, 'r2': r2, 'used': r2 > 0, 'fallback': None}
                                      for i, r2 in enumerate((0.9, 0.5, -0.2, 0.7))],
         'skipped_images': [], 'timings': {}, 'versions': {},

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT, save_random_checkpoint
 from utils.run import cli, pipeline
-from utils.run import family as run_family
+from quant.ptq import project as project_ptq
 from utils.core import allocator
 from utils.run.demo import make_image_folder
 
@@ -65,7 +65,7 @@ def test_pipeline_applies_it_on_the_cpu(tmp_path, monkeypatch):
 
     def stop(*args, **kwargs):
         raise Stop()
-    monkeypatch.setattr(run_family, 'repq_vit', stop)
+    monkeypatch.setattr(project_ptq, 'repq_vit', stop)
     root = make_image_folder(str(tmp_path / 'imagenet'))
     ckpt = save_random_checkpoint('deit_tiny_patch16_224', str(tmp_path / 'deit_tiny.pth'))
     with pytest.raises(Stop):

@@ -152,9 +152,9 @@ def test_what_is_evaluated_does_not_move_the_qwt_images(tiny_runs):
         assert r['eval'] == name
         assert (r['calib_files'], r['qwt_files']) == (both['calib_files'], both['qwt_files']), name
         assert r['qwt_blocks'] == both['qwt_blocks'], name  # same pixels: the same fit
-    assert tiny_runs['none']['repq_top1'] is None and tiny_runs['none']['qwt_top1'] is None
+    assert tiny_runs['none']['ptq_top1'] is None and tiny_runs['none']['qwt_top1'] is None
     # evaluated before QwT, as published, the RepQ-ViT model scores what the one-pass evaluation gives it
-    assert tiny_runs['repq']['repq_top1'] == both['repq_top1'] and tiny_runs['repq']['qwt_top1'] is None
+    assert tiny_runs['repq']['ptq_top1'] == both['ptq_top1'] and tiny_runs['repq']['qwt_top1'] is None
 
 
 def test_eval_all_adds_the_full_precision_model_and_moves_nothing(tiny_runs):
@@ -163,7 +163,7 @@ def test_eval_all_adds_the_full_precision_model_and_moves_nothing(tiny_runs):
     both, fp, every = tiny_runs['both'], tiny_runs['fp'], tiny_runs['all']
     assert (every['calib_files'], every['qwt_files'], every['qwt_blocks']) == (
         both['calib_files'], both['qwt_files'], both['qwt_blocks'])
-    for k in ('repq_top1', 'repq_top5', 'qwt_top1', 'qwt_top5', 'repq_size_mb', 'qwt_size_mb'):
+    for k in ('ptq_top1', 'ptq_top5', 'qwt_top1', 'qwt_top5', 'ptq_size_mb', 'qwt_size_mb'):
         assert every[k] == both[k], k
     assert (every['fp_top1'], every['fp_top5'], every['fp_size_mb']) == (fp['fp_top1'], fp['fp_top5'], fp['fp_size_mb'])
     assert both['fp_top1'] is None and both['fp_size_mb'] is None

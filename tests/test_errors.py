@@ -10,7 +10,7 @@ import torch
 
 from conftest import run_script, save_random_checkpoint
 from utils.run import cli, pipeline
-from utils.run import family as run_family
+from quant.ptq import project as project_ptq
 from utils.run.demo import make_image_folder
 
 
@@ -205,7 +205,7 @@ def test_checkpoint_with_python_objects_needs_trust(capsys, image_root, tmp_path
     assert args.trust_checkpoint is True
     assert parse_args('vit', quick(image_root, full, tmp_path)).trust_checkpoint is False
     stop = RuntimeError('stop after loading the weights')
-    monkeypatch.setattr(run_family, 'repq_vit', lambda *a, **k: (_ for _ in ()).throw(stop))
+    monkeypatch.setattr(project_ptq, 'repq_vit', lambda *a, **k: (_ for _ in ()).throw(stop))
     with pytest.raises(RuntimeError, match='stop after loading the weights'):
         cli.main('vit', quick(image_root, full, tmp_path, '--trust_checkpoint'))
     assert unsafe[-1] is False
@@ -289,9 +289,10 @@ def test_process_group_port_taken(image_root, deit_ckpt, tmp_path):
 
 @pytest.mark.parametrize('target,exc,expected', [
     ('repq_vit', RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB"),
-     'error: out of memory (RAM) in stage repq: RepQ-ViT calibrates on one batch of --batch_size images (32 as '
-     'published; a smaller batch changes the calibration): use a device with more memory (DefaultCPUAllocator: '),
-    ('repq_vit', MemoryError(), 'error: out of memory (RAM) in stage repq: '),
+     'error: out of memory (RAM) in stage ptq: the post-training quantizer (--ptq) calibrates on one batch of '
+     '--batch_size images (32 as published; a smaller batch changes the calibration): use a device with more memory '
+     '(DefaultCPUAllocator: '),
+    ('repq_vit', MemoryError(), 'error: out of memory (RAM) in stage ptq: '),
     ('qwt_compensate', torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB.\nGPU 0 has'),
      "error: out of GPU memory in stage qwt: QwT holds every block's features of all --qwt_samples images: "
      '--qwt_accumulate normal needs a fraction of that memory (the same fit to float tolerance), fewer --qwt_samples '
@@ -308,7 +309,7 @@ def test_out_of_memory_names_what_helps_in_the_stage_that_ran_out(capsys, image_
     line names the stage and its remedy; cuBLAS/cuSOLVER allocation failures count as running out."""
     def oom(*args, **kwargs):
         raise exc
-    monkeypatch.setattr(run_family if target == 'repq_vit' else pipeline, target, oom)
+    monkeypatch.setattr(project_ptq if target == 'repq_vit' else pipeline, target, oom)
     line = fails(capsys, 'vit', *quick(image_root, deit_ckpt, tmp_path))
     assert line.startswith(expected)
     assert line.count('\n') == 0 and ('--batch_size' not in line or target != 'qwt_compensate')
@@ -321,7 +322,7 @@ def test_a_bug_keeps_its_traceback(image_root, deit_ckpt, tmp_path, monkeypatch,
     ValueError or OSError raised inside the library is a bug and propagates with its traceback."""
     def bug(*args, **kwargs):
         raise exc
-    monkeypatch.setattr(run_family, 'repq_vit', bug)
+    monkeypatch.setattr(project_ptq, 'repq_vit', bug)
     with pytest.raises(type(exc), match=str(exc)):
         cli.main('vit', quick(image_root, deit_ckpt, tmp_path))
 

@@ -228,8 +228,8 @@ def test_eval_fp_scores_the_float_model(root, tiny_ckpts, tmp_path):
     result = cli.main('vit', ['--model', 'vit_test_tiny', '--data_dir', root, '--checkpoint', tiny_ckpts['vit_test_tiny'],
                               '--eval', 'fp', '--eval_workers', '0', '--device', 'cpu', '--output_dir',
                               str(tmp_path / 'o')])
-    assert result['eval'] == 'fp' and result['repq_top1'] is None and result['num_calib'] is None
-    assert result['repq_size_mb'] is None and result['fp_size_mb'] > 0
+    assert result['eval'] == 'fp' and result['ptq_top1'] is None and result['num_calib'] is None
+    assert result['ptq_size_mb'] is None and result['fp_size_mb'] > 0
     model = timm.create_model('vit_test_tiny', pretrained=False)
     model.load_state_dict(torch.load(tiny_ckpts['vit_test_tiny']))
     tf = T.Compose([T.Resize(int(32 / 0.9), interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(32), T.ToTensor(),

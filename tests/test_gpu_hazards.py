@@ -152,14 +152,14 @@ def test_val_workers_stop_at_eight(sixteen_cpus):
 @pytest.mark.parametrize('stage,exc,expected', [
     ('qwt_data', torch.cuda.OutOfMemoryError('x'), 'out of GPU memory in stage qwt: QwT holds'),
     ('save', MemoryError(), 'out of memory (RAM) in stage qwt: QwT holds'),
-    ('calibration_data', RuntimeError("can't allocate memory"), 'out of memory (RAM) in stage repq: RepQ-ViT'),
-    ('data', RuntimeError('cuDNN error: CUDNN_STATUS_NOT_ENOUGH_WORKSPACE'), 'out of GPU memory in stage repq: '),
+    ('calibration_data', RuntimeError("can't allocate memory"), 'out of memory (RAM) in stage ptq: the post-training quantizer'),
+    ('data', RuntimeError('cuDNN error: CUDNN_STATUS_NOT_ENOUGH_WORKSPACE'), 'out of GPU memory in stage ptq: '),
     ('build', RuntimeError('CUDA error: out of memory'), 'out of GPU memory in stage build: the full-precision'),
     (None, RuntimeError('CUSOLVER_STATUS_ALLOC_FAILED'), 'out of GPU memory: use a device with more memory, or fewer '
                                                         'processes per node (CUSOLVER_STATUS_ALLOC_FAILED)')])
 def test_every_stage_maps_to_its_advice(stage, exc, expected):
     """The stages without advice of their own take their neighbour's (QwT images and --save: QwT; the
-    calibration batch and the data: RepQ-ViT); an error that left no stage gets the general line."""
+    calibration batch and the data: the post-training quantizer); an error that left no stage gets the general line."""
     from utils.run import memory
     if stage is not None:
         exc.qwt_stage = stage

@@ -48,6 +48,19 @@ def test_readme_demo_figures_are_those_of_fresh_runs(demo_runs):
     assert rf.read_block(README, 'demo_figures') == fresh
 
 
+def test_readme_method_table_rows_of_the_default_methods(demo_runs):
+    """The --ptq table's RepQ-ViT and Percentile rows are the plain demos' (the brevitas rows:
+    tests/test_ptq_demos.py)."""
+    from utils.run.ptq import DEFAULTS
+    block = rf.read_block(README, 'ptq_table')
+    assert block is not None, 'README.md has no <!-- readme_figures:ptq_table --> block'
+    if rf.ptq_kernels_line(torch.backends.cpu.get_cpu_capability()) not in block:
+        pytest.skip(f'the README method table was measured with other CPU kernels: {block.splitlines()[-1]!r}')
+    defaults = [ln for ln in rf.ptq_rows(block) if ln.split(' | ')[0][2:] in {f'`{n}`' for n in DEFAULTS.values()}]
+    fresh = [rf.ptq_row(name, d, demo_runs[d.key][1]) for name, d in rf.ptq_demos() if d in rf.DEMOS]
+    assert defaults == fresh and len(fresh) == 3
+
+
 def test_no_hoped_for_claims_left_in_the_readme():
     assert 'it keeps\nits accuracy at W3/A3' not in README and 'keeps its accuracy at W3/A3' not in README
     assert '`--qwt_solver lstsq` does)' not in README
@@ -72,7 +85,7 @@ def test_swin_demo_recovers_accuracy_and_leaves_block0_out(demo_runs):
     assert (r['model'], r['weights'], r['eval'], r['w_bits'], r['a_bits']) == ('swin_digits', 'pretrained', 'all', 3, 3)
     assert (r['num_val'], r['num_calib'], r['num_qwt']) == (500, 32, 256)
     assert r['fp_top1'] == 94.4  # 472 of 500: the model as trained (tests/test_digits.py)
-    assert r['qwt_top1'] > r['repq_top1'] and r['repq_top1'] < r['fp_top1'] - 2
+    assert r['qwt_top1'] > r['ptq_top1'] and r['ptq_top1'] < r['fp_top1'] - 2
     assert r['qwt_blocks'][0]['singular'] and not r['qwt_blocks'][0]['used']
     assert 'demo: swin_digits, trained on the UCI handwritten digits (models/digits), at W3/A3' in stdout
     assert stdout.count('is numerically singular') == 1 and '--qwt_solver lstsq fits it' in stdout
@@ -82,7 +95,7 @@ def test_swin_demo_recovers_accuracy_and_leaves_block0_out(demo_runs):
 def test_the_demo_table_takes_a_new_demo_by_one_entry():
     """The generator is generic over DEMOS: a row per entry, its command from the entry."""
     demo = rf.Demo('resnet', 'qwt_resnet.py')
-    r = {'model': 'resnet_digits', 'w_bits': 4, 'a_bits': 4, 'fp_top1': 97.0, 'repq_top1': 90.25, 'qwt_top1': 95.5}
+    r = {'model': 'resnet_digits', 'w_bits': 4, 'a_bits': 4, 'fp_top1': 97.0, 'ptq_top1': 90.25, 'qwt_top1': 95.5}
     assert rf.table_row(demo, r, 12.4) == \
         '| `python qwt_resnet.py --demo` | `resnet_digits` | W4/A4 | 97.00 | 90.25 | 95.50 | 12 s |'
     assert rf.without_time(rf.table_row(demo, r, 12.4)) == rf.table_row(demo, r)

@@ -444,7 +444,7 @@ def test_a_failing_cell_is_reported_and_the_others_finish(data_dir, tmp_path, ca
     assert (result['weights'], result['num_qwt'], len(result['qwt_blocks'])) == ('checkpoint', 4, 3)
     lines = (out / 'results_table.md').read_text().splitlines()
     assert len(lines) == 4  # rows of models outside the paper: by name
-    assert lines[3] == (f"| vit_test_tiny | W4/A4 |  | {fp['fp_top1']:.2f} |  |  | {result['repq_top1']:.2f} | "
+    assert lines[3] == (f"| vit_test_tiny | W4/A4 |  | {fp['fp_top1']:.2f} |  |  | {result['ptq_top1']:.2f} | "
                         f"{result['qwt_top1']:.2f} |  |  |  | 1 | 4 calibration images; 4 QwT images |")
     assert lines[2] == ('| swin_test_tiny | W4/A4 |  |  |  |  |  |  |  |  |  |  | missing: seed 0; missing: FP |')
     if figures.have_matplotlib():

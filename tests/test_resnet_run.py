@@ -149,11 +149,11 @@ def test_conv_a_bits_opt_in(conv_a_bits, expected):
     """The published default reads 8-bit conv inputs whatever --a_bits (3 here); 'a_bits' gives the convs after
     the stem 3-bit inputs; the stem and fc stay 8-bit either way (SPEC §3b)."""
     from quant import QuantConv2d
-    from utils.run.family import post_training_quantize
+    from utils.run.ptq import METHODS
     model = make_tiny_resnet()
     args = argparse.Namespace(calib_search='vectorized', conv_a_bits=conv_a_bits)
     torch.manual_seed(0)
-    post_training_quantize('resnet', model, torch.randn(4, 3, 32, 32), 4, 3, args, {}, False)
+    METHODS['percentile'].function()(model, torch.randn(4, 3, 32, 32), 4, 3, args, {}, False)
     convs = {n: m for n, m in model.named_modules() if isinstance(m, QuantConv2d)}
     assert convs['conv1'].input_quantizer.n_bits == 8 and convs['conv1'].weight_quantizer.n_bits == 8
     assert model.fc.input_quantizer.n_bits == 8
@@ -219,7 +219,7 @@ def test_reproduce_resnet18_row_beside_the_published_figures(folder, tmp_path):
     assert [(r['method'], r['kernel_size'], r['factor'], r['conv_a_bits']) for r in results] == [
         ('Percentile', 1, 64, '8')] * 2
     fp = json.load(open(out / 'resnet18_fp' / 'result.json'))['fp_top1']
-    repq = sum(r['repq_top1'] for r in results) / 2
+    repq = sum(r['ptq_top1'] for r in results) / 2
     qwt = sum(r['qwt_top1'] for r in results) / 2
     row = [c.strip() for c in lines[2].strip('|').split('|')]
     assert row[:8] == ['ResNet-18', 'W4/A4', '71.0', f'{fp:.2f}', '58.3', '68.9', row[6], row[7]]
@@ -260,6 +260,6 @@ def test_demo_runs_the_digits_resnet_where_qwt_recovers_accuracy(tmp_path):
         'resnet_digits', 'Percentile', 'all', 2, 4, 32, '8')
     assert (r['num_val'], r['num_calib'], r['num_qwt'], len(r['qwt_blocks'])) == (500, 32, 256, 3)
     assert r['fp_top1'] == 99.6 and r['fp_top1'] >= 80
-    assert r['repq_top1'] < r['fp_top1'] - 2 and r['qwt_top1'] > r['repq_top1']
+    assert r['ptq_top1'] < r['fp_top1'] - 2 and r['qwt_top1'] > r['ptq_top1']
     assert 'Percentile + QwT top-1' in proc.stdout and 'RepQ-ViT' not in proc.stdout
     assert seconds < 60

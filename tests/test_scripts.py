@@ -9,8 +9,8 @@ from PIL import Image
 from conftest import run_script, save_random_checkpoint
 from utils.run.demo import make_image_folder
 
-RESULT_KEYS = {'model', 'timm_name', 'w_bits', 'a_bits', 'seed', 'world_size', 'num_val', 'repq_top1', 'repq_top5',
-               'qwt_top1', 'qwt_top5', 'repq_size_mb', 'qwt_size_mb', 'timings', 'versions'}
+RESULT_KEYS = {'model', 'timm_name', 'w_bits', 'a_bits', 'seed', 'world_size', 'num_val', 'ptq_top1', 'ptq_top5',
+               'qwt_top1', 'qwt_top5', 'ptq_size_mb', 'qwt_size_mb', 'timings', 'versions'}
 
 
 @pytest.fixture(scope='module')
@@ -26,11 +26,11 @@ def check_result(out_dir, model, timm_name, proc):
     assert result['model'] == model and result['timm_name'] == timm_name
     assert (result['w_bits'], result['a_bits'], result['seed'], result['world_size']) == (4, 4, 0, 1)
     assert result['num_val'] == 6
-    for key in ('repq_top1', 'repq_top5', 'qwt_top1', 'qwt_top5'):
+    for key in ('ptq_top1', 'ptq_top5', 'qwt_top1', 'qwt_top5'):
         assert 0.0 <= result[key] <= 100.0
-    assert result['repq_top5'] >= result['repq_top1']
-    assert 0 < result['repq_size_mb'] < result['qwt_size_mb']
-    assert {'repq', 'qwt', 'eval'} <= set(result['timings'])
+    assert result['ptq_top5'] >= result['ptq_top1']
+    assert 0 < result['ptq_size_mb'] < result['qwt_size_mb']
+    assert {'ptq', 'qwt', 'eval'} <= set(result['timings'])
     assert result['versions']['timm'] == '0.4.12'
     import torch
     numerics = result['numerics']  # what decides float results besides the code (issue 24)
@@ -79,16 +79,16 @@ def check_save_load(script, result, saved, image_root, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     loaded = json.load(open(os.path.join(out, 'result.json')))
     assert (loaded['weights'], loaded['source_weights'], loaded['loaded_from']) == ('loaded', 'checkpoint', saved)
-    for key in ('model', 'timm_name', 'w_bits', 'a_bits', 'repq_top1', 'repq_top5', 'qwt_top1', 'qwt_top5',
-                'repq_size_mb', 'qwt_size_mb', 'qwt_blocks', 'num_calib', 'num_qwt', 'num_val'):
+    for key in ('model', 'timm_name', 'w_bits', 'a_bits', 'ptq_top1', 'ptq_top5', 'qwt_top1', 'qwt_top5',
+                'ptq_size_mb', 'qwt_size_mb', 'qwt_blocks', 'num_calib', 'num_qwt', 'num_val'):
         assert loaded[key] == result[key], key
-    assert 'repq' not in loaded['timings'] and 'qwt' not in loaded['timings']
+    assert 'ptq' not in loaded['timings'] and 'qwt' not in loaded['timings']
     proc = run_script(script, '--load', saved, '--data_dir', image_root, '--allow_class_subset', '--batch_size', '4', '--num_workers', '0',
                       '--output_dir', out, '--num_val', '4', '--eval', 'repq')
     assert proc.returncode == 0, proc.stderr[-3000:]
     subset = json.load(open(os.path.join(out, 'result.json')))
     assert (subset['num_val'], subset['val_total'], subset['qwt_top1']) == (4, 6, None)
-    assert subset['repq_top1'] in (0.0, 25.0, 50.0, 75.0, 100.0)
+    assert subset['ptq_top1'] in (0.0, 25.0, 50.0, 75.0, 100.0)
 
 
 @pytest.mark.parametrize('family,args,message', [

@@ -102,7 +102,7 @@ def test_two_cells_are_two_jobs_with_the_local_backends_accuracies(data_dir, tmp
     assert len(set(ids)) == 2 and len({i.split('_')[0] for i in ids}) == 1  # two tasks of one array
     for folder in ('vit_test_tiny_fp', 'vit_test_tiny_w4a4_seed0'):
         s, loc = (json.load(open(tmp_path / b / folder / 'result.json')) for b in ('slurm', 'local'))
-        for key in ('fp_top1', 'repq_top1', 'qwt_top1', 'repq_top5', 'qwt_top5', 'calib_files', 'qwt_files'):
+        for key in ('fp_top1', 'ptq_top1', 'qwt_top1', 'ptq_top5', 'qwt_top5', 'calib_files', 'qwt_files'):
             assert s[key] == loc[key], (folder, key)
         assert record(tmp_path / 'slurm', folder)['status'] == 'done'
         assert record(tmp_path / 'slurm', folder)['runs'] == 1

@@ -6,7 +6,9 @@
 
 Prints the Markdown table and writes PREFIX.md, PREFIX.csv and, with matplotlib, PREFIX.png (default
 results_table.*). Runs enter by their configuration: one row per model, bit width and variant (the
-settings that differ from the published procedure, named in the note), mean ± sample std over seeds (n);
+settings that differ from the published procedure, named in the note; another --ptq method than the paper's
+gets its own rows, named in a method column), mean ± sample std over seeds (n); result.json files written
+before --ptq (repq_* keys) are read too;
 two runs of one row and seed keep the newer result.json, with a warning naming both; --eval fp runs fill
 the FP column. Demo, random-weight, val-subset (--num_val), class-subset (--allow_class_subset on a folder
 of another number of classes than the model) and --eval none runs are left out unless --include names them.

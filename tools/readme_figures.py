@@ -61,7 +61,7 @@ def table_row(demo, r, seconds=None):
     """The demo's table row; ``seconds`` None leaves the time cell empty (for comparisons)."""
     time_cell = '' if seconds is None else f'{seconds:.0f} s'
     return (f"| `{demo.command}` | `{r['model']}` | W{r['w_bits']}/A{r['a_bits']} | {r['fp_top1']:.2f} | "
-            f"{r['repq_top1']:.2f} | {r['qwt_top1']:.2f} | {time_cell} |")
+            f"{r['ptq_top1']:.2f} | {r['qwt_top1']:.2f} | {time_cell} |")
 
 
 def without_time(row):
@@ -76,9 +76,9 @@ def _join(words):
 
 def figures_text(results, threads, capability, torch_version):
     """The sentences under the table, from the demo runs (``results``: [(demo, result)] in table order)."""
-    lost = _join([f"{r['fp_top1'] - r['repq_top1']:.2f} (`{r['model']}`)" for _, r in results])
-    back = _join([f"{r['qwt_top1'] - r['repq_top1']:.2f}" for _, r in results])
-    size = _join([f"{r['qwt_size_mb'] - r['repq_size_mb']:.2f}" for _, r in results])
+    lost = _join([f"{r['fp_top1'] - r['ptq_top1']:.2f} (`{r['model']}`)" for _, r in results])
+    back = _join([f"{r['qwt_top1'] - r['ptq_top1']:.2f}" for _, r in results])
+    size = _join([f"{r['qwt_size_mb'] - r['ptq_size_mb']:.2f}" for _, r in results])
     images = _join(sorted({str(r['num_qwt']) for _, r in results}))
     return (f"Measured with `python tools/readme_figures.py` (torch {torch_version}, {threads} CPU thread as the demo "
             f"pins it, {capability} kernels; `tests/test_readme_demo.py` reruns the demos and holds these rows "
@@ -90,12 +90,54 @@ def figures_text(results, threads, capability, torch_version):
 def extra_text(extra):
     """The sentences on other settings, from ``extra`` ({key: result} of DEMOS and EXTRA)."""
     v, s = extra['vit_w3a3'], extra['swin_lstsq']
-    return (f"At W3/A3 the ViT loses less and QwT does not help: FP {v['fp_top1']:.2f}, RepQ-ViT {v['repq_top1']:.2f}, "
+    return (f"At W3/A3 the ViT loses less and QwT does not help: FP {v['fp_top1']:.2f}, RepQ-ViT {v['ptq_top1']:.2f}, "
             f"RepQ-ViT + QwT {v['qwt_top1']:.2f} (`python qwt_vit_and_deit.py --demo --w_bits 3 --a_bits 3`). Swin's "
             "first block is left out (one warning line says why: its first stage is rank-deficient, so the published "
             "float32 inverse cannot fit it). `--qwt_solver lstsq` fits that block, but on this demo it lowers "
             f"RepQ-ViT + QwT top-1 from {extra['swin']['qwt_top1']:.2f} to {s['qwt_top1']:.2f} "
             "(`python qwt_swin.py --demo --qwt_solver lstsq`).")
+
+
+# Every --ptq method on each demo it applies to ('Other quantizers: --ptq' in the README): the default methods'
+# rows are the DEMOS' runs, the others one run each, at the demo's own bits.
+def ptq_demos():
+    """[(--ptq name, Demo)] of the README's method table, in registry order; the default method's Demo is the
+    plain demo of DEMOS (its own flags)."""
+    from utils.run import ptq
+    family = {'qwt_vit_and_deit.py': 'vit', 'qwt_swin.py': 'swin', 'qwt_resnet.py': 'resnet'}
+    out = []
+    for name, method in ptq.METHODS.items():
+        for d in DEMOS:
+            f = family[d.script]
+            if f in method.families:
+                out.append((name, d if name == ptq.DEFAULTS[f] else Demo(f'{d.key}_{name}', d.script, ('--ptq', name))))
+    return out
+
+
+PTQ_HEADER = ('| `--ptq` | method | command | model | bits | FP | PTQ | PTQ + QwT | QwT gives back |',
+              '|---|---|---|---|---|---|---|---|---|')
+
+
+def ptq_row(name, demo, r):
+    """One row of the method table, from the run's result.json ``r``."""
+    return (f"| `{name}` | {r['method']} | `{demo.command}` | `{r['model']}` | W{r['w_bits']}/A{r['a_bits']} | "
+            f"{r['fp_top1']:.2f} | {r['ptq_top1']:.2f} | {r['qwt_top1']:.2f} | {r['qwt_top1'] - r['ptq_top1']:+.2f} |")
+
+
+def ptq_table(results, capability):
+    """The README's method table: ``results`` {demo key: result} of every Demo of ptq_demos(), measured with the
+    CPU kernels ``capability`` (a line under the table says so: the tests compare only on the same kernels)."""
+    rows = [ptq_row(n, d, results[d.key]) for n, d in ptq_demos()]
+    return '\n'.join([*PTQ_HEADER, *rows, '', ptq_kernels_line(capability)])
+
+
+def ptq_kernels_line(capability):
+    return f'Measured on {capability} CPU kernels, 1 CPU thread as the demo pins it.'
+
+
+def ptq_rows(block):
+    """The table rows of the README's method block."""
+    return [ln for ln in block.splitlines()[2:] if ln.startswith('|')]
 
 
 def block(name, text):
@@ -123,8 +165,9 @@ def main(argv=None):
     import torch
     from utils.run.demo import DEMO_THREADS
     runs, extra = [], {}
+    other = [d for _, d in ptq_demos() if d not in DEMOS]
     with tempfile.TemporaryDirectory(prefix='readme_figures_') as tmp:
-        for demo in (*DEMOS, *EXTRA):
+        for demo in (*DEMOS, *EXTRA, *other):
             print(f'running {demo.command} ...', file=sys.stderr, flush=True)
             r, seconds, _ = run_demo(demo, os.path.join(tmp, demo.key))
             if demo in DEMOS:
@@ -138,12 +181,15 @@ def main(argv=None):
     if args.check:
         old = (read_block(readme, 'demo_table') or '').splitlines()[2:]
         differ = [f'README: {a}\nrun:    {b}' for a, b in zip(old, rows) if without_time(a) != without_time(b)]
+        if read_block(readme, 'ptq_table') != ptq_table(extra, torch.backends.cpu.get_cpu_capability()):
+            differ.append('README: the block ptq_table differs from the --ptq runs')
         if len(old) != len(rows) or differ or read_block(readme, 'demo_figures') != figures:
             print('\n'.join(differ) or 'README.md differs from the runs: python tools/readme_figures.py rewrites it')
             sys.exit(1)
         print('README.md holds the figures of these runs')
         return
-    for name, text in (('demo_table', table), ('demo_figures', figures), ('demo_extra', extra_text(extra))):
+    for name, text in (('demo_table', table), ('demo_figures', figures), ('demo_extra', extra_text(extra)),
+                       ('ptq_table', ptq_table(extra, torch.backends.cpu.get_cpu_capability()))):
         readme = replace_block(readme, name, text)
     with open(README, 'w') as f:
         f.write(readme)

@@ -7,11 +7,12 @@ import warnings
 
 from models.registry import DIGITS_MODELS, resolve_model, table_names
 from utils.run.demo import demo_defaults
+from utils.run import ptq as ptq_methods
 from utils.run.naming import FAMILY_METHODS, FAMILY_SCRIPTS, output_folder
 from utils.core.environment import DIST_TIMEOUT_S, cpus_per_process, env_int
 from utils.core.errors import UserError
 
-EVAL_CHOICES = ('both', 'repq', 'qwt', 'none', 'fp', 'all')
+EVAL_CHOICES = ('both', 'ptq', 'repq', 'qwt', 'none', 'fp', 'all')  # 'repq': the older name of 'ptq'
 SOLVER_CHOICES = ('inverse', 'lstsq')      # quant.regression.SOLVERS
 ACCUMULATE_CHOICES = ('concat', 'normal')  # quant.qwt.ACCUMULATE
 # timm 0.4.12 on current torch: two warnings every run would print, both harmless (timm's own code).
@@ -158,11 +159,16 @@ def build_parser(family, raise_errors=False):
                        help="input bits of the convolutions after the stem: '8' as published (its quantized conv "
                             "overrides the input bits with 8, so the published W4/A4 and W6/A6 ResNet rows are W4/A8 "
                             "and W6/A8 in effect; default), or 'a_bits': a real --a_bits input")
+    methods = [m for m in ptq_methods.METHODS.values() if family in m.families]
+    p.add_argument('--ptq', default=None, metavar='METHOD',
+                   help='the post-training quantizer QwT follows: '
+                        + ', '.join(f"'{m.name}' ({m.label})" for m in methods) + f" (default {ptq_methods.DEFAULTS[family]}, as published; brevitas's are described in the "
+                          'README, Other quantizers)')
     p.add_argument('--eval', choices=EVAL_CHOICES, default='both',
-                   help=f"val evaluation: 'both' models in one pass after QwT (default), 'repq' alone, right after "
-                        f"{method} as published, 'qwt' alone, 'none', 'fp': the full-precision model only (no "
-                        "calibration), or 'all': the full-precision model (a copy kept before calibration), "
-                        f"{method} and {method} + QwT in one pass. The calibration and QwT images are the same in "
+                   help=f"val evaluation: 'both' models in one pass after QwT (default), 'ptq' ('repq' is its older "
+                        f"name) alone, right after the PTQ method ({method} by default) as published, 'qwt' alone, "
+                        "'none', 'fp': the full-precision model only (no calibration), or 'all': the full-precision "
+                        "model (a copy kept before calibration), the PTQ model and it + QwT in one pass. The calibration and QwT images are the same in "
                         'every case' + (' (the draws of the published FP and Percentile evaluations before QwT are '
                                         'made whatever this says)' if family == 'resnet' else ''))
     return p
@@ -180,7 +186,7 @@ def parse_args(family, argv=None):
         check_args(args, family, env_int('WORLD_SIZE', 1))
     except UserError as e:
         parser.error(str(e))
-    return fill_defaults(args)
+    return fill_defaults(args, family)
 
 
 def check_args(args, family, world_size):
@@ -190,6 +196,7 @@ def check_args(args, family, world_size):
         raise UserError(f"--model is required ({', '.join(table_names(family))}), unless --load PATH or --demo")
     if args.data_dir is None and not args.demo:
         raise UserError("--data_dir is required (ImageNet root with train/ and val/), unless --demo")
+    check_ptq(args, family)
     for dest in ('w_bits', 'a_bits'):
         value = getattr(args, dest)
         if value is not None and not 2 <= value <= 8:
@@ -246,6 +253,21 @@ def check_args(args, family, world_size):
             find_weights(spec.timm_name, args.checkpoint, args.checkpoint_dir)
 
 
+def check_ptq(args, family):
+    """--ptq: a known method for this family, its package installed, no other method's flags; a third-party
+    model cannot be written by --save (its format holds the project's quantizers) nor come from --load."""
+    if args.ptq is None:
+        return
+    if args.load is not None:
+        raise UserError(f"--ptq and --load exclude each other: --load {args.load} holds its own method; leave out "
+                        "--ptq")
+    method = ptq_methods.check(args.ptq, family)
+    ptq_methods.check_flags(method, args)
+    if method.fp_model and args.save is not None:
+        raise UserError(f"--save writes the project's own quantizers, not {method.label}'s (--ptq {args.ptq}): leave "
+                        "out --save")
+
+
 def check_resnet_args(args):
     """The QwT convolution's flags (SPEC §3b), each a one-line UserError."""
     k = args.kernel_size
@@ -264,7 +286,7 @@ def check_resnet_args(args):
         raise UserError(f"--checkpoint_dir {args.checkpoint_dir} is not a directory")
 
 
-def fill_defaults(args):
+def fill_defaults(args, family):
     """The defaults that depend on other flags or on the machine: bit widths (unless --load, whose file has
     them), the output folder (--load's is named once the file is read) and the val loader's workers.
     Returns ``args``."""
@@ -272,9 +294,12 @@ def fill_defaults(args):
         args.eval_workers = min(EVAL_WORKERS, cpus_per_process())
     if args.load is None:
         args.w_bits, args.a_bits = args.w_bits or DEFAULT_BITS, args.a_bits or DEFAULT_BITS
+        default = ptq_methods.DEFAULTS[family]
+        args.ptq = args.ptq or default
         if args.output_dir is None:
             fp = args.eval == 'fp'
-            args.output_dir = output_folder(args.model, None if fp else args.w_bits, args.a_bits, demo=args.demo)
+            args.output_dir = output_folder(args.model, None if fp else args.w_bits, args.a_bits, demo=args.demo,
+                                            ptq=None if args.ptq == default else args.ptq)
     return args
 
 

@@ -1,13 +1,11 @@
-"""What differs between the families' runs (SPEC §1b, §3b): the post-training quantizer and its name, the
-QwT options, how many evaluation-loader iterations the published script makes between calibration and the
-QwT images, and the ResNet checks made before anything heavy runs."""
+"""What differs between the families' runs (SPEC §1b, §3b): the fields naming the PTQ method, the QwT options,
+how many evaluation-loader iterations the published script makes between calibration and the QwT images, and
+the ResNet checks made before anything heavy runs."""
 import torch
 
 from models.registry import DIGITS_MODELS
-from quant import percentile_ptq, repq_vit
 from quant.qwt_conv import check_conv_qwt_args
 from utils.core.errors import UserError
-from utils.run.naming import FAMILY_METHODS
 from utils.run.weights import find_weights
 
 # SPEC §1b step 6 / §3b: the published ViT and Swin scripts evaluate the RepQ-ViT model before QwT (one
@@ -15,29 +13,16 @@ from utils.run.weights import find_weights
 EVAL_DRAWS_BEFORE_QWT = {'vit': 1, 'swin': 1, 'resnet': 2}
 
 
-def method(family):
-    return FAMILY_METHODS[family]
-
-
-def post_training_quantize(family, model, calib, w_bits, a_bits, args, timings, progress):
-    """RepQ-ViT (ViT, Swin) or Percentile (ResNet) on ``model`` in place, with the run's flags."""
-    per_channel = args.calib_search == 'per_channel'
-    if family == 'resnet':
-        conv_input_bits = a_bits if args.conv_a_bits == 'a_bits' else None  # None: the published 8 bits
-        return percentile_ptq(model, calib, w_bits, a_bits, conv_input_bits=conv_input_bits,
-                              per_channel_loop=per_channel, timings=timings, progress=progress)
-    return repq_vit(model, calib, w_bits, a_bits, per_channel_loop=per_channel, timings=timings, progress=progress)
-
-
 def qwt_options(family, args):
     """The QwT keyword arguments of this family beyond the common ones."""
     return {'kernel_size': args.kernel_size, 'factor': args.factor} if family == 'resnet' else {}
 
 
-def method_meta(family, args):
-    """The result.json / --save fields that name the method and its ResNet options (None elsewhere)."""
+def method_meta(family, method, args):
+    """The result.json / --save fields that name the PTQ method (``method``: a utils.run.ptq.PTQMethod) and
+    the ResNet options (None elsewhere)."""
     resnet = family == 'resnet'
-    return {'method': method(family), 'kernel_size': args.kernel_size if resnet else None,
+    return {'ptq': method.name, 'method': method.label, 'kernel_size': args.kernel_size if resnet else None,
             'factor': args.factor if resnet else None, 'conv_a_bits': args.conv_a_bits if resnet else None}
 
 

@@ -12,13 +12,13 @@ ADVICE = {
     'qwt': "QwT holds every block's features of all --qwt_samples images: --qwt_accumulate normal needs a fraction "
            "of that memory (the same fit to float tolerance), fewer --qwt_samples less (not the published 512), and "
            "more GPUs (torchrun --nproc_per_node N) split the images",
-    'repq': 'RepQ-ViT calibrates on one batch of --batch_size images (32 as published; a smaller batch changes the '
-            'calibration): use a device with more memory',
+    'ptq': 'the post-training quantizer (--ptq) calibrates on one batch of --batch_size images (32 as published; a '
+           'smaller batch changes the calibration): use a device with more memory',
     'eval': 'evaluation: rerun with --save PATH (written before evaluation), then evaluate with --load PATH and a '
             'smaller --batch_size, which then changes nothing but the evaluation batches',
     'build': 'the full-precision model does not fit: use a device with more memory',
 }
-STAGE_OF = {'qwt_data': 'qwt', 'calibration_data': 'repq', 'data': 'repq', 'save': 'qwt'}
+STAGE_OF = {'qwt_data': 'qwt', 'calibration_data': 'ptq', 'data': 'ptq', 'save': 'qwt'}
 
 
 def is_out_of_memory(exc):

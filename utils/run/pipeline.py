@@ -1,22 +1,20 @@
-"""The whole run behind the three entry scripts: RepQ-ViT (ViT/DeiT, Swin) or Percentile (ResNet), then
-QwT, then evaluation, for one process or many, drawing the calibration and QwT images exactly as the
-published runs do (SPEC §1b, §3b). The families differ in what utils.run.family says."""
+"""The whole run behind the three entry scripts: the --ptq method (default RepQ-ViT for ViT/DeiT and Swin,
+Percentile for ResNet; utils.run.ptq), then QwT, then evaluation, for one process or many, drawing the
+calibration and QwT images exactly as the published runs do (SPEC §1b, §3b; utils.run.draws). The families
+differ in what utils.run.family says; the record is utils.run.record's."""
 import argparse
 import copy
 import json
 import logging
 import os
-import random
 import sys
 import tempfile
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from models import (build_model, data_config, default_cfg, pretrained_cached, randomize_batchnorms,
-                    randomize_layernorms, resolve_model)
-from quant import model_size_mb, qwt_compensate, set_compensation
+from models import data_config, default_cfg, resolve_model
+from quant import qwt_compensate, set_compensation
 from quant.qwt import compensated_blocks
 from quant.saved_model import load_quantized, read_saved, save_quantized
 from quant.wrap import replay_wrap_draws
@@ -25,21 +23,22 @@ from utils.table import results as table
 from utils.core.allocator import keep_freed_memory
 from utils.run.naming import FAMILY_SCRIPTS, output_folder
 from utils.run.data import (ImageLog, available_cpus, eval_loader, eval_transform, image_dataset,
-                            replay_loader_iteration_draw, train_loader, train_transform, val_subset, workers_note)
-from utils.run import family as families
+                            replay_loader_iteration_draw, train_transform, val_subset, workers_note)
+from utils.run import family as families, ptq as ptq_methods
 from utils.run.demo import DEMO_THREADS, demo_line, demo_threads_line, make_demo_data
+from utils.run.draws import build_float_model, calibration_and_model, dump_inputs, qwt_batches, seed_everything
 from utils.run.launch import launch_command
+from utils.run.record import make_result, qwt_block_lines, summary_lines  # noqa: F401 (qwt_block_lines: tests)
 from utils.core.errors import UserError, one_line
 from utils.run.evaluate import evaluate
-from utils.core.progress import progress_bar
-from utils.core.files import rank_path, write_atomic, write_text_atomic
-from utils.run.logs import log_to_file, setup_logging, teardown_logging, warning_count
+from utils.core.files import write_text_atomic
+from utils.run.logs import log_to_file, setup_logging, teardown_logging
 from utils.run.memory import describe as describe_memory_error, is_out_of_memory
 from utils.core.timing import Stopwatch
 
 _logger = logging.getLogger('qwt')
-VARIANTS = {'both': ('repq', 'qwt'), 'repq': ('repq',), 'qwt': ('qwt',), 'none': (), 'fp': ('fp',),
-            'all': ('fp', 'repq', 'qwt')}
+VARIANTS = {'both': ('ptq', 'qwt'), 'ptq': ('ptq',), 'repq': ('ptq',), 'qwt': ('qwt',), 'none': (), 'fp': ('fp',),
+            'all': ('fp', 'ptq', 'qwt')}  # 'repq': the older name of 'ptq'
 
 
 @dataclass
@@ -57,8 +56,14 @@ class Run:
     checkpoint: str = None   # the float weights file (ResNet: found by utils.run.weights), or None
 
     @property
+    def ptq(self):
+        """The run's PTQ method (utils.run.ptq): --ptq, or the --load file's."""
+        name = (self.payload or {}).get('meta', {}).get('ptq') if self.payload else getattr(self.args, 'ptq', None)
+        return ptq_methods.METHODS[name or ptq_methods.DEFAULTS[self.family]]
+
+    @property
     def method(self):
-        return families.method(self.family)
+        return self.ptq.label
 
 
 @dataclass
@@ -66,16 +71,6 @@ class Splits:
     val: object              # the whole val split
     val_data: object         # what is evaluated (a --num_val subset, or the whole split)
     train: object = None     # None where no calibration runs (--load, --eval fp)
-
-
-def seed_everything(seed):
-    """SPEC §1b step 1, on every process alike."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.cuda.manual_seed(seed)
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cudnn.deterministic = True
 
 
 # ---- the run's setting -------------------------------------------------------------------------
@@ -128,7 +123,7 @@ def prepare(args, family):
     _logger.info('CPU threads: %d per process (%d CPUs available, %d process(es) on this node); val loader '
                  'workers: %d', *threads, args.eval_workers)
     if args.demo:
-        _logger.info(demo_line(spec.name, w_bits, a_bits, families.method(family)))
+        _logger.info(demo_line(spec.name, w_bits, a_bits, ptq_methods.label_of(getattr(args, 'ptq', None), family)))
         if dist_info.device.type == 'cpu':
             _logger.info(demo_threads_line(torch.get_num_threads(), torch.backends.cpu.get_cpu_capability()))
     checkpoint = args.checkpoint
@@ -179,77 +174,17 @@ def check_classes(split, timm_name, allow_subset):
                         f"Use the full ImageNet layout ({n_model} synset folders), or pass --allow_class_subset")
 
 
-# ---- SPEC §1b: the published draws, in order -----------------------------------------------------
-
-def calibration_batch(run, train):
-    """Step 2: the first batch of the shuffled training loader, rank 0's on every process.
-    Returns (images on the device, their files relative to DATA_DIR)."""
-    loader = train_loader(train, run.args.batch_size, run.args.num_workers, run.dist)
-    batch = next(iter(loader))
-    files = distributed.broadcast_object(run.images.files(train, batch))
-    images = distributed.broadcast(batch[0].to(run.dist.device))
-    # The published script's own check line: compare it with a published log.
-    _logger.info('calib_data[0, 0, 0, :5] = %s', ', '.join(f'{v:.4f}' for v in images[0, 0, 0, :5].tolist()))
-    return images, files
-
-
-def build_float_model(run):
-    """Step 3: timm's model (its initialisation draws), and where its weights came from ('checkpoint',
-    'pretrained', 'random')."""
-    args, spec = run.args, run.spec
-    if run.checkpoint is not None:
-        weights = 'checkpoint'
-    elif args.demo and (run.family == 'resnet' or not pretrained_cached(spec.timm_name)):
-        weights = 'random'  # --demo never downloads
-    else:
-        weights = 'pretrained'
-    model = build_model(spec.timm_name, pretrained=weights == 'pretrained', checkpoint=run.checkpoint,
-                        trust_checkpoint=args.trust_checkpoint)
-    if weights == 'random':
-        (randomize_batchnorms if run.family == 'resnet' else randomize_layernorms)(model, args.seed)
-    _logger.info('%s weights', weights)
-    return model.to(run.dist.device), weights
-
-
-def qwt_batches(run, train):
-    """Step 7: this process's QwT images, the first qwt_samples / (batch x processes) batches of a new
-    pass over the training loader, and the files of every process's images in rank order."""
-    args = run.args
-    n_batches = args.qwt_samples // args.batch_size // run.dist.world_size
-    loader = train_loader(train, args.batch_size, args.num_workers, run.dist)
-    batches, files = [], []
-    for batch in progress(loader, run, 'QwT images', total=n_batches):
-        batches.append(batch[0].to(run.dist.device, non_blocking=True))
-        files += run.images.files(train, batch)
-        if len(batches) == n_batches:
-            break
-    return torch.cat(batches), [f for part in distributed.all_gather_object(files) for f in part]
-
-
-def progress(iterable, run, desc, total=None):
-    return progress_bar(iterable, desc=desc, total=total, unit='batch', enabled=run.dist.is_main)
-
-
 # ---- the stages ----------------------------------------------------------------------------------
 
 @dataclass
 class Quantized:
-    """What RepQ-ViT + QwT made."""
+    """What the PTQ method + QwT made."""
     model: object
     weights: str             # where the float weights came from
     meta: dict               # how the model was made (also stored by --save)
-    accuracy: dict           # of an evaluation made before QwT (--eval repq), else empty
+    accuracy: dict           # of an evaluation made before QwT (--eval ptq), else empty
     stage_times: dict        # seconds of the calibration and QwT stages
     float_model: object = None  # --eval all: a copy of the full-precision model, made before calibration
-
-
-def calibration_and_model(run, splits):
-    """SPEC §1b steps 2-3: the calibration batch (before any model), then the float model."""
-    with run.timer('calibration_data'):
-        calib, calib_files = calibration_batch(run, splits.train)
-    with run.timer('build'):
-        model, weights = build_float_model(run)
-    return calib, calib_files, model, weights
 
 
 def draw_inputs(run, splits):
@@ -264,54 +199,44 @@ def draw_inputs(run, splits):
 
 
 def quantize(run, splits):
-    """SPEC §1b steps 2-7 around the PTQ method (RepQ-ViT, Percentile) and QwT: a Quantized."""
-    args, timer = run.args, run.timer
+    """SPEC §1b steps 2-7 around the PTQ method (utils.run.ptq) and QwT: a Quantized."""
+    args, timer, method = run.args, run.timer, run.ptq
     calib, calib_files, model, weights = calibration_and_model(run, splits)
-    float_model = copy.deepcopy(model) if args.eval == 'all' else None  # a copy draws nothing (SPEC §1b)
-    repq_times = {}
-    with timer('repq'):  # steps 4 and 5
-        families.post_training_quantize(run.family, model, calib, run.w_bits, run.a_bits, args, repq_times,
-                                        run.dist.is_main)
-    _logger.info('%s calibration done in %.1f s', run.method, timer.seconds['repq'])
+    # a copy draws nothing (SPEC §1b); QwT reads a third-party quantizer's full-precision targets from it
+    float_model = copy.deepcopy(model) if args.eval == 'all' or method.fp_model else None
+    ptq_times = {}
+    with timer('ptq'):  # steps 4 and 5
+        method.function()(model, calib, run.w_bits, run.a_bits, args, ptq_times, run.dist.is_main)
+    _logger.info('%s calibration done in %.1f s', run.method, timer.seconds['ptq'])
     early, draws = {}, families.EVAL_DRAWS_BEFORE_QWT[run.family]
-    if args.eval == 'repq':  # step 6 as published: the PTQ model is evaluated before QwT
-        early = evaluate_variants(run, splits, {'repq': model})
+    if args.eval in ('ptq', 'repq'):  # step 6 as published: the PTQ model is evaluated before QwT
+        early = evaluate_variants(run, splits, {'ptq': model})
         draws -= 1
     for _ in range(draws):  # step 6's draws, for evaluations made later (one pass) or not at all
         replay_loader_iteration_draw()
     with timer('qwt_data'):
         images, qwt_files = qwt_batches(run, splits.train)
     qwt_stats, qwt_times = [], {}
+    fp_model = {'fp_model': float_model} if method.fp_model else {}  # else: the bit-identical published path
     with timer('qwt'):
         qwt_compensate(model, images, start_block=args.start_block, batch_size=args.batch_size,
                        solver=args.qwt_solver, accumulate=args.qwt_accumulate, progress=run.dist.is_main,
-                       stats=qwt_stats, timings=qwt_times, **families.qwt_options(run.family, args))
+                       stats=qwt_stats, timings=qwt_times, **families.qwt_options(run.family, args), **fp_model)
     del images
     _logger.info('QwT compensation done in %.1f s (%d of %d blocks compensated)', timer.seconds['qwt'],
                  sum(s['used'] for s in qwt_stats), len(qwt_stats))
     meta = {'weights': weights, 'seed': args.seed, 'world_size': run.dist.world_size,
             'num_calib': len(calib_files), 'num_qwt': len(qwt_files), 'start_block': args.start_block,
             'qwt_solver': args.qwt_solver, 'qwt_accumulate': args.qwt_accumulate,
-            'calib_search': args.calib_search, **families.method_meta(run.family, args), 'qwt_blocks': qwt_stats,
-            'calib_files': calib_files, 'qwt_files': qwt_files}
+            'calib_search': args.calib_search, **families.method_meta(run.family, method, args),
+            'qwt_blocks': qwt_stats, 'calib_files': calib_files, 'qwt_files': qwt_files}
     if args.save and run.dist.is_main:  # before evaluation: a finished fit is never lost
         with timer('save'):
             save_quantized(model, args.save, run.spec.name, run.spec.timm_name, run.w_bits, run.a_bits, meta)
         _logger.info('saved the quantized model to %s', args.save)
-    stage_times = {**{f'repq_{k}': round(v, 3) for k, v in repq_times.items()},
+    stage_times = {**{f'ptq_{k}': round(v, 3) for k, v in ptq_times.items()},
                    **{f'qwt_{k}': round(v, 3) for k, v in qwt_times.items()}}
-    return Quantized(model, weights, meta, early, stage_times, float_model)
-
-
-def dump_inputs(run, calib, calib_files, images, qwt_files):
-    """--dump_inputs: the calibration batch and this process's QwT images, for comparison with the
-    published run (rank r > 0 writes PATH.rank<r>)."""
-    path = rank_path(run.args.dump_inputs, run.dist.rank)
-    rank_files = qwt_files[run.dist.rank * len(images):(run.dist.rank + 1) * len(images)]
-    payload = {'calib': calib.float().cpu(), 'qwt': images.float().cpu(), 'calib_files': calib_files,
-               'qwt_files': rank_files}
-    write_atomic(path, lambda tmp: torch.save(payload, tmp))
-    _logger.info('wrote the calibration batch %s and %d QwT images to %s', tuple(calib.shape), len(images), path)
+    return Quantized(model, weights, meta, early, stage_times, float_model if args.eval == 'all' else None)
 
 
 def evaluate_variants(run, splits, variants):
@@ -324,7 +249,7 @@ def evaluate_variants(run, splits, variants):
 
 
 def _variant(model, compensated):
-    """logits of ``model`` with the QwT terms on (RepQ-ViT + QwT) or off (RepQ-ViT, full precision)."""
+    """logits of ``model`` with the QwT terms on (PTQ + QwT) or off (PTQ, full precision)."""
     def fn(x):
         set_compensation(model, compensated)
         return model(x)
@@ -376,111 +301,6 @@ def run(args, family):
         _logger.info('compared with the paper:\n%s', table.to_markdown(rows))
     distributed.barrier()
     return result
-
-
-def make_result(run, splits, model, weights, meta, accuracy, stage_times, float_model=None):
-    """The result.json dict."""
-    args = run.args
-    quantized = run.payload is not None or args.eval != 'fp'
-    skipped = sorted({f for part in distributed.all_gather_object(run.images.skipped) for f in part})
-    top = {f'{v}_top{k}': accuracy.get(v, {}).get(f'top{k}') for v in ('fp', 'repq', 'qwt') for k in (1, 5)}
-    return {
-        'model': run.spec.name, 'timm_name': run.spec.timm_name, 'method': run.method,
-        'w_bits': run.w_bits, 'a_bits': run.a_bits,
-        'eval': args.eval, 'seed': meta.get('seed', args.seed), 'world_size': run.dist.world_size,
-        'device': str(run.dist.device), 'weights': weights, 'source_weights': meta.get('weights', weights),
-        # a folder the demo generated is removed after the run: no path that does not exist
-        'demo': bool(args.demo), 'data_dir': None if getattr(args, '_generated_data', False) else os.path.abspath(args.data_dir),
-        'checkpoint': run.checkpoint and os.path.abspath(run.checkpoint),
-        'loaded_from': args.load, 'saved_to': args.save,
-        'num_val': len(splits.val_data), 'val_total': len(splits.val),
-        # labels are folder indices: a folder of another number of classes is not an ImageNet row (table: 'classes')
-        'num_classes': len(splits.val.classes), 'train_classes': None if splits.train is None else len(splits.train.classes),
-        'model_classes': default_cfg(run.spec.timm_name)['num_classes'],
-        'allow_class_subset': bool(args.allow_class_subset),
-        **{k: meta.get(k) for k in ('num_calib', 'num_qwt', 'start_block', 'qwt_solver', 'qwt_accumulate',
-                                    'calib_search', 'kernel_size', 'factor', 'conv_a_bits')},
-        **top,
-        'fp_size_mb': round(model_size_mb(float_model if quantized else model), 4)
-        if float_model is not None or not quantized else None,
-        'repq_size_mb': round(model_size_mb(model, include_compensation=False), 4) if quantized else None,
-        'qwt_size_mb': round(model_size_mb(model, include_compensation=True), 4) if quantized else None,
-        'qwt_blocks': meta.get('qwt_blocks', []),
-        'skipped_images': skipped,
-        'calib_files': meta.get('calib_files'), 'qwt_files': meta.get('qwt_files'),
-        'timings': {**run.timer.rounded(), **stage_times},
-        'versions': versions(),
-        'numerics': numerics(run.dist.device),
-        'warnings': warning_count(),
-    }
-
-
-def numerics(device):
-    """What decides float results besides the code (issue 24): the device, the CUDA / cuDNN builds, TF32 and
-    cuDNN's algorithm choice. The published runs used torch's defaults (TF32 off for matmuls, on for cuDNN
-    convolutions) with cudnn.benchmark and cudnn.deterministic set by their seed function, as here."""
-    import platform
-    cuda = device.type == 'cuda'
-    return {'device_name': torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine()),
-            'cuda': torch.version.cuda, 'cudnn': torch.backends.cudnn.version() if torch.backends.cudnn.is_available()
-            else None, 'tf32_matmul': torch.backends.cuda.matmul.allow_tf32, 'tf32_cudnn': torch.backends.cudnn.allow_tf32,
-            'float32_matmul_precision': torch.get_float32_matmul_precision(),
-            'cudnn_benchmark': torch.backends.cudnn.benchmark, 'cudnn_deterministic': torch.backends.cudnn.deterministic,
-            'cpu_threads': torch.get_num_threads()}
-
-
-def versions():
-    import PIL
-    import timm
-    import torchvision
-    return {'python': sys.version.split()[0], 'torch': torch.__version__, 'torchvision': torchvision.__version__,
-            'timm': timm.__version__, 'numpy': np.__version__, 'pillow': PIL.__version__}
-
-
-def _pct(v):
-    return 'n/a' if v is None else f'{v:.2f}'
-
-
-def summary_lines(r):
-    lines = [f"== {r['model']} W{r['w_bits']}/A{r['a_bits']}, {r['num_val']} val images, "
-             f"{r['world_size']} process(es) =="]
-    if r['fp_top1'] is not None:
-        lines.append(f"full precision top-1 {_pct(r['fp_top1'])}  top-5 {_pct(r['fp_top5'])}  size "
-                     f"{r['fp_size_mb']:.2f} MB")
-    if r['repq_size_mb'] is not None:
-        m = r.get('method') or 'RepQ-ViT'
-        width = len(m) + len(' + QwT')
-        lines += [f"{m:<{width}} top-1 {_pct(r['repq_top1'])}  top-5 {_pct(r['repq_top5'])}  size "
-                  f"{r['repq_size_mb']:.2f} MB",
-                  f"{m + ' + QwT':<{width}} top-1 {_pct(r['qwt_top1'])}  top-5 {_pct(r['qwt_top5'])}  size "
-                  f"{r['qwt_size_mb']:.2f} MB"]
-    lines += qwt_block_lines(r.get('qwt_blocks') or [])
-    if r['skipped_images']:
-        lines.append(f"skipped {len(r['skipped_images'])} unreadable image(s), listed in result.json "
-                     "(skipped_images)")
-    lines.append('timings (s): ' + ', '.join(f'{k} {v}' for k, v in r['timings'].items()))
-    if r.get('warnings'):
-        lines.append(f"{r['warnings']} warning(s) above: the lines marked WARNING (also in log.txt)")
-    return lines
-
-
-def qwt_block_lines(blocks):
-    """The end-of-run count of the QwT blocks compensated and left out, naming those left out for a
-    numerically singular fit."""
-    if not blocks:
-        return []
-    left = [b for b in blocks if not b['used']]
-    singular = [str(b['block']) for b in left if b.get('singular')]
-    overflow = [str(b['block']) for b in left if b.get('fp16_overflow')]
-    reasons = []
-    if singular:
-        reasons.append(f"{len(singular)} for a numerically singular fit: block {', '.join(singular)}; --qwt_solver "
-                       "lstsq fits them")
-    if overflow:
-        reasons.append(f"{len(overflow)} whose fit overflows half precision: block {', '.join(overflow)}; "
-                       "--qwt_solver lstsq or more --qwt_samples")
-    line = f"QwT: {len(blocks) - len(left)} of {len(blocks)} blocks compensated, {len(left)} left out"
-    return [line + (f" ({'; '.join(reasons)})" if reasons else '')]
 
 
 def main(family, args):

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from models.registry import resolve_model
 from utils.core.errors import UserError
 from utils.core.files import read_json, write_text_atomic
-from utils.run import cli
+from utils.run import cli, ptq as ptq_methods
 from utils.run.naming import FAMILY_SCRIPTS, output_folder
 from utils.run.weights import PUBLISHED_FOLDER
 from utils.runner.flags import _unique, check_extra, checkpoint_file, make_launch, parse_bits
 from utils.runner.progress import Cancelled, _duration
+from utils.table.results import upgrade
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CELL_FILE = 'cell.json'      # what the cell was run with, and how it ended
@@ -40,6 +41,18 @@ class Cell:
     script: str            # absolute path of the entry script
     flags: tuple           # entry-script flags, --output_dir included
     blocked: str = None    # why it cannot start (a missing checkpoint), or None
+    ptq: str = None        # the --ptq method of a 'quant' cell (None: the family's default)
+
+    @property
+    def method(self):
+        """The label of the cell's PTQ method (RepQ-ViT, Percentile, brevitas min-max, ...)."""
+        return ptq_methods.label_of(self.ptq, self.family)
+
+    @property
+    def other_method(self):
+        """The method's label where it is not the family's default (it then names the cell's row), else None."""
+        default = ptq_methods.DEFAULTS[self.family]
+        return None if self.kind == 'fp' or (self.ptq or default) == default else self.method
 
     @property
     def bits(self):
@@ -47,7 +60,8 @@ class Cell:
 
     @property
     def label(self):
-        return f'{self.model} FP' if self.kind == 'fp' else f'{self.model} {self.bits} seed {self.seed}'
+        method = f' {self.other_method}' if self.other_method else ''
+        return f'{self.model} FP' if self.kind == 'fp' else f'{self.model} {self.bits}{method} seed {self.seed}'
 
     @property
     def result_path(self):
@@ -99,18 +113,32 @@ def _cells_of_model(spec, args, bits, seeds, extra, launch):
         common += ['--checkpoint', path]
         if not os.path.isfile(path):
             blocked = f"{spec.name}: no {name} in {folder}" + (f' (download {url})' if url else '')
-    variants = [('fp', None, None, 0, output_folder(spec.name, parent=out), ['--eval', 'fp'])]
-    variants += [('quant', w, a, s, output_folder(spec.name, w, a, seed=s, parent=out),
-                  ['--w_bit', str(w), '--a_bit', str(a), '--seed', str(s), '--eval', 'both'])
-                 for w, a in bits for s in seeds]
+    variants = [('fp', None, None, 0, None, output_folder(spec.name, parent=out), ['--eval', 'fp'])]
+    for name in methods_of(args.ptq, spec.family):  # the default method's cells keep their flags and folders
+        ptq = ['--ptq', name] if name != ptq_methods.DEFAULTS[spec.family] else []
+        variants += [('quant', w, a, s, name, output_folder(spec.name, w, a, seed=s, parent=out, ptq=name if ptq else None),
+                      ['--w_bit', str(w), '--a_bit', str(a), '--seed', str(s), '--eval', 'both', *ptq])
+                     for w, a in bits for s in seeds]
     cells = []
-    for kind, w, a, seed, folder, own in variants:
+    for kind, w, a, seed, name, folder, own in variants:
         flags = (*extra, *common, *own, '--device', launch.device, '--output_dir', folder)  # the cell's own last: they win
-        cell = Cell(spec.name, spec.timm_name, spec.family, kind, w, a, seed, folder, script, flags, blocked)
+        cell = Cell(spec.name, spec.timm_name, spec.family, kind, w, a, seed, folder, script, flags, blocked, name)
         if not blocked:
             check_cell_flags(cell, launch)
         cells.append(cell)
     return cells
+
+
+def methods_of(names, family):
+    """The --ptq methods of a model of ``family`` for the runner's --ptq ``names`` ('default': the family's own),
+    each once; a method that does not apply to the family is a UserError (utils.run.ptq.check)."""
+    out = []
+    for name in names:
+        name = ptq_methods.DEFAULTS[family] if name == 'default' else name
+        ptq_methods.check(name, family)
+        if name not in out:
+            out.append(name)
+    return out
 
 
 def check_cell_flags(cell, launch):
@@ -151,10 +179,13 @@ def result_problem(cell, r):
     expect = {'timm_name': cell.timm_name, 'eval': 'fp' if cell.kind == 'fp' else 'both'}
     if cell.kind == 'quant':
         expect.update(w_bits=cell.w_bits, a_bits=cell.a_bits, seed=cell.seed)
+    r = upgrade(r)  # a result.json written before --ptq: repq_* keys, its family's default method
+    if cell.kind == 'quant':
+        expect['ptq'] = cell.ptq or ptq_methods.DEFAULTS[cell.family]
     for key, value in expect.items():
         if r.get(key) != value:
             return f'result.json has {key} {r.get(key)!r}, expected {value!r}'
-    for key in (('fp_top1',) if cell.kind == 'fp' else ('repq_top1', 'qwt_top1')):
+    for key in (('fp_top1',) if cell.kind == 'fp' else ('ptq_top1', 'qwt_top1')):
         if not isinstance(r.get(key), (int, float)):
             return f'result.json has no {key}'
     return None

@@ -27,7 +27,7 @@ def write_cells_table(cells, launch, output_dir, out):
     results = table.load_results([c.result_path for c in done])
     expected = {}
     for c in cells:
-        key = (c.timm_name, 'FP') if c.kind == 'fp' else (c.timm_name, c.bits)
+        key = (c.timm_name, 'FP') if c.kind == 'fp' else (c.timm_name, c.bits, *filter(None, [c.other_method]))
         expected.setdefault(key, []).append(c.seed)
     rows, warnings = table.build_rows(table.load_paper(), results, only_results=True, include=table.ALL,
                                       expected=expected)

@@ -16,7 +16,7 @@ MANAGED = {'model': 'use --models', 'data_dir': 'use --data_dir before --', 'w_b
            'checkpoint': 'use --checkpoint_dir', 'device': 'use --device (and --gpus) before --',
            'eval': 'every quantized cell runs --eval both, and each model one --eval fp cell',
            'save': 'not for table cells', 'load': 'not for table cells', 'demo': 'not for table cells',
-           'dump_inputs': 'not for table cells', 'local_rank': 'set by the launcher'}
+           'dump_inputs': 'not for table cells', 'local_rank': 'set by the launcher', 'ptq': 'use --ptq before --'}
 
 EPILOG = """\
 examples:
@@ -25,8 +25,10 @@ examples:
   # two models, W4/A4 only, on the CPU, two cells at a time, smaller runs (flags after -- go to every run)
   python tools/reproduce.py --models deit_tiny swin_tiny --bits 4 --device cpu --parallel 2 \\
       --data_dir DIR --checkpoint_dir CKPTS -- --qwt_samples 64 --num_val 100
+  # each model behind its own quantizer and behind brevitas min-max: a row per method
+  python tools/reproduce.py --data_dir /path/to/imagenet --ptq default brevitas-minmax
 
-Each cell runs in OUTPUT_DIR/<model>_w<W>a<A>_seed<S>/ (FP: OUTPUT_DIR/<model>_fp/) with its own log.txt,
+Each cell runs in OUTPUT_DIR/<model>_w<W>a<A>[_<ptq>]_seed<S>/ (FP: OUTPUT_DIR/<model>_fp/) with its own log.txt,
 result.json, console.txt (the child's output) and cell.json. Run the same command again to resume: cells
 already done with the same flags are skipped. The table goes to OUTPUT_DIR/results_table.{md,csv,png}.
 Exit code: 0 when every cell is done, 1 when some failed or could not start, 2 for a usage error,
@@ -64,6 +66,9 @@ def build_parser():
     p.add_argument('--bits', nargs='+', default=['4', '6'], metavar='BITS',
                    help="bit widths: '4' is W4/A4, '4/8' is W4/A8 (default: 4 6)")
     p.add_argument('--seeds', nargs='+', type=int, default=[0], metavar='SEED', help='seeds (default: 0)')
+    p.add_argument('--ptq', nargs='+', default=['default'], metavar='METHOD',
+                   help="the PTQ methods QwT follows, a row per method (the entry scripts' --ptq; 'default': each "
+                        "family's own, RepQ-ViT or Percentile; default: default)")
     p.add_argument('--output_dir', default=os.path.join('output', 'table'),
                    help='folder of the cells and the table (default output/table)')
     p.add_argument('--checkpoint_dir', default=None,

@@ -84,7 +84,9 @@ class Reporter:
 def _accuracy_text(cell, r):
     if cell.kind == 'fp':
         return f"FP top-1 {r['fp_top1']:.2f}"
-    return f"{FAMILY_METHODS.get(cell.family, 'RepQ-ViT')} {r['repq_top1']:.2f}, + QwT {r['qwt_top1']:.2f}"
+    method = getattr(cell, 'method', None) or FAMILY_METHODS.get(cell.family, 'RepQ-ViT')
+    ptq = r.get('ptq_top1', r.get('repq_top1'))  # a result.json written before --ptq: repq_top1
+    return f"{method} {ptq:.2f}, + QwT {r['qwt_top1']:.2f}"
 
 
 class Cancelled(str):

@@ -61,7 +61,7 @@ def results_figure(rows, path):
     axes = fig.subplots(nrows, cols, squeeze=False)
     bar = 0.2
     from utils.table.results import table_method
-    method = table_method(rows)[0]
+    method, with_method = table_method(rows)
     for i, model in enumerate(models):
         ax = axes[i // cols][i % cols]
         mine = [r for r in rows if r['model'] == model]
@@ -82,7 +82,8 @@ def results_figure(rows, path):
                 ax.axhline(v, color='#555555', linestyle=style, linewidth=1, label=label if i == 0 else None)
                 values.append(v)
         ax.set_xticks(range(len(mine)))
-        ax.set_xticklabels([r['bits'] + ('*' if r['note'] and _is_variant(r) else '') for r in mine])
+        ax.set_xticklabels([r['bits'] + ('*' if r['note'] and _is_variant(r) else '')
+                            + (f"\n{r.get('method')}" if with_method else '') for r in mine])  # the method of each group
         ax.set_title(model, fontsize=10)
         top, low = max(values, default=1.0), min(values, default=0.0)
         # zoomed on the values (a few points apart at W4/A4), from a multiple of 10 below the lowest

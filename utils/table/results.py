@@ -13,6 +13,10 @@ Runs enter the table by their configuration, never by file order:
 - two runs of one row and seed: the newer (result.json modification time) is kept, with a warning
   naming both;
 - ``--eval fp`` runs give the FP column of every row of their model (and data variant);
+- a run of another PTQ method than the paper's (``--ptq brevitas-*``) gets rows of its own, named in the
+  method column and the note, without paper figures;
+- result.json files written before --ptq existed (``repq_*`` keys, no ``ptq`` field) read as the family's
+  default method (load_results);
 - demo, random-weight, val-subset, class-subset (--allow_class_subset) and ``--eval none`` runs are left out
   unless ``include`` names them.
 """
@@ -34,6 +38,10 @@ RESNET_COLUMNS = {'model': 'model', 'timm_name': 'model', 'fp_top1': 'fp_top1', 
                   'repq_vit_top1': 'percentile_top1', 'repq_vit_qwt_top1': 'percentile_qwt_top1'}
 # The post-training quantizer of a row: RepQ-ViT unless the paper row or the result.json says otherwise.
 DEFAULT_METHOD = 'RepQ-ViT'
+# The methods of the paper's rows, with their --ptq names: a result file without a 'ptq' field is one of these.
+PAPER_METHODS = {'RepQ-ViT': 'repq', 'Percentile': 'percentile'}
+# result.json keys before --ptq: the PTQ figures were written under repq_* (ResNet's Percentile too).
+OLD_KEYS = {'ptq_top1': 'repq_top1', 'ptq_top5': 'repq_top5', 'ptq_size_mb': 'repq_size_mb'}
 REQUIRED = ('timm_name', 'w_bits', 'a_bits')
 DISPLAY = {'resnet18': 'ResNet-18', 'resnet50': 'ResNet-50', 'resnet101': 'ResNet-101', 'deit_tiny': 'DeiT-T', 'deit_small': 'DeiT-S', 'deit_base': 'DeiT-B',
            'deit_tiny_distilled': 'DeiT-T-distilled', 'deit_small_distilled': 'DeiT-S-distilled',
@@ -126,11 +134,25 @@ def load_results(files):
         for k in ('w_bits', 'a_bits'):
             if not isinstance(r[k], int) or isinstance(r[k], bool):
                 raise UserError(f'{path}: {k} is {r[k]!r}, expected an integer')
-        for k in ('fp_top1', 'repq_top1', 'qwt_top1'):
+        r = upgrade(r)
+        for k in ('fp_top1', 'ptq_top1', 'qwt_top1'):
             if r.get(k) is not None and not isinstance(r[k], (int, float)):
                 raise UserError(f'{path}: {k} is {r[k]!r}, expected a number or null')
         out.append(dict(r, path=path, mtime=mtime))
     return out
+
+
+def upgrade(r):
+    """A result.json dict in today's form: a file written before --ptq has its PTQ figures under ``repq_*``
+    and no ``ptq`` field (its method is its 'method', else RepQ-ViT): they move to ``ptq_*`` and ``ptq``."""
+    r = dict(r)
+    for new, old in OLD_KEYS.items():
+        if new not in r and old in r:
+            r[new] = r.pop(old)
+    r['method'] = method_of(r)
+    if not r.get('ptq'):
+        r['ptq'] = PAPER_METHODS.get(r['method'])
+    return r
 
 
 def parse_include(text):
@@ -162,7 +184,7 @@ def categories(r):
         out.append('subset')
     if class_subset(r):
         out.append('classes')
-    if r.get('eval') == 'none' or all(r.get(k) is None for k in ('fp_top1', 'repq_top1', 'qwt_top1')):
+    if r.get('eval') == 'none' or all(r.get(k) is None for k in ('fp_top1', 'ptq_top1', 'qwt_top1')):
         out.append('eval-none')
     return out
 
@@ -188,8 +210,9 @@ def data_variant(r):
 
 
 def method_variant(r):
-    """The quantization settings of the run that differ from the published procedure."""
-    labels = []
+    """The quantization settings of the run that differ from the published procedure: another PTQ method
+    than the paper's first."""
+    labels = [] if method_of(r) in PAPER_METHODS else [method_of(r)]
     for key in ('qwt_solver', 'qwt_accumulate', 'start_block', 'kernel_size', 'factor', 'conv_a_bits'):
         if r.get(key) is not None and r[key] != PUBLISHED[key]:
             labels.append(f'{key} {r[key]}')
@@ -201,8 +224,9 @@ def method_variant(r):
 
 
 def method_of(r):
-    """The PTQ method of a result.json or paper row (RepQ-ViT where it does not say)."""
-    return r.get('method') or DEFAULT_METHOD
+    """The PTQ method of a result.json or paper row where it does not say: the family's default (Percentile for a
+    ResNet, else RepQ-ViT)."""
+    return r.get('method') or ('Percentile' if str(r.get('timm_name', '')).startswith('resnet') else DEFAULT_METHOD)
 
 
 def bits_label(r):
@@ -272,7 +296,7 @@ def _row(name, timm_name, bits, paper, paper_fp, runs, fp_run, notes, method=DEF
     row = {'model': name, 'timm_name': timm_name, 'bits': bits, 'paper_fp': paper_fp,
            'fp': fp, 'paper_repq': p.get('repq_vit_top1'),
            'paper_qwt': p.get('repq_vit_qwt_top1')}
-    for col, key in (('repq', 'repq_top1'), ('qwt', 'qwt_top1')):
+    for col, key in (('repq', 'ptq_top1'), ('qwt', 'qwt_top1')):
         mean, std, n = mean_std(r.get(key) for r in runs.values())
         row.update({col: _round(mean), f'{col}_std': _round(std), f'{col}_n': n})
         row[f'delta_{col}'] = _delta(mean, row[f'paper_{col}'])
@@ -285,6 +309,13 @@ def _row(name, timm_name, bits, paper, paper_fp, runs, fp_run, notes, method=DEF
     row['note'] = '; '.join(notes)
     row['method'] = method
     return row
+
+
+def _other_method(mvar, runs=None):
+    """The label of a row's PTQ method where it is not the paper's (method_variant puts it first), else None."""
+    from utils.run.ptq import METHODS
+    labels = {m.label for m in METHODS.values()} | {method_of(r) for r in (runs or {}).values()}
+    return next((m for m in mvar[:1] if m in labels and m not in PAPER_METHODS), None)
 
 
 def _bits_key(bits):
@@ -301,11 +332,12 @@ def build_rows(paper, results, only_results=False, include=ALL, expected=None):
     Paper rows in paper order (only those with a run if ``only_results``), each followed by its variant
     rows, then the configurations the paper lacks, sorted by model and bits. ``include``: the
     categories of non-comparable runs to keep (all by default; tools/make_table.py keeps none unless
-    asked). ``expected``: {(timm_name, bits): seeds} and {(timm_name, 'FP'): ...} of runs that should
-    exist (tools/reproduce.py's cells); their rows are shown, and absent seeds are noted as missing.
+    asked). ``expected``: {(timm_name, bits): seeds}, {(timm_name, bits, method label): seeds} for another PTQ
+    method than the paper's, and {(timm_name, 'FP'): ...} of runs that should exist (tools/reproduce.py's
+    cells); their rows are shown, and absent seeds are noted as missing.
     Returns (rows, warnings): runs left out, and runs replaced by a newer one of the same row and seed."""
     expected = expected or {}
-    kept, left_out = select(results, include)
+    kept, left_out = select([upgrade(r) for r in results], include)
     warnings = [_left_out_warning(left_out)] if left_out else []
     fps = _newest([r for r in kept if is_fp(r)], lambda r: (r['timm_name'], data_variant(r)),
                   lambda r: f"{r['timm_name']} FP{''.join(f' ({v})' for v in data_variant(r))}", warnings)
@@ -323,9 +355,9 @@ def build_rows(paper, results, only_results=False, include=ALL, expected=None):
     keys = set(groups)
     if not only_results:
         keys |= {(t, b, (), ()) for t, b in paper_rows}
-    for t, b in expected:
-        if b != 'FP' and not any(k[:2] == (t, b) for k in keys):
-            keys.add((t, b, (), ()))
+    for t, b, *method in expected:  # (timm_name, bits[, another method's label])
+        if b != 'FP' and not any(k[:2] == (t, b) and _other_method(k[3]) == (method or [None])[0] for k in keys):
+            keys.add((t, b, (), tuple(method)))
     for t, dvar in fps:  # an FP run with no quantized row of its model and data: the model's paper rows, or
         if not any(k[0] == t and k[2] == dvar for k in keys):  # for a variant no cell ran, one row of its own
             keys |= {(t, p['bits'], dvar, ()) for p in by_model.get(t, []) if not dvar} or {(t, '', dvar, ())}
@@ -347,7 +379,8 @@ def build_rows(paper, results, only_results=False, include=ALL, expected=None):
         t, b, dvar, mvar = k
         runs = groups.get(k, {})
         notes = list(dvar + mvar)
-        want = expected.get((t, b))
+        other = _other_method(mvar, runs)
+        want = expected.get((t, b, other) if other else (t, b))
         if want is not None:
             missing = [s for s in want if s not in runs]
             if missing:
@@ -356,8 +389,10 @@ def build_rows(paper, results, only_results=False, include=ALL, expected=None):
         if fp_run is None and (t, 'FP') in expected:
             notes.append('missing: FP')
         paper_fp = by_model[t][0]['fp_top1'] if t in by_model else None
-        method = method_of(by_model[t][0]) if t in by_model else method_of(next(iter(runs.values()), fp_run or {}))
-        rows.append(_row(display(t), t, b, paper_rows.get((t, b)), paper_fp, runs, fp_run, notes, method))
+        method = other or (method_of(by_model[t][0]) if t in by_model else
+                           method_of(next(iter(runs.values()), fp_run or {})))
+        paper = None if other else paper_rows.get((t, b))  # the paper has no figures of another method
+        rows.append(_row(display(t), t, b, paper, paper_fp, runs, fp_run, notes, method))
     return rows, warnings
 
 
