@@ -48,7 +48,7 @@ def private_random_state(seed):
     with torch.random.fork_rng(devices=[]):
         random.seed(seed)
         np.random.seed(seed)
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU's: torch.manual_seed would queue CUDA seeding too
         try:
             yield
         finally:

@@ -1,5 +1,6 @@
 """The QwT* checkpoint: trainable parameters, optimizer, scaler, scheduler, position, generators, loss curve;
 written atomically by rank 0, read by rank 0 and sent to every process."""
+import io
 import os
 import random
 
@@ -36,29 +37,42 @@ def _tuples(value):
     return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
+def _to_bytes(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _from_bytes(data):
+    return torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
+
+
 def save_checkpoint(path, state):
-    """Rank 0 writes ``state`` (with every process's generator states, gathered) to ``path`` atomically."""
-    state = dict(state, format=FORMAT, rng=distributed.all_gather_object(rng_state()))
+    """Rank 0 writes ``state`` (with every process's generator states, gathered) to ``path`` atomically.
+    Objects cross processes as torch.save bytes: torch's object collectives cannot unpickle tensors here."""
+    rngs = [_from_bytes(b) for b in distributed.all_gather_object(_to_bytes(rng_state()))]
     if distributed.rank() == 0:
+        state = dict(state, format=FORMAT, rng=rngs)
         write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path):
     """Rank 0's reading of ``path`` on every process: the saved state, or None where there is no file."""
-    state = None
+    data, error = None, None
     if distributed.rank() == 0 and os.path.exists(path):
+        with open(path, 'rb') as f:
+            data = f.read()
         try:
-            state = torch.load(path, map_location='cpu', weights_only=True)
+            state = _from_bytes(data)
         except Exception as exc:  # a file that is not a checkpoint: say which, never guess
-            state = UserError(f"cannot read the QwT* checkpoint {path} ({cause(exc)}): delete it to start the "
-                              "fine-tuning over")
-        if isinstance(state, dict) and state.get('format') != FORMAT:
-            state = UserError(f"{path} is not a QwT* checkpoint of this version (format "
-                              f"{state.get('format')!r}): delete it to start the fine-tuning over")
-    state = distributed.broadcast_object(state)
-    if isinstance(state, UserError):
-        raise state
-    return state
+            state, error = None, (f"cannot read the QwT* checkpoint {path} ({cause(exc)}): delete it to start the "
+                                  "fine-tuning over")
+        if error is None and not (isinstance(state, dict) and state.get('format') == FORMAT):
+            error = f"{path} is not a QwT* checkpoint of this version: delete it to start the fine-tuning over"
+    data, error = distributed.broadcast_object((data, error))
+    if error is not None:
+        raise UserError(error)
+    return None if data is None else _from_bytes(data)
 
 
 def check_resumable(path, state, config_dict, world, names):
