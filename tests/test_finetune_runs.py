@@ -95,8 +95,8 @@ def test_two_processes_at_batch_b_end_as_one_process_at_batch_2b(runs):
         assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-5)
     # and the fine-tuning did something: the weights moved from the QwT fit by more than the tolerance
     model, _, _ = driver.quantized_model()
-    start = dict(model.named_parameters())
-    assert max(float((w - start[n]).abs().max()) for n, w in one['trainable'].items()) > 1e-2
+    start = {n: p.detach() for n, p in model.named_parameters()}
+    assert max(float((w - start[n]).abs().max()) for n, w in one['trainable'].items()) > 1e-3  # 100 x atol
 
 
 def test_non_finite_loss_on_one_rank_stops_both_ranks_with_the_same_line(runs):

@@ -85,6 +85,15 @@ def _global_mean(value):
     return float(t) / distributed.world_size()
 
 
+def _ddp(model, device):
+    """DDP without the per-forward buffer broadcast (the buffers are frozen; rank 0's are synced at start)."""
+    import inspect
+    ddp = nn.parallel.DistributedDataParallel
+    no_sync = ({'forward_sync_buffers': False} if 'forward_sync_buffers' in inspect.signature(ddp).parameters
+               else {'broadcast_buffers': False})  # torch >= 2.14 deprecates the second
+    return ddp(model, device_ids=[device.index] if device.type == 'cuda' else None, **no_sync)
+
+
 def _step_lr(optimizer):
     return max(g['lr'] for g in optimizer.param_groups)
 
@@ -130,8 +139,7 @@ def finetune(model, dataset, config, checkpoint_path, device, teacher=None, prog
 
     forward = model
     if world > 1:  # DDP averages the gradients; it also starts every process from rank 0's parameters
-        forward = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=False)
+        forward = _ddp(model, device)
     criterion = Criterion(config, model.num_classes, teacher)
     curve_every = max(1, total // CURVE_POINTS)
     log_every = max(1, total // 10)
