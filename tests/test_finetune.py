@@ -1,11 +1,14 @@
 """QwT* library pieces (quant/finetune, the straight-through quantizers): hand-computed gradients, what one
 optimizer step may change, zero-initialised blocks' gradients, the wrappers' training branch, bad configs."""
 import copy
+import dataclasses
 import functools
 import importlib.util
 import math
 import os
+import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -239,10 +242,12 @@ def test_epoch_order_two_processes_at_batch_b_see_the_images_of_one_at_2b():
     assert len({i for i, _ in one}) == 16 and one != epoch_items(20, 3, 2, 0, 1, 2, 8)  # a new order each epoch
 
 
-@pytest.mark.parametrize('field, value, flag', [('epochs', -1, '--finetune_epochs -1'), ('lr', 0.0, '--finetune_lr 0.0'),
-                                                ('lr', -1e-3, '--finetune_lr -0.001'), ('lr', float('nan'), '--finetune_lr nan'),
-                                                ('batch_size', 0, '--finetune_batch_size 0'),
-                                                ('loss', 'kl', "--finetune_loss 'kl'")])
+BAD = [('epochs', -1, '--finetune_epochs -1'), ('lr', 0.0, '--finetune_lr 0.0'), ('lr', -1e-3, '--finetune_lr -0.001'),
+       ('lr', float('nan'), '--finetune_lr nan'), ('batch_size', 0, '--finetune_batch_size 0'),
+       ('loss', 'kl', "--finetune_loss 'kl'")]
+
+
+@pytest.mark.parametrize('field, value, flag', BAD)
 def test_bad_config_is_one_line_and_writes_nothing(field, value, flag, tmp_path):
     config = FinetuneConfig(**{field: value})
     with pytest.raises(UserError) as err:
@@ -265,4 +270,48 @@ def test_a_checkpoint_of_another_recipe_is_refused(tmp_path):
     config = FinetuneConfig(epochs=1, batch_size=4, max_images=4, loss='label', workers=0)
     finetune(_model('vit'), Images(), config, path, 'cpu', progress=False)
     with pytest.raises(UserError, match=r'written with lr=0\.0001, this run has lr=0\.001: rerun with the same flags'):
-        finetune(_model('vit'), Images(), FinetuneConfig(**dict(config.as_dict(), lr=1e-3)), path, 'cpu', progress=False)
+        finetune(_model('vit'), Images(), dataclasses.replace(config, lr=1e-3), path, 'cpu', progress=False)
+
+
+class RandomlyAugmented(Images):
+    """Images plus a transform that draws from torch's and python's generators."""
+
+    def __getitem__(self, i):
+        import random
+        x = self.x[i] + 0.1 * torch.randn(self.x[i].shape)
+        return (x.flip(-1) if random.random() < 0.5 else x), self.y[i]
+
+
+def _generator_states():
+    import random
+    return random.getstate(), repr(np.random.get_state()), torch.get_rng_state().tolist()
+
+
+def test_workers_do_not_change_the_run_and_a_finished_run_resumes_at_its_end(tmp_path, caplog):
+    """Each image is augmented under its own seed: 2 loader workers give the run of 0, bit for bit (here with
+    the label loss, mixup on the CPU and smoothing), and the process's generators are left as they were.
+    Progress lines name step, loss, lr and images/s; a rerun on the final checkpoint logs where it resumes
+    and changes nothing."""
+    import logging
+    config = FinetuneConfig(epochs=1, batch_size=4, loss='label', mixup=0.5, smoothing=0.1, lr=1e-2, workers=0)
+    states = []
+    for workers in (0, 2):
+        model = _model('vit')
+        generators = _generator_states()
+        with caplog.at_level(logging.INFO, logger='quant.finetune'):
+            finetune(model, RandomlyAugmented(), dataclasses.replace(config, workers=workers),
+                     str(tmp_path / f'w{workers}.pt'), 'cpu', progress=False)
+        # nothing drawn from the process's generators: a resumed run needs no generator states
+        assert _generator_states() == generators
+        states.append({k: v.clone() for k, v in trainable_parameters(model).items()})
+    for name in states[0]:
+        assert torch.equal(states[0][name], states[1][name]), name
+    # cosine over 2 steps from 1e-2 to 1e-6, by hand: step 1 at t = 0 has 1e-2, step 2 at t = 1 (1e-2 + 1e-6) / 2
+    assert re.search(r'QwT\* step 1/2: loss \d+\.\d{4}, lr 0\.01, \d+\.\d images/s', caplog.text)
+    assert re.search(r'QwT\* step 2/2: loss \d+\.\d{4}, lr 0\.005, \d+\.\d images/s', caplog.text)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger='quant.finetune'):
+        result = finetune(model, RandomlyAugmented(), config, str(tmp_path / 'w2.pt'), 'cpu', progress=False)
+    assert f"resuming QwT* from step 2 of 2 ({tmp_path / 'w2.pt'})" in caplog.text and result.resumed_from == 2
+    for name, p in trainable_parameters(model).items():
+        assert torch.equal(p, states[1][name])

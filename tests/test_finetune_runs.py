@@ -38,11 +38,13 @@ def _wait(procs, expect_kill=False):
 def runs(tmp_path_factory):
     """Every run, the subprocesses side by side with the in-process ones; {name: saved output}."""
     d = tmp_path_factory.mktemp('qwtstar')
-    job = lambda name, batch, **kw: dict(out=str(d / f'{name}.pt'), checkpoint=str(d / f'{name}.ckpt'), batch=batch, **kw)
+
+    def job(name, batch, **kw):
+        return dict(out=str(d / f'{name}.pt'), checkpoint=str(d / f'{name}.ckpt'), batch=batch, **kw)
+
     # two processes, batch 4: an uninterrupted run, a run whose rank 1 turns NaN in step 6, a run killed in step 6
-    two = [job('two', 4), job('two_nan', 4, nan_after=(NAN_IN_STEP - 1) * 4 + 1), job('two_killed', 4,
-           kill_after=(KILL_IN_STEP - 1) * 4 + 2)]
-    two[1]['nan_rank'] = 1
+    two = [job('two', 4), job('two_nan', 4, nan_after=(NAN_IN_STEP - 1) * 4 + 1, nan_rank=1),
+           job('two_killed', 4, kill_after=(KILL_IN_STEP - 1) * 4 + 2)]
     group = _group(two, 2)
     one_killed = job('one_killed', 8, mixup=0.8, kill_after=(KILL_IN_STEP - 1) * 8 + 3)
     killed = _group([one_killed], 1)
