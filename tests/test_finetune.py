@@ -315,3 +315,12 @@ def test_workers_do_not_change_the_run_and_a_finished_run_resumes_at_its_end(tmp
     assert f"resuming QwT* from step 2 of 2 ({tmp_path / 'w2.pt'})" in caplog.text and result.resumed_from == 2
     for name, p in trainable_parameters(model).items():
         assert torch.equal(p, states[1][name])
+
+
+def test_an_unreadable_checkpoint_is_one_line_and_kept(tmp_path):
+    path = tmp_path / 'ck.pt'
+    path.write_bytes(b'not a checkpoint')
+    config = FinetuneConfig(epochs=1, batch_size=4, max_images=4, loss='label', workers=0)
+    with pytest.raises(UserError, match=r'^cannot read the QwT\* checkpoint .*: delete it to start the fine-tuning over$'):
+        finetune(_model('vit'), Images(), config, str(path), 'cpu', progress=False)
+    assert path.read_bytes() == b'not a checkpoint'

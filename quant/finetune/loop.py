@@ -159,7 +159,8 @@ def finetune(model, dataset, config, checkpoint_path, device, teacher=None, prog
 
     def save(at):
         save_checkpoint(checkpoint_path, dict(
-            step=at, total_steps=total, config=config.as_dict(), world_size=world,
+            step=at, total_steps=total, epoch=at // per_epoch, position=at % per_epoch,  # position: steps into epoch
+            config=config.as_dict(), world_size=world,
             trainable={n: p.detach().cpu() for n, p in trainable.items()}, optimizer=optimizer.state_dict(),
             scheduler=scheduler.state_dict(), scaler=None if scaler is None else scaler.state_dict(),
             loss_curve=curve, seconds=seconds_before + time.monotonic() - started))
