@@ -85,6 +85,16 @@ def test_log_sqrt2_straight_through_gradient_by_hand():
     torch.testing.assert_close(grad, torch.tensor(expected), rtol=1e-5, atol=1e-7)
 
 
+def test_log_sqrt2_inference_form_takes_nan_to_zero_instead_of_reading_outside_its_table():
+    """A diverging QwT* run feeds NaN to the quantizers; the table form must not index with NaN (an IndexError
+    on the CPU, a device-side assert on CUDA). Every number keeps the reference's value."""
+    from quant.quantizers import log_sqrt2_fake_quant, log_sqrt2_fake_quant_reference
+    x = torch.tensor([float('nan'), 0.3, float('inf'), 0.0, -1.0, 1e-9, 0.8])
+    out = log_sqrt2_fake_quant(x, torch.tensor(0.8), 3)
+    assert out[0] == 0
+    assert torch.equal(out[1:], log_sqrt2_fake_quant_reference(x[1:], torch.tensor(0.8), 3))
+
+
 @pytest.mark.skipif(not os.path.isfile(PUBLISHED_QUANTIZER), reason='the published QwT code is not in ../shared')
 def test_straight_through_gradients_equal_the_published_quantizers():
     """Values and gradients bit for bit against the published quantizer.py (its RoundSTE / Log2STE graph),
