@@ -24,15 +24,16 @@ PUBLISHED_QUANTIZER = os.path.join(ROOT, '..', 'shared', 'published-qwt', 'quant
 SQ2 = math.sqrt(2)
 
 
-def _uniform(n_bits, delta, zero_point, channel_wise=False):
+def _uniform(n_bits, delta, zero_point, channel_wise=False, straight_through=True):
     q = UniformQuantizer(n_bits, channel_wise)
     q.delta, q.zero_point, q.inited = torch.as_tensor(delta), torch.as_tensor(zero_point), True
+    q.straight_through = straight_through
     return q
 
 
 def _log(n_bits, delta):
     q = LogSqrt2Quantizer(n_bits)
-    q.delta, q.inited = torch.as_tensor(delta), True
+    q.delta, q.inited, q.straight_through = torch.as_tensor(delta), True, True
     return q
 
 
@@ -53,12 +54,18 @@ def test_uniform_straight_through_gradient_by_hand():
     assert torch.equal(grad, torch.tensor([0.3, 0.0, 1.5, 0.0, -0.25]))
 
 
-def test_uniform_without_gradient_keeps_the_inference_form():
-    """No input gradient (calibration, evaluation): no autograd graph, the in-place form."""
-    q = _uniform(4, 0.5, 2.0)
-    x = torch.tensor([1.0, -1.4, 6.0])
-    assert q(x).grad_fn is None
-    assert q(x.clone().requires_grad_()).grad_fn is not None
+def test_without_qwtstar_the_quantizers_keep_the_inference_form_bit_for_bit():
+    """Straight-through only where QwT* switches it on: otherwise, gradient mode or not, the in-place form
+    as before, signed zeros included (round(-0.2) = -0.0 stays -0.0; the published graph gives +0.0), and no
+    gradient passes round (as before)."""
+    x = torch.tensor([-0.2, 1.0, -1.4, 6.0])
+    plain = _uniform(4, 0.5, 2.0, straight_through=False)
+    out, grad = _grad(plain, x, torch.ones(4))
+    assert torch.equal(torch.signbit(out), torch.tensor([True, False, True, False]))
+    assert not grad.any()
+    ste_out, ste_grad = _grad(_uniform(4, 0.5, 2.0), x, torch.ones(4))
+    assert torch.equal(out, ste_out) and not bool(torch.signbit(ste_out[0]))
+    assert torch.equal(ste_grad, torch.tensor([1.0, 1.0, 0.0, 1.0]))
 
 
 def _log_grad_by_hand(x, delta, n_bits):
@@ -109,12 +116,14 @@ def test_straight_through_gradients_equal_the_published_quantizers():
     for channel_wise in (False, True):
         ours = UniformQuantizer(4, channel_wise)
         ours(x)
+        ours.straight_through = True
         cases.append((ours, x))
         frac = _uniform(4, ours.delta, ours.zero_point + 0.25, channel_wise)
         cases.append((frac, x))
     attn = torch.randn(2, 3, 9, 9, generator=g).softmax(-1)
     log_q = LogSqrt2Quantizer(4)
     log_q(attn)
+    log_q.straight_through = True
     cases.append((log_q, attn))
     for ours, inp in cases:
         if isinstance(ours, LogSqrt2Quantizer):
@@ -186,6 +195,7 @@ def test_one_step_changes_only_the_compensation_and_the_heads(kind, tmp_path):
     assert changed == sorted(expected)
     assert not any(m.training for m in model.modules())
     assert not any(p.requires_grad for p in model.parameters())
+    assert not any(getattr(m, 'straight_through', False) for m in model.modules())  # inference form again
 
 
 def _captured_gradients(model, images, labels):
