@@ -31,6 +31,10 @@ def _wait(procs, expect_kill=False):
     want = -signal.SIGKILL if expect_kill else 0
     for p in procs:
         p.join(timeout=300)
+        if p.exitcode is None:  # hung: leave no process behind
+            p.kill()
+            p.join()
+            raise AssertionError('a driver process did not end within 300 s (its output is above)')
         assert p.exitcode == want, f'driver exit code {p.exitcode}, expected {want} (its output is above)'
 
 
