@@ -212,9 +212,10 @@ def uniform_fake_quant(x, delta, zero_point, n_bits):
 
 def uniform_fake_quant_ste(x, delta, zero_point, n_bits):
     """``uniform_fake_quant`` through the published differentiable graph: round passes the gradient straight
-    through (RoundSTE), torch's clamp passes it where round(x / delta) + zp lies inside [0, 2^n - 1] and
-    stops it outside, so d x̂ / d x = 1 inside (as (g · delta) / delta) and 0 outside. The values equal the
-    inference forms' (``uniform_fake_quant_integer_zp`` may give -0.0 where this gives +0.0)."""
+    through (RoundSTE), torch's clamp passes it where round(x / delta) + zp lies strictly inside (0, 2^n - 1)
+    (torch 2.14 gives no gradient at the bounds themselves), so d x̂ / d x = 1 there (as (g · delta) / delta)
+    and 0 elsewhere. The values equal the inference forms' (``uniform_fake_quant_integer_zp`` may give -0.0
+    where this gives +0.0)."""
     x_int = RoundSTE.apply(x / delta) + zero_point
     return (torch.clamp(x_int, 0, 2 ** n_bits - 1) - zero_point) * delta
 
