@@ -384,8 +384,8 @@ def log_sqrt2_fake_quant_ste(x, delta, n_bits):
     """The log-√2 quantizer with the published differentiable graph (RoundSTE, Log2STE, CeilSTE, MaskSTE in
     its operation order): the same values as ``log_sqrt2_fake_quant`` bit for bit, and the published
     gradient: with u = x / delta and q the clamped level, d x̂ / d x = (d x̂ / d q) · (-2 / (u ln 2)) / delta
-    where u > 1e-6 and 0 <= round(-2 log2 u) <= 2^n - 1 (else 0), d x̂ / d q = delta · 2^-ceil(q/2) ·
-    ((√2 - 1) - ln 2 / 2 · (1 + (q mod 2)(√2 - 1)))."""
+    where u > 1e-6 and 0 < round(-2 log2 u) < 2^n - 1 (else 0: torch's clamp), with
+    d x̂ / d q = delta · 2^-ceil(q/2) · ((√2 - 1) - ln 2 / 2 · (1 + (q mod 2)(√2 - 1)))."""
     x_int = RoundSTE.apply(-1 * Log2STE.apply(x / delta) * 2)
     mask = x_int >= 2 ** n_bits
     x_quant = torch.clamp(x_int, 0, 2 ** n_bits - 1)
