@@ -26,6 +26,74 @@ def _check_bits(n_bits):
         raise ValueError(f"bit width {n_bits} not supported: use 2 to 8 bits")
 
 
+class RoundSTE(torch.autograd.Function):
+    """``torch.round`` forward; the gradient passes straight through (the published RoundSTE)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class CeilSTE(torch.autograd.Function):
+    """``torch.ceil`` forward; the gradient passes straight through (the published CeilSTE)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.ceil(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class Log2STE(torch.autograd.Function):
+    """``log2(max(x, 1e-6))`` forward; backward the derivative of log2 where x > 1e-6, 0 where the clamp
+    held it (the published Log2STE)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.log2(torch.clamp(x, min=1e-6))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, = ctx.saved_tensors
+        return torch.where(x <= 1e-6, torch.zeros_like(grad), grad / (x * math.log(2.0)))
+
+
+class MaskSTE(torch.autograd.Function):
+    """``x`` with the ``mask``ed entries set to 0; no gradient reaches them (the published MaskSTE)."""
+
+    @staticmethod
+    def forward(ctx, x, mask):
+        ctx.save_for_backward(mask)
+        return x.masked_fill(mask, 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        mask, = ctx.saved_tensors
+        return grad.masked_fill(mask, 0), None
+
+
+def needs_ste(quantizer, x):
+    """Whether the quantizer's input takes the straight-through graph: only where QwT* switched it on
+    (``set_straight_through``) and a gradient must flow through ``x``. Every other call, gradient mode or
+    not, runs the inference form, bit for bit as before (the published graph may give +0.0 where the
+    inference form gives -0.0)."""
+    return getattr(quantizer, 'straight_through', False) and x.requires_grad and torch.is_grad_enabled()
+
+
+def set_straight_through(module, enabled):
+    """Switch the straight-through graph of every fake quantizer under ``module`` (QwT* fine-tuning)."""
+    for m in module.modules():
+        if isinstance(m, (UniformQuantizer, LogSqrt2Quantizer)):
+            m.straight_through = bool(enabled)
+
+
 def quantile(x, p):
     """The published quantile of all of ``x``: torch.quantile, or numpy.percentile above 2**24 values."""
     flat = x.reshape(-1)
@@ -140,6 +208,16 @@ def uniform_fake_quant(x, delta, zero_point, n_bits):
     x_int = torch.round(x / delta)
     x_int.add_(zero_point).clamp_(0, 2 ** n_bits - 1)
     return x_int.sub_(zero_point).mul_(delta)
+
+
+def uniform_fake_quant_ste(x, delta, zero_point, n_bits):
+    """``uniform_fake_quant`` through the published differentiable graph: round passes the gradient straight
+    through (RoundSTE), torch's clamp passes it where round(x / delta) + zp lies strictly inside (0, 2^n - 1)
+    (torch 2.14 gives no gradient at the bounds themselves), so d x̂ / d x = 1 there (as (g · delta) / delta)
+    and 0 elsewhere. The values equal the inference forms' (``uniform_fake_quant_integer_zp`` may give -0.0
+    where this gives +0.0)."""
+    x_int = RoundSTE.apply(x / delta) + zero_point
+    return (torch.clamp(x_int, 0, 2 ** n_bits - 1) - zero_point) * delta
 
 
 def uniform_fake_quant_integer_zp(x, delta, zero_point, n_bits, out=None):
@@ -278,9 +356,18 @@ def log_sqrt2_dequant(q, delta):
 
 def log_sqrt2_index(x, delta, n_bits, out=None):
     """``round(-2 * log2(max(x / delta, 1e-6)))``, before masking and clamping (in ``out`` if given;
-    -1 * v * 2 == v * -2 bit for bit)."""
+    -1 * v * 2 == v * -2 bit for bit). The max is ``fmax``, equal to the clamp for every number, which
+    takes a NaN to 1e-6 (a level beyond 2^n, so 0 out) instead of keeping it: a NaN turned into an integer
+    index would read outside the table (an IndexError, a device-side assert on CUDA), and a diverging
+    QwT* run must stop with its one-line message. The published form gives NaN there."""
     out = torch.div(x, delta, out=out)
-    return out.clamp_(min=1e-6).log2_().mul_(-2).round_()
+    floor = _LOG_FLOORS.get(out.device)
+    if floor is None:  # one per device: no host-to-device copy per call
+        floor = _LOG_FLOORS[out.device] = torch.tensor(1e-6, device=out.device)
+    return torch.fmax(out, floor, out=out).log2_().mul_(-2).round_()
+
+
+_LOG_FLOORS = {}
 
 
 def log_sqrt2_fake_quant_reference(x, delta, n_bits):
@@ -291,6 +378,20 @@ def log_sqrt2_fake_quant_reference(x, delta, n_bits):
     x_float_q = log_sqrt2_dequant(x_quant, delta)
     x_float_q[mask] = 0
     return x_float_q
+
+
+def log_sqrt2_fake_quant_ste(x, delta, n_bits):
+    """The log-√2 quantizer with the published differentiable graph (RoundSTE, Log2STE, CeilSTE, MaskSTE in
+    its operation order): the same values as ``log_sqrt2_fake_quant`` bit for bit, and the published
+    gradient: with u = x / delta and q the clamped level, d x̂ / d x = (d x̂ / d q) · (-2 / (u ln 2)) / delta
+    where u > 1e-6 and 0 < round(-2 log2 u) < 2^n - 1 (else 0: torch's clamp), with
+    d x̂ / d q = delta · 2^-ceil(q/2) · ((√2 - 1) - ln 2 / 2 · (1 + (q mod 2)(√2 - 1)))."""
+    x_int = RoundSTE.apply(-1 * Log2STE.apply(x / delta) * 2)
+    mask = x_int >= 2 ** n_bits
+    x_quant = torch.clamp(x_int, 0, 2 ** n_bits - 1)
+    odd = (x_quant % 2) * (math.sqrt(2) - 1) + 1
+    x_float_q = 2 ** (-1 * CeilSTE.apply(x_quant / 2)) * odd * delta
+    return MaskSTE.apply(x_float_q, mask)
 
 
 def log_sqrt2_fake_quant(x, delta, n_bits, out=None, index=None):
@@ -393,6 +494,7 @@ class UniformQuantizer(_CalibratedState):
         _check_bits(n_bits)
         self.n_bits = int(n_bits)
         self.per_channel_loop = False  # True: the published one-channel-at-a-time search
+        self.straight_through = False  # True: gradients pass as published (QwT*; set_straight_through)
         self._register_state(inited=False, channel_wise=channel_wise)
         self._zp_seen = None  # the zero_point tensor _integer_zp was computed for
 
@@ -408,6 +510,8 @@ class UniformQuantizer(_CalibratedState):
         if self._zp_seen is not zero_point:  # once per calibration / reparameterisation / load
             self._integer_zp = bool(torch.equal(zero_point, zero_point.round()))
             self._zp_seen = zero_point
+        if needs_ste(self, x):
+            return uniform_fake_quant_ste(x, delta, zero_point, self.n_bits)
         if self._integer_zp:
             return uniform_fake_quant_integer_zp(x, delta, zero_point, self.n_bits)
         return uniform_fake_quant(x, delta, zero_point, self.n_bits)
@@ -434,11 +538,14 @@ class LogSqrt2Quantizer(_CalibratedState):
         _check_bits(n_bits)
         self.n_bits = int(n_bits)
         self.published_search = False  # True: the search exactly as published (reference, slow)
+        self.straight_through = False  # True: gradients pass as published (QwT*; set_straight_through)
         self._register_state(inited=False)
 
     def forward(self, x):
         if not self.inited:
             self.calibrate(x.detach())
+        if needs_ste(self, x):
+            return log_sqrt2_fake_quant_ste(x, self._buffers['delta'], self.n_bits)
         return log_sqrt2_fake_quant(x, self._buffers['delta'], self.n_bits)
 
     @torch.no_grad()
