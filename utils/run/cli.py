@@ -8,8 +8,9 @@ import warnings
 from models.registry import DIGITS_MODELS, resolve_model, table_names
 from utils.run.demo import demo_defaults
 from utils.run.naming import FAMILY_METHODS, FAMILY_SCRIPTS, output_folder
-from utils.core.environment import DIST_TIMEOUT_S, cpus_per_process, env_int
-from utils.core.errors import UserError
+from utils.core.cpu_numerics import pin_cpu_numerics
+from utils.core.environment import DIST_TIMEOUT_S, cpus_per_process, env_int, quiet_cpp_logs
+from utils.core.errors import UserError, one_line
 
 EVAL_CHOICES = ('both', 'repq', 'qwt', 'none', 'fp', 'all')
 SOLVER_CHOICES = ('inverse', 'lstsq')      # quant.regression.SOLVERS
@@ -52,9 +53,15 @@ class Parser(argparse.ArgumentParser):
         self.raise_errors = raise_errors
 
     def error(self, message):
+        """argparse's own errors (an unknown flag, a missing value, a refused choice): one line naming
+        --help, which shows the flags, instead of the usage block."""
+        self.fail(message if self.raise_errors else f'{message} (python {self.prog} --help lists the flags)')
+
+    def fail(self, message):
+        """One line on stderr, ``error: MESSAGE``, and exit 2 (a UserError with ``raise_errors``)."""
         if self.raise_errors:
             raise UserError(message)
-        super().error(message)
+        self.exit(2, f'error: {one_line(message)}\n')
 
     def parse_args(self, args=None, namespace=None):
         argv = sys.argv[1:] if args is None else list(args)
@@ -175,12 +182,25 @@ def parse_args(family, argv=None):
     known = parser.parse_known_args(argv)[0]
     if known.demo:
         parser.set_defaults(**demo_defaults(family, known.model))
+        pin_cpu_numerics()  # before torch is imported (a digits model's name imports it); the log says so
     args = parser.parse_args(argv)
     try:
         check_args(args, family, env_int('WORLD_SIZE', 1))
     except UserError as e:
-        parser.error(str(e))
-    return fill_defaults(args)
+        parser.fail(str(e))
+    return fill_defaults(args, variant(args, parser))
+
+
+# Flags that change what is computed (not only how fast): set to another value than the default, they name
+# the default output folder, so that a variant never replaces the default run's result.json.
+VARIANT_FLAGS = ('start_block', 'qwt_samples', 'qwt_solver', 'qwt_accumulate', 'kernel_size', 'factor',
+                 'conv_a_bits')
+
+
+def variant(args, parser):
+    """(flag, value) of each VARIANT_FLAGS flag this parser has whose value is not its default."""
+    return tuple((dest, getattr(args, dest)) for dest in VARIANT_FLAGS
+                 if hasattr(args, dest) and getattr(args, dest) != parser.get_default(dest))
 
 
 def check_args(args, family, world_size):
@@ -264,17 +284,18 @@ def check_resnet_args(args):
         raise UserError(f"--checkpoint_dir {args.checkpoint_dir} is not a directory")
 
 
-def fill_defaults(args):
+def fill_defaults(args, variant=()):
     """The defaults that depend on other flags or on the machine: bit widths (unless --load, whose file has
-    them), the output folder (--load's is named once the file is read) and the val loader's workers.
-    Returns ``args``."""
+    them), the output folder (--load's is named once the file is read; ``variant`` names it, see
+    output_folder) and the val loader's workers. Returns ``args``."""
     if args.eval_workers is None:
         args.eval_workers = min(EVAL_WORKERS, cpus_per_process())
     if args.load is None:
         args.w_bits, args.a_bits = args.w_bits or DEFAULT_BITS, args.a_bits or DEFAULT_BITS
         if args.output_dir is None:
             fp = args.eval == 'fp'
-            args.output_dir = output_folder(args.model, None if fp else args.w_bits, args.a_bits, demo=args.demo)
+            args.output_dir = output_folder(args.model, None if fp else args.w_bits, args.a_bits, demo=args.demo,
+                                            variant=() if fp else variant)
     return args
 
 
@@ -302,6 +323,7 @@ def main(family, argv=None):
     """Entry point of both scripts: flags first (no torch yet), then the run."""
     quiet_known_warnings()
     try:
+        quiet_cpp_logs()
         args = parse_args(family, argv)  # a name outside the table (the demo's digits models) imports timm
         from utils.run import pipeline  # imports torch, torchvision and timm
     except RuntimeError as e:

@@ -5,11 +5,15 @@ import os
 FAMILY_SCRIPTS = {'vit': 'qwt_vit_and_deit.py', 'swin': 'qwt_swin.py', 'resnet': 'qwt_resnet.py'}
 
 
-def output_folder(model, w_bits=None, a_bits=None, seed=None, demo=False, loaded=False, parent='output'):
-    """``parent/[demo_]<model>_<w4a4|fp>[_seed<S>][_loaded]``: ``w_bits`` None is the full-precision model;
+def output_folder(model, w_bits=None, a_bits=None, seed=None, demo=False, loaded=False, parent='output', variant=()):
+    """``parent/[demo_]<model>_<w4a4|fp>[_<flag>-<value>...][_seed<S>][_loaded]``: ``w_bits`` None is the
+    full-precision model; ``variant``, (flag, value) pairs, the flags that change the computation set to
+    other values than their defaults (so that a variant never replaces the default run's result.json);
     ``seed`` is named by the table runner, whose cells differ by seed; ``loaded`` marks a --load run."""
     bits = 'fp' if w_bits is None else f'w{w_bits}a{a_bits}'
-    name = f"{'demo_' if demo else ''}{model}_{bits}{'' if seed is None else f'_seed{seed}'}{'_loaded' if loaded else ''}"
+    flags = ''.join(f'_{name}-{value}' for name, value in variant)
+    name = (f"{'demo_' if demo else ''}{model}_{bits}{flags}{'' if seed is None else f'_seed{seed}'}"
+            f"{'_loaded' if loaded else ''}")
     return os.path.join(parent, name)
 
 

@@ -29,6 +29,7 @@ from utils.run.data import (ImageLog, available_cpus, eval_loader, eval_transfor
 from utils.run import family as families
 from utils.run.demo import DEMO_THREADS, demo_line, demo_threads_line, make_demo_data
 from utils.run.launch import launch_command
+from utils.run.loaded import check_load_flags
 from utils.core.errors import UserError, one_line
 from utils.run.evaluate import evaluate
 from utils.core.progress import progress_bar
@@ -97,6 +98,7 @@ def resolve_run_model(args, family, payload):
         if given is not None and given != payload[dest]:
             raise UserError(f"--{dest} {given} does not match --load {args.load}, quantized with {dest} "
                             f"{payload[dest]}: leave --{dest} out")
+    check_load_flags(args, payload.get('meta'))
     return spec, payload['w_bits'], payload['a_bits']
 
 
