@@ -54,7 +54,7 @@ def _readme_hashes():
 def test_the_demo_runs_at_the_bits_measured_here():
     from utils.run.demo import DIGITS_DEMO
     assert {d['model']: (d['w_bits'], d['a_bits']) for d in DIGITS_DEMO.values()} == {**DEMO_BITS,
-                                                                                     'resnet_digits': (2, 4)}
+                                                                                     'resnet_digits': (2, 8)}
 
 
 def test_committed_files_match_readme_sha256():

@@ -81,8 +81,9 @@ def demo_line(model, w_bits, a_bits, method='RepQ-ViT'):
         return (f'demo: {model}, trained on the UCI handwritten digits (models/digits), at W{w_bits}/A{a_bits}, '
                 f'low enough that {method} visibly loses accuracy; FP, {method} and {method} + QwT top-1 on the 500 '
                 'held-out digits')
-    return (f'demo: {model} W{w_bits}/A{a_bits} on a small generated folder, timm weights if cached, else random '
-            '(chance accuracy: this shows that every stage runs)')
+    weights = 'random weights' if method == 'Percentile' else 'timm weights if cached, else random'  # ResNet: never timm's
+    return (f'demo: {model} W{w_bits}/A{a_bits} on a small generated folder, {weights} (chance accuracy: this shows '
+            'that every stage runs)')
 
 
 def demo_threads_line(threads, capability):
