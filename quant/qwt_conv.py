@@ -81,6 +81,12 @@ def fit_group_conv(x, y, kernel_size, groups, stride):
     return weight, torch.cat(biases, dim=0)
 
 
+# r² = 1 - 0/0: said where it is printed (random weights give it: a block whose output is the same, often all
+# zeros, on every image).
+NAN_R2 = (" (r2 nan: the block's quantization error is the same on every QwT image, so there is nothing for the "
+          "map to explain; seen with random weights)")
+
+
 def conv_fit_scores(x, y, weight, bias, stride, groups):
     """(r², mean absolute residual) of the fit, 0-dim tensors: r² = 1 - Σ(Y - Ŷ)² / Σ(Y - Ȳ)² with Ȳ the
     mean over the sample dimension only (per channel and position), Ŷ the float32 convolution with bias."""
@@ -161,8 +167,8 @@ def compensate_conv(q_model, images, start_block=0, batch_size=32, kernel_size=D
         with clock('passes'):
             xs = [comp.forward_fp32(x) for x in xs]  # float32 with the bias, as the published training-mode pass
         slot.replace(comp)
-        _logger.info('QwT block %d: r2 %.4f, mean abs residual %.6f, %s', block_id, r2_value, abs_value,
-                     'compensated' if used else 'zero compensation')
+        _logger.info('QwT block %d: r2 %.4f, mean abs residual %.6f, %s%s', block_id, r2_value, abs_value,
+                     'compensated' if used else 'zero compensation', '' if math.isfinite(r2_value) else NAN_R2)
         if stats is not None:
             stats.append({'block': block_id, 'r2': r2_value if math.isfinite(r2_value) else None, 'used': used,
                           'fallback': None, 'singular': False})
