@@ -12,8 +12,9 @@ settings alone. Pinned to the level every x86-64 CPU runs, each library runs one
 - ``ONEDNN_MAX_CPU_ISA=SSE41``: oneDNN's lowest JIT level;
 - one thread (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``): sums in one order whatever the core count.
 
-They are read when torch loads, so they are set before torch is imported, for ``--demo`` runs only: a
-full-size run keeps the fastest kernels. Other architectures (aarch64: no MKL, other kernels) compute
+They are read when torch loads, so they are set before torch is imported, for the digits ``--demo`` runs
+only (the figures the README quotes): a full-size run, and the random-weight demo of a full-size model, keep
+the fastest kernels. Other architectures (aarch64: no MKL, other kernels) compute
 other roundings; the demo says so. This module imports nothing of torch.
 """
 import os
@@ -47,8 +48,8 @@ def pin_line(capability, threads, environ=None, machine=None):
     machine = machine or platform.machine()
     settings = ', '.join(f'{name}={value}' for name, value in PIN)
     if not is_pinned(environ):
-        return (f'demo: {threads} CPU thread(s), {capability} kernels, NOT pinned (torch was imported before the '
-                f'flags were read): the figures may differ from the README\'s in the last digit')
+        return (f'demo: {threads} CPU thread(s), {capability} kernels, not pinned (the digits demos pin them before '
+                'torch loads, utils/core/cpu_numerics.py; a random-weight demo has no figures to hold)')
     if machine not in PINNED_ARCHS:
         return (f'demo: {threads} CPU thread(s), {capability} kernels ({settings}); this is {machine}, not x86-64: '
                 'its kernels round differently, so the figures can differ from the README\'s, which hold on '
