@@ -139,7 +139,8 @@ def _pm(values):
 
 def _signed(x, fmt):
     """``x`` with a sign, the minus as in the README (U+2212)."""
-    return ('+' if x >= 0 else '\u2212') + format(abs(x), fmt)
+    text = format(abs(x), fmt)
+    return ('+' if x >= 0 or float(text) == 0 else '\u2212') + text  # no -0.00
 
 
 def table_row(rs, solver='inverse', bold=False):
