@@ -42,7 +42,9 @@ RANDOM_DEMO = {
 DEMO_CLASSES, DEMO_TRAIN_PER_CLASS, DEMO_VAL_PER_CLASS = 10, 6, 4
 # CPU threads of a --demo run: a matrix product split over another number of threads sums in another order,
 # which can move a fake-quantized activation across a rounding step and a digit's prediction with it. One
-# thread makes the figures independent of the core count (tools/readme_figures.py writes the README's with it).
+# thread makes the figures independent of the core count, and the digits demos' pinned kernels
+# (utils.core.cpu_numerics, set by utils.run.cli before torch loads) independent of the x86-64 CPU
+# (tools/readme_figures.py writes the README's figures with both).
 DEMO_THREADS = 1
 
 
