@@ -135,7 +135,7 @@ def pinned_runs(tmp_path_factory):
         w, a = DEMO_BITS[name]
         proc = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'measure_digits.py'), '--models', name,
                                '--bits', f'{w}/{a}', '6', '--seeds', *map(str, SEEDS), '--solvers', 'inverse',
-                               '--json', str(out)], capture_output=True, text=True, timeout=900)
+                               '--json', str(out)], capture_output=True, text=True, timeout=1800)
         assert proc.returncode == 0, proc.stderr[-2000:]
         for r in json.load(open(out)):
             runs.setdefault((name, r['w_bits'], r['a_bits']), []).append(r)
