@@ -246,7 +246,7 @@ def test_resnet_digits_is_small_and_scores_as_trained():
 
 
 def test_demo_runs_the_digits_resnet_where_qwt_recovers_accuracy(tmp_path):
-    """python qwt_resnet.py --demo: resnet_digits at W2/A4 (8-bit conv inputs, as published) on the digits, FP,
+    """python qwt_resnet.py --demo: resnet_digits at W2/A8 (8-bit conv inputs, as published) on the digits, FP,
     Percentile and Percentile + QwT on the 500 held-out digits: Percentile visibly below FP, QwT above it."""
     from conftest import run_script
     import time
@@ -257,7 +257,7 @@ def test_demo_runs_the_digits_resnet_where_qwt_recovers_accuracy(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.load(open(os.path.join(out, 'result.json')))
     assert (r['model'], r['method'], r['eval'], r['w_bits'], r['a_bits'], r['factor'], r['conv_a_bits']) == (
-        'resnet_digits', 'Percentile', 'all', 2, 4, 32, '8')
+        'resnet_digits', 'Percentile', 'all', 2, 8, 32, '8')
     assert (r['num_val'], r['num_calib'], r['num_qwt'], len(r['qwt_blocks'])) == (500, 32, 256, 3)
     assert r['fp_top1'] == 99.6 and r['fp_top1'] >= 80
     assert r['ptq_top1'] < r['fp_top1'] - 2 and r['qwt_top1'] > r['ptq_top1']

@@ -22,13 +22,15 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from utils.core.errors import UserError  # noqa: E402
+from utils.run.cli import Parser  # noqa: E402
 from utils.table import figures  # noqa: E402
 from utils.table import results as table  # noqa: E402
 from utils.table.write import write_table  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # one-line usage errors, as the entry scripts (utils.run.cli.Parser)
+    p = Parser(prog='tools/make_table.py', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('results', nargs='+', help='result.json files, or folders searched recursively for them')
     p.add_argument('--output', default='results_table', metavar='PREFIX',
                    help='writes PREFIX.md, PREFIX.csv and PREFIX.png')

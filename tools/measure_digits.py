@@ -21,12 +21,18 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-import torch
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+from utils.core.cpu_numerics import pin_cpu_numerics  # noqa: E402
+
+# As the demo: the same figures on every x86-64 CPU (utils.core.cpu_numerics), pinned before torch loads; a
+# no-op where torch is already imported (the tests import this module: they run it as a script to pin it).
+PINNED = pin_cpu_numerics()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 import models  # noqa: E402
 import quant  # noqa: E402
@@ -126,6 +132,46 @@ def summarise(rows, solver):
     return lines
 
 
+def _pm(values):
+    v = np.array(values)
+    return f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0:.2f}"
+
+
+def _signed(x, fmt):
+    """``x`` with a sign, the minus as in the README (U+2212)."""
+    text = format(abs(x), fmt)
+    return ('+' if x >= 0 or float(text) == 0 else '\u2212') + text  # no -0.00
+
+
+def table_row(rs, solver='inverse', bold=False):
+    """models/digits/README.md's row of one model and bit width (``rs``: its runs, one per seed)."""
+    r0 = rs[0]
+    rq = [r['repq'] for r in rs]
+    qw = [r['qwt'][solver]['top1'] for r in rs]
+    m0, m1 = np.mean([r['mse_repq'] for r in rs]), np.mean([r['qwt'][solver]['mse'] for r in rs])
+    b = (lambda t: f'**{t}**') if bold else (lambda t: t)
+    per_seed = lambda vs: ' '.join(f'{v:.1f}' for v in vs)  # noqa: E731
+    change = _signed(100 * (m1 / m0 - 1), '.0f') + ' %'
+    bits = f"W{r0['w_bits']}/A{r0['a_bits']}"
+    return (f"| {r0['model']} | {b(bits)} | {r0['fp']:.1f} | {_pm(rq)} [{per_seed(rq)}] | "
+            f"{_pm(qw)} [{per_seed(qw)}] | {b(_signed(np.mean(qw) - np.mean(rq), '.2f'))} | "
+            f"{m0:#.3g} \u2192 {m1:#.3g} ({b(change)}) |")
+
+
+def seeds_sentence(vit, swin, w6, solver='inverse'):
+    """The README's sentence on seeds 0, 1, 2: ``vit`` and ``swin`` the runs at their demo bits, ``w6`` every
+    model's runs at W6/A6."""
+    def part(label, rs):
+        rq, qw = [r['repq'] for r in rs], [r['qwt'][solver]['top1'] for r in rs]
+        m0, m1 = np.mean([r['mse_repq'] for r in rs]), np.mean([r['qwt'][solver]['mse'] for r in rs])
+        return (f"{label} W{rs[0]['w_bits']}/A{rs[0]['a_bits']} {_pm(rq)} \u2192 {_pm(qw)}", f'{m0:.3f} \u2192 {m1:.3f}')
+    (v, vm), (s, sm) = part('ViT', vit), part('Swin', swin)
+    most = max(abs(r['qwt'][solver]['top1'] - r['repq']) for r in w6)
+    return (f"Over seeds 0, 1, 2 (library API, one thread, the demo's pinned CPU kernels; `tests/test_digits.py` "
+            f"holds these): {v}, mean squared logit error to FP {vm}; {s}, {sm}. At W6/A6 QwT changes top-1 by at "
+            f"most {most:.1f} points on any seed (`models/digits/README.md` has the full table).")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--models', nargs='+', default=list(digits.ARCHS), choices=list(digits.ARCHS))
@@ -154,6 +200,11 @@ def main(argv=None):
                     print(json.dumps(r), flush=True)
     for solver in args.solvers:
         print('\n'.join(summarise(rows, solver)))
+        groups = {}
+        for r in rows:
+            groups.setdefault((r['model'], r['w_bits'], r['a_bits']), []).append(r)
+        print(f'models/digits/README.md rows ({solver}; bold the demo bits by hand):')
+        print('\n'.join(table_row(rs, solver) for rs in groups.values()))
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(rows, f, indent=1)

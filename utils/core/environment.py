@@ -41,3 +41,20 @@ def cpus_per_process():
     """This process's share of the node's CPUs (at least 1): threads and val-loader workers follow it, so
     that N processes on one node do not each start a thread per core."""
     return max(1, cpus_available() // local_processes())
+
+
+# c10d's C++ log lines (a client's connection retries, with their C++ stack) say again, in torch's words, what
+# the project's own waiting line and error line say: hidden unless the user set a level.
+CPP_LOG_LEVEL = ('TORCH_CPP_LOG_LEVEL', 'FATAL')
+
+
+def quiet_cpp_logs(environ=None):
+    """Set TORCH_CPP_LOG_LEVEL for a process of a multi-process run (WORLD_SIZE > 1), unless set; it is read
+    when torch loads, so call this before torch is imported. Returns True where it set it."""
+    environ = os.environ if environ is None else environ
+    name, level = CPP_LOG_LEVEL
+    world = environ.get('WORLD_SIZE', '1')
+    if name in environ or not world.isdigit() or int(world) <= 1:  # a malformed WORLD_SIZE: the flag check says so
+        return False
+    environ[name] = level
+    return True

@@ -9,8 +9,9 @@ from models.registry import DIGITS_MODELS, resolve_model, table_names
 from utils.run.demo import demo_defaults
 from utils.run import ptq as ptq_methods
 from utils.run.naming import FAMILY_METHODS, FAMILY_SCRIPTS, output_folder
-from utils.core.environment import DIST_TIMEOUT_S, cpus_per_process, env_int
-from utils.core.errors import UserError
+from utils.core.cpu_numerics import pin_cpu_numerics
+from utils.core.environment import DIST_TIMEOUT_S, cpus_per_process, env_int, quiet_cpp_logs
+from utils.core.errors import UserError, one_line
 
 EVAL_CHOICES = ('both', 'ptq', 'repq', 'qwt', 'none', 'fp', 'all')  # 'repq': the older name of 'ptq'
 SOLVER_CHOICES = ('inverse', 'lstsq')      # quant.regression.SOLVERS
@@ -36,6 +37,12 @@ BEYOND_PUBLISHED = (
      "quantizer initialisation: all channels at once (default) or the published one-channel-at-a-time loop; both "
      "give identical parameters"),
 )
+MODEL_HELP = {'vit': '{names}, or a full timm 0.4.12 ViT/DeiT name', 'swin': '{names}, or a full timm 0.4.12 Swin name',
+              'resnet': '{names} (the published weights: --checkpoint, --checkpoint_dir), or resnet_digits (the '
+                        "demo's trained digits ResNet, models/digits)"}
+# QwT for ResNets is the published ridge inverse only (check_resnet_args refuses the others).
+RESNET_PUBLISHED_ONLY = {'--qwt_solver': 'QwT least squares: the published ridge inverse only (the only value)',
+                         '--qwt_accumulate': "QwT's images concatenated then inverted, as published (the only value)"}
 # ResNet (SPEC §3b): options of the published script, and the one beyond it.
 RESNET_KERNEL_SIZE, RESNET_FACTOR = 1, 64
 CONV_A_BITS_CHOICES = ('8', 'a_bits')   # quant.percentile_ptq's conv_a_bits: the published 8, or --a_bits
@@ -53,9 +60,15 @@ class Parser(argparse.ArgumentParser):
         self.raise_errors = raise_errors
 
     def error(self, message):
+        """argparse's own errors (an unknown flag, a missing value, a refused choice): one line naming
+        --help, which shows the flags, instead of the usage block."""
+        self.fail(message if self.raise_errors else f'{message} (python {self.prog} --help lists the flags)')
+
+    def fail(self, message):
+        """One line on stderr, ``error: MESSAGE``, and exit 2 (a UserError with ``raise_errors``)."""
         if self.raise_errors:
             raise UserError(message)
-        super().error(message)
+        self.exit(2, f'error: {one_line(message)}\n')
 
     def parse_args(self, args=None, namespace=None):
         argv = sys.argv[1:] if args is None else list(args)
@@ -79,7 +92,7 @@ def build_parser(family, raise_errors=False):
     compensation = 'QwT group-convolution compensation' if family == 'resnet' else 'QwT compensation'
     p = Parser(raise_errors=raise_errors, prog=FAMILY_SCRIPTS[family],
                description=f'{method} post-training quantization, then {compensation}, evaluated on ImageNet.')
-    p.add_argument('--model', default=None, help=f"{', '.join(table_names(family))}, or a full timm 0.4.12 name")
+    p.add_argument('--model', default=None, help=MODEL_HELP[family].format(names=', '.join(table_names(family))))
     p.add_argument('--data_dir', default=None, help='ImageNet root holding train/<class>/* and val/<class>/*')
     p.add_argument('--w_bit', '--w_bits', dest='w_bits', type=int, default=None,
                    help=f'weight bits, 2 to 8 (default {DEFAULT_BITS})')
@@ -148,12 +161,14 @@ def build_parser(family, raise_errors=False):
                    help="write the calibration batch and this process's QwT images (and their files) to PATH with "
                         'torch.save after making every draw of the published run up to them, then exit '
                         'without calibrating')
-    p.add_argument('--demo', action='store_true',
-                   help='run everything on a small generated image folder and a random-weight (or cached '
-                        'pretrained) model: no data set, no download; about half a minute on a CPU')
+    p.add_argument('--demo', action='store_true', help=demo_help(family))
     # Options beyond the published procedure (defaults are the published behaviour).
     for option, choices, help_text in BEYOND_PUBLISHED:
-        p.add_argument(option, choices=choices, default=choices[0], help=help_text)
+        if family == 'resnet' and option in RESNET_PUBLISHED_ONLY:  # accepted at its default, refused otherwise
+            p.add_argument(option, choices=choices, default=choices[0], metavar=choices[0],
+                           help=RESNET_PUBLISHED_ONLY[option])
+        else:
+            p.add_argument(option, choices=choices, default=choices[0], help=help_text)
     if family == 'resnet':
         p.add_argument('--conv_a_bits', choices=CONV_A_BITS_CHOICES, default=CONV_A_BITS_CHOICES[0],
                        help="input bits of the convolutions after the stem: '8' as published (its quantized conv "
@@ -181,12 +196,26 @@ def parse_args(family, argv=None):
     known = parser.parse_known_args(argv)[0]
     if known.demo:
         parser.set_defaults(**demo_defaults(family, known.model))
+        if known.model is None or known.model in DIGITS_MODELS:  # the figures the README quotes
+            pin_cpu_numerics()  # before torch is imported (a digits model's name imports it); the log says so
     args = parser.parse_args(argv)
     try:
         check_args(args, family, env_int('WORLD_SIZE', 1))
     except UserError as e:
-        parser.error(str(e))
-    return fill_defaults(args, family)
+        parser.fail(str(e))
+    return fill_defaults(args, family, variant(args, parser))
+
+
+# Flags that change what is computed (not only how fast): set to another value than the default, they name
+# the default output folder, so that a variant never replaces the default run's result.json.
+VARIANT_FLAGS = ('start_block', 'qwt_samples', 'qwt_solver', 'qwt_accumulate', 'kernel_size', 'factor',
+                 'conv_a_bits')
+
+
+def variant(args, parser):
+    """(flag, value) of each VARIANT_FLAGS flag this parser has whose value is not its default."""
+    return tuple((dest, getattr(args, dest)) for dest in VARIANT_FLAGS
+                 if hasattr(args, dest) and getattr(args, dest) != parser.get_default(dest))
 
 
 def check_args(args, family, world_size):
@@ -238,7 +267,8 @@ def check_args(args, family, world_size):
         raise UserError(f"--eval fp evaluates the full-precision model only: leave out "
                         f"{'--save' if args.save else '--dump_inputs'}")
     if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
-        raise UserError(f"--checkpoint {args.checkpoint} not found: pass the path of a local .pth or .npz file")
+        kinds = '.pth or .pth.tar file' if family == 'resnet' else '.pth or .npz file'
+        raise UserError(f"--checkpoint {args.checkpoint} not found: pass the path of a local {kinds}")
     if args.data_dir is not None and not os.path.isdir(args.data_dir):
         raise UserError(f"--data_dir {args.data_dir} is not a directory (expected DATA_DIR/train/<class>/* and "
                         "DATA_DIR/val/<class>/*)")
@@ -286,10 +316,10 @@ def check_resnet_args(args):
         raise UserError(f"--checkpoint_dir {args.checkpoint_dir} is not a directory")
 
 
-def fill_defaults(args, family):
+def fill_defaults(args, family, variant=()):
     """The defaults that depend on other flags or on the machine: bit widths (unless --load, whose file has
-    them), the output folder (--load's is named once the file is read) and the val loader's workers.
-    Returns ``args``."""
+    them), the output folder (--load's is named once the file is read; ``variant`` names it, see
+    output_folder) and the val loader's workers. Returns ``args``."""
     if args.eval_workers is None:
         args.eval_workers = min(EVAL_WORKERS, cpus_per_process())
     if args.load is None:
@@ -299,7 +329,8 @@ def fill_defaults(args, family):
         if args.output_dir is None:
             fp = args.eval == 'fp'
             args.output_dir = output_folder(args.model, None if fp else args.w_bits, args.a_bits, demo=args.demo,
-                                            ptq=None if args.ptq == default else args.ptq)
+                                            ptq=None if args.ptq == default else args.ptq,
+                                            variant=() if fp else variant)
     return args
 
 
@@ -327,6 +358,7 @@ def main(family, argv=None):
     """Entry point of both scripts: flags first (no torch yet), then the run."""
     quiet_known_warnings()
     try:
+        quiet_cpp_logs()
         args = parse_args(family, argv)  # a name outside the table (the demo's digits models) imports timm
         from utils.run import pipeline  # imports torch, torchvision and timm
     except RuntimeError as e:
@@ -347,3 +379,16 @@ def mismatched_torchvision(error, torch_version, vision_version):
     return (f'torchvision {vision_version} does not fit torch {torch_version} ({error}): install them as a pair '
             f'from one index, e.g. pip install --force-reinstall torch=={torch_version.partition("+")[0]} '
             f'torchvision{index}')
+
+
+def demo_help(family):
+    """--demo's help: what the demo of this script runs."""
+    from utils.run.demo import DIGITS_DEMO, RANDOM_DEMO
+    d, other = DIGITS_DEMO[family], RANDOM_DEMO[family]['model']
+    what = (f"{d['model']}, trained on the UCI handwritten digits (models/digits), at W{d['w_bits']}/A{d['a_bits']}"
+            + (f" (conv inputs 8-bit as published) with --factor {d['factor']}" if family == 'resnet' else '')
+            + f" on a folder of the digits written at run time: FP, {FAMILY_METHODS[family]} and + QwT top-1 on the "
+            "500 held-out digits; one CPU thread and pinned CPU kernels, so the figures are the README's on any x86-64 "
+            "CPU. No data set, no download")
+    weights = 'random weights' if family == 'resnet' else "timm's pretrained weights if cached, else random"
+    return f'{what}. With --model (e.g. {other}): that model with {weights} on a small generated folder'

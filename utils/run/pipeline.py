@@ -29,6 +29,7 @@ from utils.run.demo import DEMO_THREADS, demo_line, demo_threads_line, make_demo
 from utils.run.draws import build_float_model, calibration_and_model, dump_inputs, qwt_batches, seed_everything
 from utils.run.launch import launch_command
 from utils.run.record import make_result, qwt_block_lines, summary_lines  # noqa: F401 (qwt_block_lines: tests)
+from utils.run.loaded import check_load_flags
 from utils.core.errors import UserError, one_line
 from utils.run.evaluate import evaluate
 from utils.core.files import write_text_atomic
@@ -92,6 +93,7 @@ def resolve_run_model(args, family, payload):
         if given is not None and given != payload[dest]:
             raise UserError(f"--{dest} {given} does not match --load {args.load}, quantized with {dest} "
                             f"{payload[dest]}: leave --{dest} out")
+    check_load_flags(args, payload.get('meta'))
     return spec, payload['w_bits'], payload['a_bits']
 
 
