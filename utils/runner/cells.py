@@ -18,7 +18,7 @@ from utils.core.files import read_json, write_text_atomic
 from utils.run import cli
 from utils.run.naming import FAMILY_SCRIPTS, output_folder
 from utils.run.weights import PUBLISHED_FOLDER
-from utils.runner.flags import _unique, check_extra, checkpoint_file, make_launch, parse_bits
+from utils.runner.flags import _unique, check_extra, check_resnet_extra, checkpoint_file, make_launch, parse_bits
 from utils.runner.progress import Cancelled, _duration
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -81,6 +81,7 @@ def plan(args, extra=(), launch=None):
         raise UserError(f'--checkpoint_dir {args.checkpoint_dir} is not a directory')
     if args.script is not None and not os.path.isfile(args.script):
         raise UserError(f'--script {args.script} not found')
+    check_resnet_extra(extra, specs)  # last: it builds each ResNet on the meta device
     cells = [cell for spec in specs for cell in _cells_of_model(spec, args, bits, seeds, extra, launch)]
     return cells, launch
 
