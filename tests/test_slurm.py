@@ -52,7 +52,8 @@ def data_dir(tmp_path_factory):
 @pytest.fixture
 def env(monkeypatch, tmp_path):
     monkeypatch.setenv('OMP_NUM_THREADS', '1')
-    for name in ('STAND_IN_ACC', 'STAND_IN_FAIL', 'STAND_IN_SLEEP', 'STAND_IN_PID', 'STAND_IN_DEAF', 'STAND_IN_LOG'):
+    for name in ('STAND_IN_ACC', 'STAND_IN_FAIL', 'STAND_IN_SLEEP', 'STAND_IN_PID', 'STAND_IN_DEAF', 'STAND_IN_LOG',
+                 'STAND_IN_TERM_S'):
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
