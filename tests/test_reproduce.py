@@ -419,7 +419,10 @@ def test_ctrl_c_stops_every_child_and_keeps_finished_cells(data_dir, tmp_path, c
     assert (tmp_path / 'deit_tiny_w4a4_seed0' / 'result.json').read_text() == finished
     assert json.load(open(tmp_path / 'deit_tiny_w4a4_seed0' / 'cell.json'))['status'] == 'done'
     for f in ('swin_tiny_fp', 'swin_tiny_w4a4_seed0'):
-        assert json.load(open(tmp_path / f / 'cell.json'))['status'] == 'interrupted'
+        record = json.load(open(tmp_path / f / 'cell.json'))
+        assert record['status'] == 'interrupted'
+        # a token of its start: a job of an earlier SLURM submission of this cell, still ending, leaves it alone
+        assert table_cells.superseded(record, '0' * 20) and record['token'] < table_cells.new_token()
         assert not os.path.exists(tmp_path / f / 'result.json')
     code, stdout, _ = reproduce_main(capsys, *argv, '--models', 'deit_tiny', 'swin_tiny', '--dry_run')
     assert '4 cells: 2 done, 2 to run, 0 blocked' in stdout and stdout.count('to run: interrupted last time') == 2

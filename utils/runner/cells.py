@@ -26,7 +26,7 @@ from utils.runner.progress import Cancelled, _duration
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CELL_FILE = 'cell.json'      # what the cell was run with, and how it ended
-LOCK_FILE = '.cell.lock'     # flock'ed around a read-check-write of cell.json (records.locked)
+LOCK_FILE = '.cell.lock'     # flock'ed around a read-check-write of cell.json (locked)
 CONSOLE_FILE = 'console.txt'  # the child's stdout and stderr (log.txt is the run's own log)
 CELL_FORMAT = 1
 
@@ -223,7 +223,7 @@ def new_token():
 
 def superseded(record, token):
     """Whether ``record`` belongs to a later submission than ``token``: its writer (a job that outlived
-    --cancel, say) must leave it alone. Records without a token (the local backend's) supersede nothing."""
+    --cancel, say) must leave it alone. Records without a token (older ones) supersede nothing."""
     theirs = (record or {}).get('token')
     return token is not None and theirs is not None and theirs > token
 
