@@ -508,6 +508,17 @@ def markdown(report):
     return '\n'.join(lines) + '\n'
 
 
+def nested_why(details):
+    """'<model>: <why>; ...' of the models or demos of a step that failed in some of them (a timeout said so)."""
+    parts = []
+    for key in ('models', 'demos'):
+        for name, entry in (details.get(key) or {}).items():
+            if isinstance(entry, dict) and entry.get('why'):
+                timed_out = (entry.get('log') or '').rstrip().rsplit('\n', 1)[-1]
+                parts.append(f"{name}: {entry['why']}" + (f' {timed_out}' if timed_out.startswith('[timed out') else ''))
+    return '; '.join(parts)
+
+
 def run_step(check, name, fn):
     """Run step ``fn`` and record it: ok, failed, or skipped (its comparison could not run; the budget was
     spent before it or during it, which stopped its process)."""
@@ -522,6 +533,8 @@ def run_step(check, name, fn):
     except Exception as e:  # a step's own bug must not hide the others' results
         ok, details = False, {'why': f'{type(e).__name__}: {e}'}
     status = ok if isinstance(ok, str) else 'ok' if ok else 'failed'
+    if status == 'failed' and 'why' not in details:
+        details = {**details, 'why': nested_why(details)}
     if status == 'failed' and check.cut_short:  # stopped by the budget: it did not fail, it did not end
         status, details = 'skipped', {**details, 'why': f'{budget} spent during it'}
     check.cut_short = False

@@ -87,6 +87,20 @@ def test_a_line_every_interval_inside_a_step_and_the_budget_stops_the_step(tmp_p
     assert check.steps[0]['status'] == 'skipped'
 
 
+def test_a_failed_step_says_which_of_its_models_failed_and_why(tmp_path):
+    check = gpu_check.Check(SimpleNamespace(dry_run=True, out=str(tmp_path), budget_s=60, progress_s=30))
+    lines = []
+    check.lines.write = lines.append
+    details = {'models': {'deit_tiny': {'published_seconds': 1.0},
+                          'swin_tiny': {'why': 'the published script failed', 'log': 'block 3\n[timed out after 1200 s]'}}}
+    try:
+        gpu_check.run_step(check, 'vs_published', lambda c: (False, details))
+    finally:
+        check.lines.stop()
+    assert lines[-1].endswith('): swin_tiny: the published script failed [timed out after 1200 s]')
+    assert check.steps[0]['status'] == 'failed' and check.steps[0]['models'] == details['models']
+
+
 def fake_vs_published(tmp_path, monkeypatch, dry, published):
     """step_vs_published with this project's runs faked (each writes a result.json at once): (status, details,
     the models run)."""
