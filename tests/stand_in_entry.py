@@ -9,6 +9,7 @@ writes. Behaviour from the environment:
   STAND_IN_LOG    a file that gets one JSON line per process: pid, start, end, argv and launcher variables
   STAND_IN_PID    set: print 'pid <pid>' first thing
   STAND_IN_DEAF   set: ignore SIGINT (a run that does not stop on Ctrl-C)
+  STAND_IN_TERM_S seconds a SIGTERM takes to end the run (exit 143), as torchrun's shutdown of its workers
 """
 import argparse
 import importlib.util
@@ -30,6 +31,11 @@ def main():
     start = time.time()
     if os.environ.get('STAND_IN_DEAF'):
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if os.environ.get('STAND_IN_TERM_S'):
+        def slow_end(signum, frame):
+            time.sleep(float(os.environ['STAND_IN_TERM_S']))
+            os._exit(143)
+        signal.signal(signal.SIGTERM, slow_end)
     if os.environ.get('STAND_IN_PID'):
         print(f'pid {os.getpid()}', flush=True)
     p = argparse.ArgumentParser()

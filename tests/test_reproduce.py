@@ -159,6 +159,14 @@ def test_default_plan_is_the_whole_table(data_dir, tmp_path, capsys, monkeypatch
     (['--gpus', '0', '0'], '--gpus 0 0: a GPU is named twice'),
     (['--device', 'cpu', '--models', 'resnet34'], "model 'resnet34' is not a ViT, DeiT or Swin transformer"),
     (['--device', 'cpu', '--checkpoint_dir', '/no/such/dir'], '--checkpoint_dir /no/such/dir is not a directory'),
+    # ResNet flags, checked for blocked models too (no weights in pretrained_weights/): 64 // 3 = 21 groups do not
+    # split resnet18's 64 stem channels; 64 // 48 = 1 and 128 // 48 = 2 do, 256 // 48 = 5 (layer3's second
+    # block) does not
+    (['--device', 'cpu', '--models', 'resnet18', '--', '--factor', '3'],
+     'after --: resnet18: --factor 3 makes 21 groups of 64 input channels, which do not split 64 input and 64 output'),
+    (['--device', 'cpu', '--models', 'resnet18', '--', '--factor', '48'],
+     'after --: resnet18: --factor 48 makes 5 groups of 256 input channels, which do not split 256 input and 256'),
+    (['--device', 'cpu', '--models', 'resnet18', '--', '--kernel_size', '2'], 'after --: --kernel_size 2 must be odd'),
 ])
 def test_usage_errors(data_dir, tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.setattr(runner_flags, 'visible_gpus', lambda: [])
@@ -166,6 +174,16 @@ def test_usage_errors(data_dir, tmp_path, capsys, monkeypatch, argv, message):
     assert code == 2 and out == ''
     assert err.startswith('error: ') and err.count('\n') == 1
     assert message in err, err
+
+
+def test_resnet_grouping_that_fits_is_planned(data_dir, tmp_path, capsys, monkeypatch):
+    """resnet50's blocks (64 ... 2048 channels) all split into C_in // 32 groups."""
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    code, out, err = reproduce_main(capsys, '--data_dir', data_dir, '--output_dir', str(tmp_path), '--device', 'cpu',
+                                    '--models', 'resnet50', '--bits', '4', '--dry_run', '--', '--factor', '32',
+                                    '--kernel_size', '3')
+    assert (code, err) == (0, '') and out.splitlines()[1] == 'on 1 CPU slot(s); flags for every run: --factor 32 ' \
+                                                            '--kernel_size 3'
 
 
 def test_data_dir_is_required(capsys):
@@ -401,7 +419,10 @@ def test_ctrl_c_stops_every_child_and_keeps_finished_cells(data_dir, tmp_path, c
     assert (tmp_path / 'deit_tiny_w4a4_seed0' / 'result.json').read_text() == finished
     assert json.load(open(tmp_path / 'deit_tiny_w4a4_seed0' / 'cell.json'))['status'] == 'done'
     for f in ('swin_tiny_fp', 'swin_tiny_w4a4_seed0'):
-        assert json.load(open(tmp_path / f / 'cell.json'))['status'] == 'interrupted'
+        record = json.load(open(tmp_path / f / 'cell.json'))
+        assert record['status'] == 'interrupted'
+        # a token of its start: a job of an earlier SLURM submission of this cell, still ending, leaves it alone
+        assert table_cells.superseded(record, '0' * 20) and record['token'] < table_cells.new_token()
         assert not os.path.exists(tmp_path / f / 'result.json')
     code, stdout, _ = reproduce_main(capsys, *argv, '--models', 'deit_tiny', 'swin_tiny', '--dry_run')
     assert '4 cells: 2 done, 2 to run, 0 blocked' in stdout and stdout.count('to run: interrupted last time') == 2

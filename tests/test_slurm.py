@@ -52,7 +52,8 @@ def data_dir(tmp_path_factory):
 @pytest.fixture
 def env(monkeypatch, tmp_path):
     monkeypatch.setenv('OMP_NUM_THREADS', '1')
-    for name in ('STAND_IN_ACC', 'STAND_IN_FAIL', 'STAND_IN_SLEEP', 'STAND_IN_PID', 'STAND_IN_DEAF', 'STAND_IN_LOG'):
+    for name in ('STAND_IN_ACC', 'STAND_IN_FAIL', 'STAND_IN_SLEEP', 'STAND_IN_PID', 'STAND_IN_DEAF', 'STAND_IN_LOG',
+                 'STAND_IN_TERM_S'):
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
@@ -218,4 +219,32 @@ def test_a_preempted_job_is_requeued_and_its_cell_counts_the_runs(data_dir, tmp_
     assert code == 0, out
     r = record(tmp_path, 'deit_tiny_fp')
     assert r['status'] == 'done' and r['runs'] == 2 and r['job_id'] == job
+    # the follower found run 1 running (its record stays so when the job is requeued), then run 2 started
+    assert f'] start deit_tiny FP on {r["host"]} (job {job}, run 1)' in out, out
+    assert f'[{r["started"][11:]}] start deit_tiny FP on {r["host"]} (job {job}, run 2)' in out, out
     assert open(tmp_path / 'deit_tiny_fp' / 'console.txt').read().count(f'==== ') == 2
+
+
+def test_a_rerun_right_after_cancel_keeps_its_record_from_the_cancelled_job(data_dir, tmp_path, capsys, env):
+    """scancel's SIGTERM takes 3 s to end each cancelled run (STAND_IN_TERM_S, as torchrun's shutdown of its
+    workers), and the same command submits the cells again meanwhile (held back 60 s, so that only the
+    cancelled jobs write): their ends leave the new submission's records as they are."""
+    env.setenv('STAND_IN_SLEEP', '60')
+    env.setenv('STAND_IN_TERM_S', '3')
+    argv = slurm_args(data_dir, tmp_path, '--models', 'deit_tiny', '--bits', '4', '--no_wait')
+    folders = ('deit_tiny_fp', 'deit_tiny_w4a4_seed0')
+    assert run(capsys, *argv)[0] == 0
+    old = {record(tmp_path, f)['job_id'] for f in folders}
+    wait_for(lambda: all(record(tmp_path, f)['status'] == 'running' for f in folders), what='the jobs to start')
+    assert run(capsys, *argv, '--cancel')[0] == 0
+    code, out, err = run(capsys, *argv, '--slurm_opt', 'begin=now+60')
+    assert code == 0 and 'submitted 2 cell(s)' in out, out + err
+    new = {f: record(tmp_path, f) for f in folders}
+    assert not old & {r['job_id'] for r in new.values()}
+    wait_for(lambda: not old & queued_ids(), what='the cancelled jobs to end')
+    for f in folders:
+        assert record(tmp_path, f) == new[f] and new[f]['status'] == 'queued' and new[f]['token'], record(tmp_path, f)
+    ended = sorted(n for n in os.listdir(tmp_path / 'slurm') if n.endswith('_result.pkl'))
+    assert ended == sorted(f'{j}_0_result.pkl' for j in old), ended  # the cancelled runs did reach their ends
+    code, out, _ = run(capsys, *argv, '--cancel')
+    assert code == 0 and out.rstrip().endswith(f"cancelled 2 job(s): {' '.join(sorted(r['job_id'] for r in new.values()))}")

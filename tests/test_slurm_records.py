@@ -1,5 +1,7 @@
 """The SLURM backend's books without a cluster (fakes for squeue and scancel): a cancelled cell stays cancelled,
-a followed cell's start line carries the job's own start, and a refused sbatch leaves none of its files."""
+a followed cell's start line carries the job's own start (one per run of a requeued job), a refused sbatch
+leaves none of its files, a job of an earlier submission never writes over a later one's record, and a failed
+scancel leaves the records as they were."""
 import json
 import os
 import subprocess
@@ -9,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from utils.core.errors import UserError
 from utils.runner import cells, slurm
 from utils.runner.cells import Cell
 from utils.runner.progress import Progress, Reporter
@@ -76,17 +79,103 @@ def test_cancel_marks_the_cells_cancelled_before_scancel(tmp_path, monkeypatch):
     a, b = make_cell(tmp_path, 0), make_cell(tmp_path, 1)
     queued(a, '90_0')
     queued(b, '90_1')
-    seen = {}
+    seen = []
 
     def fake_scancel(ids):
-        seen['ids'] = sorted(ids)
-        seen['status'] = [read(a)['status'], read(b)['status']]
+        seen.append((sorted(ids), read(a)['status'], read(b)['status']))
         return ''
     monkeypatch.setattr(slurm, 'cancel', fake_scancel)
     backend = slurm.SlurmBackend(LAUNCH, {}, str(tmp_path / 'slurm'))
     line = backend.cancel([(a, read(a)), (b, read(b))])
     assert line == 'cancelled 2 job(s): 90_0 90_1'
-    assert seen == {'ids': ['90_0', '90_1'], 'status': ['cancelled', 'cancelled']}
+    assert seen == [(['90_0'], 'cancelled', 'cancelled'), (['90_1'], 'cancelled', 'cancelled')]
+
+
+def test_a_failed_scancel_leaves_the_records_as_they_were_and_names_the_jobs(tmp_path, monkeypatch):
+    """Of three live jobs, scancel cancels 97_0, is refused for 97_1 (SLURM still lists it) and finds 97_2 ended
+    meanwhile (no longer listed: not a failure). 97_1's record is back as it was; the error names it."""
+    pytest.importorskip('submitit')
+    a, b, c = (make_cell(tmp_path, i) for i in range(3))
+    for cell in (a, b, c):
+        queued(cell, f'97_{cell.seed}')
+    before = read(b)
+    refusal = 'scancel: error: Kill job error on job id 97_1: Access/permission denied'
+    gone = 'scancel: error: Kill job error on job id 97_2: Invalid job id specified'
+    monkeypatch.setattr(slurm, 'cancel', lambda ids: {'97_1': refusal, '97_2': gone}.get(ids[0], ''))
+    monkeypatch.setattr(slurm, 'squeue_states', lambda ids: {'97_1': 'RUNNING'} if '97_1' in ids else {})
+    backend = slurm.SlurmBackend(LAUNCH, {}, str(tmp_path / 'slurm'))
+    with pytest.raises(UserError) as e:
+        backend.cancel([(cell, read(cell)) for cell in (a, b, c)])
+    assert str(e.value) == (f'scancel failed for job(s) 97_1 ({refusal}): their cells are as they were; cancelled: 97_0 '
+                            '97_2; run --cancel again, or scancel them yourself')
+    assert read(b) == before and cells.cell_state(b, LAUNCH, lambda r: True)[0] == 'running'
+    assert read(a)['status'] == 'cancelled' and read(c)['status'] == 'cancelled'
+
+
+def test_cancel_leaves_a_cell_that_ended_meanwhile_alone(tmp_path):
+    """The plan saw the job running; it ended (done) before --cancel marked it: no mark, nothing restored."""
+    cell = make_cell(tmp_path)
+    cells.write_record(cell, LAUNCH, 'cmd', status='done', job_id='98_0', wall_s=1.0)
+    assert cells.record_cancelled(cell, '98_0') is None and read(cell)['status'] == 'done'
+    queued(cell, '98_1')  # a record of another job: not this --cancel's
+    assert cells.record_cancelled(cell, '98_0') is None and read(cell)['status'] == 'queued'
+
+
+# ---- a job of an earlier submission ------------------------------------------------------------------------
+
+def test_a_job_outliving_cancel_writes_nothing_over_the_next_submission(tmp_path, monkeypatch):
+    """Job 99_0 (token t1) was cancelled and the cell submitted again (job 100_0, token t2, later) before 99_0's
+    run had ended: its end leaves the new record as it is, and a requeued start of it runs nothing. The new
+    job writes its own."""
+    marker = tmp_path / 'ran'
+    (tmp_path / 'entry.py').write_text(f'open({str(marker)!r}, "a").write("x")\n')
+    cell = make_cell(tmp_path)
+    t1 = cells.new_token()
+    time.sleep(0.001)
+    t2 = cells.new_token()
+    assert t1 < t2 and not cells.superseded({'token': t1}, t2) and cells.superseded({'token': t2}, t1)
+    assert not cells.superseded({}, t1) and not cells.superseded({'token': t2}, None)
+    cells.write_record(cell, LAUNCH, 'cmd', status='queued', job_id='100_0', token=t2)
+    new = read(cell)
+    with open(cell.console_path, 'w') as f:
+        f.write('slurmstepd: error: *** JOB 99 CANCELLED ***\n')
+    ok, why = cells.record_end(cell, LAUNCH, 'cmd', 143, 3.0, time.time() - 3, token=t1, job_id='99_0')
+    assert (ok, why) == (False, 'a later submission of the cell owns its record') and read(cell) == new
+    monkeypatch.setenv('SLURM_ARRAY_JOB_ID', '99')
+    monkeypatch.setenv('SLURM_ARRAY_TASK_ID', '0')
+    assert slurm.CellJob(cell, LAUNCH, {}, t1)() is None and not marker.exists() and read(cell) == new
+    monkeypatch.setenv('SLURM_ARRAY_JOB_ID', '100')
+    assert slurm.CellJob(cell, LAUNCH, {}, t2)() == 0 and marker.read_text() == 'x'
+    r = read(cell)
+    assert (r['job_id'], r['token'], r['status']) == ('100_0', t2, 'failed')  # the entry wrote no result.json
+
+
+# ---- a requeued job starts again ----------------------------------------------------------------------------
+
+def test_a_requeued_job_gets_a_start_line_for_each_run(tmp_path, monkeypatch, capsys):
+    cell = make_cell(tmp_path)
+    now = round(time.time(), 3)
+    cells.write_record(cell, LAUNCH, 'cmd', status='running', job_id='101_0', host='vm', runs=1, started_at=now - 30)
+    polls = []
+
+    def fake_squeue(ids):
+        polls.append(1)
+        if len(polls) == 2:  # requeued: the same job runs again
+            cells.write_record(cell, LAUNCH, 'cmd', status='running', job_id='101_0', host='vm2', runs=2,
+                               started_at=now - 5)
+        if len(polls) == 3:
+            cells.write_record(cell, LAUNCH, 'cmd', status='done', job_id='101_0', host='vm2', runs=2,
+                               started_at=now - 5, wall_s=5.0)
+            write_result(cell)
+        return {'101_0': 'RUNNING'}
+    monkeypatch.setattr(slurm, 'squeue_states', fake_squeue)
+    monkeypatch.setattr(slurm, 'POLL_S', 0.0)
+    slurm.follow([cell], Progress(Reporter(sys.stdout), 1, 0, [], 1))
+    lines = capsys.readouterr().out.splitlines()
+    stamp = lambda t: time.strftime('%H:%M:%S', time.localtime(t))  # noqa: E731
+    assert lines[:2] == [f'[{stamp(now - 30)}] start deit_tiny W4/A4 seed 0 on vm (job 101_0, run 1)',
+                         f'[{stamp(now - 5)}] start deit_tiny W4/A4 seed 0 on vm2 (job 101_0, run 2)']
+    assert len(lines) == 3 and '] done deit_tiny W4/A4 seed 0 in 5s: ' in lines[2]
 
 
 def test_a_job_that_starts_after_its_cell_was_cancelled_runs_nothing(tmp_path, monkeypatch):

@@ -49,12 +49,21 @@ def _meta_model(spec):
 def check_resnet_run(spec, args, checkpoint):
     """Before any data is read: the QwT grouping fits every block's channels (quant.check_conv_qwt_args)
     and the weights file fits the model (keys and shapes), each a one-line UserError."""
-    from models import block_channels, state_dict_mismatches, walk
+    from models import state_dict_mismatches
     from models.build import _read_state_dict
-    model = _meta_model(spec)
-    check_conv_qwt_args(args.kernel_size, args.factor, [block_channels(s.module) for s in walk(model)])
+    model = check_grouping(spec, args.kernel_size, args.factor)
     if checkpoint is not None:
         problems = state_dict_mismatches(model.state_dict(), _read_state_dict(checkpoint, args.trust_checkpoint))
         if problems:
             raise UserError(f"checkpoint {checkpoint} does not fit {spec.timm_name}: {'; '.join(problems)}. Pass "
                             "the weights of this model, or the --model they were trained as")
+
+
+def check_grouping(spec, kernel_size, factor):
+    """The QwT grouping of ``kernel_size`` and ``factor`` against every block's channels of ``spec``'s model
+    (quant.check_conv_qwt_args), built on the meta device; returns that model. tools/reproduce.py checks it
+    too, before it plans any cell."""
+    from models import block_channels, walk
+    model = _meta_model(spec)
+    check_conv_qwt_args(kernel_size, factor, [block_channels(s.module) for s in walk(model)])
+    return model

@@ -5,11 +5,14 @@ and ends. Every backend (local processes, SLURM jobs) keeps its books through th
 A cell is done when its folder holds a complete result.json and a cell.json, written after the run
 succeeded, that records the same script, flags (all but --output_dir), device and number of processes, and
 the result.json's checksum."""
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 
 from models.registry import resolve_model
@@ -18,12 +21,13 @@ from utils.core.files import read_json, write_text_atomic
 from utils.run import cli, ptq as ptq_methods
 from utils.run.naming import FAMILY_SCRIPTS, output_folder
 from utils.run.weights import PUBLISHED_FOLDER
-from utils.runner.flags import _unique, check_extra, checkpoint_file, make_launch, parse_bits
+from utils.runner.flags import _unique, check_extra, check_resnet_extra, checkpoint_file, make_launch, parse_bits
 from utils.runner.progress import Cancelled, _duration
 from utils.table.results import upgrade
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CELL_FILE = 'cell.json'      # what the cell was run with, and how it ended
+LOCK_FILE = '.cell.lock'     # flock'ed around a read-check-write of cell.json (locked)
 CONSOLE_FILE = 'console.txt'  # the child's stdout and stderr (log.txt is the run's own log)
 CELL_FORMAT = 1
 
@@ -95,6 +99,7 @@ def plan(args, extra=(), launch=None):
         raise UserError(f'--checkpoint_dir {args.checkpoint_dir} is not a directory')
     if args.script is not None and not os.path.isfile(args.script):
         raise UserError(f'--script {args.script} not found')
+    check_resnet_extra(extra, specs)  # last: it builds each ResNet on the meta device
     cells = [cell for spec in specs for cell in _cells_of_model(spec, args, bits, seeds, extra, launch)]
     return cells, launch
 
@@ -241,6 +246,32 @@ def read_record(cell):
     return record if isinstance(record, dict) else None
 
 
+def new_token():
+    """A submission's token, kept in its cell.json and by its job: tokens sort by when they were made (the
+    submitting node's clock), so a job can tell a later submission's record from an earlier one."""
+    return f'{time.time_ns():020d}-{uuid.uuid4().hex[:8]}'
+
+
+def superseded(record, token):
+    """Whether ``record`` belongs to a later submission than ``token``: its writer (a job that outlived
+    --cancel, say) must leave it alone. Records without a token (older ones) supersede nothing."""
+    theirs = (record or {}).get('token')
+    return token is not None and theirs is not None and theirs > token
+
+
+@contextlib.contextmanager
+def locked(cell):
+    """One read-check-write of the cell's cell.json at a time (flock on LOCK_FILE beside it; not reentrant):
+    a job, the command that follows it and a new submission may write the same record at once."""
+    os.makedirs(cell.folder, exist_ok=True)
+    with open(os.path.join(cell.folder, LOCK_FILE), 'a') as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def write_record(cell, launch, command_line, **fields):
     """cell.json: the cell's identity, its command, and ``fields`` (status, times, the backend's ids)."""
     write_json(cell.cell_path, {**identity(cell, launch), 'command': command_line, **fields})
@@ -283,11 +314,22 @@ def record_start(cell, launch, command_line, started_at=None, **extra):
     write_record(cell, launch, command_line, status='running', **_start_fields(started_at), **extra)
 
 
-def record_end(cell, launch, command_line, returncode, wall, started_at, **extra):
+def record_end(cell, launch, command_line, returncode, wall, started_at, token=None, **extra):
     """cell.json once the cell's run has ended with ``returncode`` after ``wall`` seconds (started at
     ``started_at``, time.time()): done if it wrote a complete result.json since, else failed with the
     console's error line, or still cancelled when --cancel marked it so before stopping it (the run then
-    ends on SLURM's SIGTERM, which is no failure of its own). Returns (True, the result dict) or (False, why)."""
+    ends on SLURM's SIGTERM, which is no failure of its own). Returns (True, the result dict) or (False, why).
+    With the ``token`` of its submission, under the record's lock, and not at all where a later submission
+    owns the record (then (False, why))."""
+    if token is None:
+        return _record_end(cell, launch, command_line, returncode, wall, started_at, **extra)
+    with locked(cell):
+        if superseded(read_record(cell), token):
+            return False, 'a later submission of the cell owns its record'
+        return _record_end(cell, launch, command_line, returncode, wall, started_at, token=token, **extra)
+
+
+def _record_end(cell, launch, command_line, returncode, wall, started_at, **extra):
     record = {**identity(cell, launch), 'command': command_line, **extra, **_start_fields(started_at),
               'wall_s': round(wall, 1), 'finished': time.strftime('%Y-%m-%d %H:%M:%S'), 'returncode': returncode}
     problem = None if returncode == 0 else last_line(cell.console_path) or f'exit code {returncode}'
@@ -307,14 +349,36 @@ def record_end(cell, launch, command_line, returncode, wall, started_at, **extra
     return False, problem
 
 
-def record_cancelled(cell):
+def record_cancelled(cell, job_id=None):
     """cell.json of a cell that --cancel stops: written before the job is signalled, so that its run, ending on
-    the signal, keeps it cancelled (record_end) rather than failed."""
-    write_json(cell.cell_path, {**(read_record(cell) or {}), 'status': 'cancelled',
-                                'cancelled': time.strftime('%Y-%m-%d %H:%M:%S')})
+    the signal, keeps it cancelled (record_end) rather than failed. With ``job_id``: only while the record
+    still names that job queued or running. Returns (the record before, the one written), or None."""
+    with locked(cell):
+        before = read_record(cell) or {}
+        if job_id is not None and (before.get('job_id') != job_id or before.get('status') not in ('queued', 'running')):
+            return None
+        marked = {**before, 'status': 'cancelled', 'cancelled': time.strftime('%Y-%m-%d %H:%M:%S')}
+        write_json(cell.cell_path, marked)
+    return before, marked
 
 
-def record_interrupted(cell, why=None):
-    """cell.json of a cell stopped before it ended (it stays not done); ``why`` (a line) for a failure."""
-    record = {**(read_record(cell) or {}), 'status': 'interrupted' if why is None else 'failed'}
-    write_json(cell.cell_path, record if why is None else {**record, 'last_line': why})
+def restore_record(cell, before, marked):
+    """Put back ``before`` where cell.json is still ``marked`` (a --cancel whose scancel failed); returns
+    whether it did."""
+    with locked(cell):
+        if read_record(cell) != marked:
+            return False
+        write_json(cell.cell_path, before)
+    return True
+
+
+def record_interrupted(cell, why=None, seen=None):
+    """cell.json of a cell stopped before it ended (it stays not done); ``why`` (a line) for a failure. With
+    ``seen`` (the record its caller judged): only where cell.json is still that one. Returns whether it wrote."""
+    with locked(cell):
+        current = read_record(cell)
+        if seen is not None and current != seen:
+            return False
+        record = {**(current or {}), 'status': 'interrupted' if why is None else 'failed'}
+        write_json(cell.cell_path, record if why is None else {**record, 'last_line': why})
+    return True

@@ -1,6 +1,6 @@
 """tools/reproduce.py's own flags, the entry-script flags it passes on (after --), and where cells run:
-GPU slots or CPU slots. Imports neither torch nor timm unless GPUs must be counted or checkpoint file names
-looked up."""
+GPU slots or CPU slots. Imports neither torch nor timm unless GPUs must be counted, checkpoint file names
+looked up or a ResNet's QwT grouping checked."""
 import argparse
 import os
 from dataclasses import dataclass
@@ -221,6 +221,27 @@ def check_extra(extra, families=('vit', 'swin')):
         for dest, hint in MANAGED.items():  # typed (even with the default value), or abbreviated to a new value
             if dest in ns._typed or getattr(ns, dest) != parser.get_default(dest):
                 raise UserError(f"after --: --{dest} is set by tools/reproduce.py for each cell ({hint})")
+
+
+def check_resnet_extra(extra, specs):
+    """The ResNet checks of the flags after '--' that need no weights and no data, for every planned ResNet
+    (blocked ones too: the grouping does not depend on the weights): the QwT convolution's flags and the
+    grouping of --kernel_size / --factor against the model's block channels (utils.run.family, on the meta
+    device: imports torch and timm, only where a ResNet is planned)."""
+    resnets = [s for s in specs if s.family == 'resnet']
+    if not resnets:
+        return
+    from utils.run.family import check_grouping
+    ns = cli.build_parser('resnet', raise_errors=True).parse_args(list(extra))  # check_extra has parsed it
+    try:
+        cli.check_resnet_args(ns)
+        for spec in resnets:
+            try:
+                check_grouping(spec, ns.kernel_size, ns.factor)
+            except UserError as e:
+                raise UserError(f'{spec.name}: {e}') from None
+    except UserError as e:
+        raise UserError(f'after --: {e}') from None
 
 
 def checkpoint_file(timm_name):

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from utils.core.errors import UserError
-from utils.runner.cells import Cell, cell_argv, record_end, record_interrupted, record_start
+from utils.runner.cells import Cell, cell_argv, locked, new_token, record_end, record_interrupted, record_start
 
 PR_SET_PDEATHSIG = 1
 POLL_S = 0.2
@@ -81,8 +81,9 @@ def start(cell, launch, slot):
     console.flush()
     proc = subprocess.Popen(argv, stdout=console, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                             start_new_session=True, preexec_fn=_die_with_parent)
-    record_start(cell, launch, shlex.join(argv), pid=proc.pid, pid_start=process_start_ticks(proc.pid),
-                 host=socket.gethostname())
+    with locked(cell):  # a token too: a cancelled SLURM job of this cell still ending leaves this record alone
+        record_start(cell, launch, shlex.join(argv), pid=proc.pid, pid_start=process_start_ticks(proc.pid),
+                     host=socket.gethostname(), token=new_token())
     return Job(cell, slot, proc, time.monotonic(), time.time(), console)
 
 

@@ -5,8 +5,13 @@ on the submitting process: it only reads the cells' records and ``squeue``, so C
 ``kill -9`` leave them running, and the same command again waits for them instead of submitting them twice.
 
 A job that SLURM preempts or that reaches its time limit is requeued (submitit's checkpoint: SIGUSR2 before
-the end, then ``scontrol requeue``); the cell starts again from the beginning and its cell.json counts the
-runs. submitit is imported only here."""
+the end, then ``scontrol requeue``); the cell starts again from the beginning, its cell.json counts the
+runs, and the command following it prints a start line for each run.
+
+Each submission of a cell carries a token (cells.new_token) into its job and its cell.json: a job whose
+record a later submission has taken over (a rerun right after --cancel, while the cancelled job is still
+ending) writes nothing. Every read-check-write of a cell.json holds the record's lock (cells.locked).
+submitit is imported only here."""
 import contextlib
 import io
 import logging
@@ -18,8 +23,9 @@ import sys
 import time
 
 from utils.core.errors import UserError
-from utils.runner.cells import (Cancelled, cell_argv, read_record, read_result, record_cancelled, record_end, record_interrupted,
-                                record_start, write_record)
+from utils.runner.cells import (Cancelled, cell_argv, locked, new_token, read_record, read_result, record_cancelled,
+                                record_end, record_interrupted, record_start, restore_record, superseded, write_json,
+                                write_record)
 
 POLL_S = 2.0
 VANISHED_GRACE_S = 5.0   # a job gone from squeue may still be writing its cell.json
@@ -48,19 +54,25 @@ class CellJob:
     """The callable each SLURM job runs (pickled by submitit): the cell's command into its console.txt, and
     its cell.json as it starts and ends. ``checkpoint`` makes it requeue on preemption or time limit."""
 
-    def __init__(self, cell, launch, env):
-        self.cell, self.launch, self.env = cell, launch, env
+    def __init__(self, cell, launch, env, token=None):
+        self.cell, self.launch, self.env, self.token = cell, launch, env, token
 
     def __call__(self):
         cell, argv = self.cell, cell_argv(self.cell, self.launch)
         jid = job_id()
         runs = int(os.environ.get('SLURM_RESTART_COUNT') or 0) + 1  # any requeue: submitit's, scontrol, SLURM's
         extra = {'backend': 'slurm', 'job_id': jid, 'runs': runs, 'host': socket.gethostname()}
-        previous = read_record(cell) or {}
-        if previous.get('status') == 'cancelled' and previous.get('job_id') == jid:
-            return None  # --cancel marked it, and this job started before scancel reached it
+        if self.token is not None:
+            extra['token'] = self.token
         start, started_at = time.monotonic(), time.time()
-        record_start(cell, self.launch, shlex.join(argv), started_at=started_at, **extra)
+        with locked(cell):
+            previous = read_record(cell) or {}
+            if superseded(previous, self.token):
+                return None  # a later submission of this cell owns it
+            ours = previous.get('job_id') == jid or (self.token is not None and previous.get('token') == self.token)
+            if previous.get('status') == 'cancelled' and ours:
+                return None  # --cancel marked it, and this job started before scancel reached it
+            record_start(cell, self.launch, shlex.join(argv), started_at=started_at, **extra)
         with open(cell.console_path, 'a') as console:
             console.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} job {jid} run {runs} on {extra['host']}: "
                           f"{shlex.join(argv)}\n")
@@ -129,14 +141,26 @@ class SlurmBackend:
 
     def cancel(self, running):
         """--cancel: scancel the plan's live jobs; their cells stay not done, recorded as cancelled first, so
-        that a job ending on scancel's SIGTERM keeps them so. Returns the line to print."""
-        ids = [record['job_id'] for _, record in running]
-        for cell, _ in running:
-            record_cancelled(cell)
-        complaint = cancel(ids)
-        if complaint:
-            raise UserError(f'scancel: {complaint}')
-        return f"cancelled {len(ids)} job(s){': ' + ' '.join(ids) if ids else ''}"
+        that a job ending on scancel's SIGTERM keeps them so. A job that scancel could not cancel (and that
+        SLURM still lists) gets its record back as it was, and the error names it. Returns the line to print."""
+        marked = {}  # job id: (cell, record before, record written)
+        for cell, record in running:
+            change = record_cancelled(cell, record['job_id'])
+            if change is not None:  # else it ended meanwhile
+                marked[record['job_id']] = (cell, *change)
+        complaints = {jid: cancel([jid]) for jid in marked}
+        complaints = {jid: c for jid, c in complaints.items() if c}
+        listed = squeue_states(list(complaints)) if complaints else {}
+        failed = {jid for jid, state in listed.items() if state != 'COMPLETING'}  # the others ended meanwhile
+        for jid in sorted(failed):
+            restore_record(*marked[jid])
+        done = sorted(set(marked) - failed)
+        if failed:
+            first = complaints[min(failed)].splitlines()[0]
+            raise UserError(f"scancel failed for job(s) {' '.join(sorted(failed))} ({first}): their cells are as they "
+                            f"were{'; cancelled: ' + ' '.join(done) if done else ''}; run --cancel again, or scancel "
+                            "them yourself")
+        return f"cancelled {len(done)} job(s){': ' + ' '.join(done) if done else ''}"
 
     def submit(self, todo):
         """One job array for ``todo``; each cell's cell.json records its job. An sbatch refusal is a
@@ -145,19 +169,25 @@ class SlurmBackend:
         executor.update_parameters(job_name='qwt-table', **self.options)
         env = {'OMP_NUM_THREADS': str(self.launch.threads)} if self.launch.threads else {}
         jobs, before = [], _submission_files(self.folder)
+        tokens = {cell: new_token() for cell in todo}
         try:
             with contextlib.redirect_stderr(io.StringIO()), executor.batch():  # sbatch's lines: ours, in one
                 for cell in todo:
-                    jobs.append(executor.submit(CellJob(cell, self.launch, env)))
+                    jobs.append(executor.submit(CellJob(cell, self.launch, env, tokens[cell])))
         except self.submitit.core.utils.FailedJobError as e:
             _remove_refused(self.folder, before, todo, e)
             lines = [ln.replace('sbatch: error:', '').strip() for ln in str(e).splitlines() if ln.strip()]
             raise UserError(f"sbatch refused the job array: {'; '.join(lines)}") from None
         submitted = time.strftime('%Y-%m-%d %H:%M:%S')
         for cell, job in zip(todo, jobs):
-            os.makedirs(cell.folder, exist_ok=True)
-            write_record(cell, self.launch, self.command_line(cell), status='queued', backend='slurm',
-                         job_id=job.job_id, submitted=submitted, slurm_log=str(job.paths.stdout))
+            fields = {'job_id': job.job_id, 'submitted': submitted, 'slurm_log': str(job.paths.stdout)}
+            with locked(cell):
+                current = read_record(cell) or {}
+                if current.get('token') == tokens[cell]:  # the job has started (or ended) already: keep its status
+                    write_json(cell.cell_path, {**current, **fields})
+                elif not superseded(current, tokens[cell]):
+                    write_record(cell, self.launch, self.command_line(cell), status='queued', backend='slurm',
+                                 token=tokens[cell], **fields)
         return {cell: job.job_id for cell, job in zip(todo, jobs)}
 
     def run(self, todo, progress, waiting=()):
@@ -214,14 +244,17 @@ class _Running:
 
 
 def follow(cells, progress):
-    """Report the cells' jobs as they start and end (from cell.json and squeue) until every one has ended; a
-    job that left the queue without ending its cell (scancel, a node lost) is recorded as failed."""
-    started, ended, gone_since = {}, set(), {}
+    """Report the cells' jobs as they start (each run: a requeued job starts again) and end (from cell.json and
+    squeue) until every one has ended; a job that left the queue without ending its cell (scancel, a node
+    lost) is recorded as failed."""
+    started, runs, ended, gone_since = {}, {}, set(), {}
     while len(ended) < len(cells):
         records = {c: read_record(c) or {} for c in cells if c not in ended}
         alive = squeue_states([r['job_id'] for r in records.values() if r.get('job_id')])
         for cell, r in records.items():
-            if r.get('status') in ('running', 'done', 'failed') and cell not in started:
+            run = (r.get('token'), r.get('job_id'), r.get('runs', 1), r.get('started_at'))
+            if r.get('status') in ('running', 'done', 'failed') and runs.get(cell) != run:
+                runs[cell] = run
                 at = r.get('started_at')  # the job's own start: this loop may notice it seconds or days later
                 started[cell] = time.monotonic() - (max(0.0, time.time() - at) if at else 0.0)
                 progress.started(cell, f"{r.get('host', '?')} (job {r.get('job_id')}, run {r.get('runs', 1)})", at=at)
@@ -234,8 +267,8 @@ def follow(cells, progress):
                 gone_since.pop(cell, None)
             elif time.monotonic() - gone_since.setdefault(cell, time.monotonic()) >= VANISHED_GRACE_S:
                 why = f"job {r.get('job_id')} left the queue without ending the cell (cancelled or killed)"
-                record_interrupted(cell, why)
-                _ended(cell, {**r, 'last_line': why}, progress, cells, started, ended, ok=False)
+                if record_interrupted(cell, why, seen=r):  # else its record changed meanwhile: read it again
+                    _ended(cell, {**r, 'last_line': why}, progress, cells, started, ended, ok=False)
         if len(ended) < len(cells):
             time.sleep(POLL_S)
     return {c: progress.outcome[c] for c in cells if c in progress.outcome}
