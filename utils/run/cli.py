@@ -7,6 +7,7 @@ import warnings
 
 from models.registry import DIGITS_MODELS, resolve_model, table_names
 from utils.run.demo import demo_defaults
+from utils.run.finetune_flags import add_finetune_arguments, check_finetune_args  # QwT*
 from utils.run.naming import FAMILY_METHODS, FAMILY_SCRIPTS, output_folder
 from utils.core.environment import DIST_TIMEOUT_S, cpus_per_process, env_int
 from utils.core.errors import UserError
@@ -164,7 +165,10 @@ def build_parser(family, raise_errors=False):
                         "calibration), or 'all': the full-precision model (a copy kept before calibration), "
                         f"{method} and {method} + QwT in one pass. The calibration and QwT images are the same in "
                         'every case' + (' (the draws of the published FP and Percentile evaluations before QwT are '
-                                        'made whatever this says)' if family == 'resnet' else ''))
+                                        'made whatever this says)' if family == 'resnet' else '') +
+                        '; with --finetune_epochs > 0 each choice but fp and none also evaluates the fine-tuned model '
+                        '(QwT*); all: FP, PTQ, PTQ + QwT and PTQ + QwT*')
+    add_finetune_arguments(p)  # QwT*
     return p
 
 
@@ -230,6 +234,7 @@ def check_args(args, family, world_size):
     if args.eval == 'fp' and (args.save or args.dump_inputs):
         raise UserError(f"--eval fp evaluates the full-precision model only: leave out "
                         f"{'--save' if args.save else '--dump_inputs'}")
+    check_finetune_args(args)  # QwT*
     if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
         raise UserError(f"--checkpoint {args.checkpoint} not found: pass the path of a local .pth or .npz file")
     if args.data_dir is not None and not os.path.isdir(args.data_dir):

@@ -27,6 +27,7 @@ from utils.run.naming import FAMILY_SCRIPTS, output_folder
 from utils.run.data import (ImageLog, available_cpus, eval_loader, eval_transform, image_dataset,
                             replay_loader_iteration_draw, train_loader, train_transform, val_subset, workers_note)
 from utils.run import family as families
+from utils.run import finetune_stage  # QwT*
 from utils.run.demo import DEMO_THREADS, demo_line, demo_threads_line, make_demo_data
 from utils.run.launch import launch_command
 from utils.core.errors import UserError, one_line
@@ -55,6 +56,7 @@ class Run:
     timer: Stopwatch
     images: ImageLog = field(default_factory=ImageLog)
     checkpoint: str = None   # the float weights file (ResNet: found by utils.run.weights), or None
+    tuned: object = None     # QwT*: utils.run.finetune_stage.Tuned after fine-tuning, else None
 
     @property
     def method(self):
@@ -110,6 +112,7 @@ def prepare(args, family):
     """The Run: model and bits, process group, log, seeds (SPEC §1b step 1)."""
     payload = read_saved(args.load, trust=args.trust_checkpoint) if args.load else None
     spec, w_bits, a_bits = resolve_run_model(args, family, payload)
+    finetune_stage.check_loaded(args, payload)  # QwT*
     if args.output_dir is None:  # --load: name the folder after the saved model
         args = argparse.Namespace(**{**vars(args), 'output_dir': output_folder(spec.name, w_bits, a_bits, loaded=True)})
     dist_info = distributed.init_distributed(args.device, args.local_rank, args.dist_timeout)
@@ -150,17 +153,19 @@ def open_splits(run):
                                                              cfg['interpolation'], cfg['img_size']), strict)
     val_data = val if args.num_val is None else val_subset(val, args.num_val)
     train = None
-    if run.payload is None and args.eval != 'fp':
+    if (run.payload is None and args.eval != 'fp') or finetune_stage.needs_train(args):  # QwT*: also after --load
         train = image_dataset(args.data_dir, 'train', train_transform(cfg['mean'], cfg['std'], cfg['interpolation'],
                                                                       cfg['img_size']), strict)
         need = args.batch_size + args.qwt_samples
-        if len(train) < need:
+        if run.payload is None and len(train) < need:
             raise UserError(f"{train.parser.root} has {len(train)} images, fewer than the calibration batch "
                             f"(--batch_size {args.batch_size}) plus --qwt_samples {args.qwt_samples} = {need}: "
                             "add images or lower those flags")
     for split in (val, train):
         if split is not None:
             check_classes(split, run.spec.timm_name, args.allow_class_subset)
+    if train is not None and finetune_stage.needs_train(args):
+        finetune_stage.check_train_classes(train, run.spec.timm_name)  # QwT*
     _logger.info('train %s images, val %d images, %d classes', 'n/a' if train is None else len(train), len(val),
                  len(val.classes))
     note = train is not None and workers_note(args.num_workers, available_cpus())
@@ -267,7 +272,8 @@ def quantize(run, splits):
     """SPEC §1b steps 2-7 around the PTQ method (RepQ-ViT, Percentile) and QwT: a Quantized."""
     args, timer = run.args, run.timer
     calib, calib_files, model, weights = calibration_and_model(run, splits)
-    float_model = copy.deepcopy(model) if args.eval == 'all' else None  # a copy draws nothing (SPEC §1b)
+    keep = args.eval == 'all' or finetune_stage.needs_teacher(args)  # QwT*: the teacher of the distill loss
+    float_model = copy.deepcopy(model) if keep else None  # a copy draws nothing (SPEC §1b)
     repq_times = {}
     with timer('repq'):  # steps 4 and 5
         families.post_training_quantize(run.family, model, calib, run.w_bits, run.a_bits, args, repq_times,
@@ -316,7 +322,9 @@ def dump_inputs(run, calib, calib_files, images, qwt_files):
 
 def evaluate_variants(run, splits, variants):
     """Top-1 / top-5 of each ``variants[name]`` model on the val data, one pass over the images."""
-    wanted = {name: _variant(model, name == 'qwt') for name, model in variants.items()}
+    wanted = {name: _variant(model, name in ('qwt', 'qwtstar')) for name, model in variants.items()}
+    if run.tuned is not None:  # QwT*: the QwT and the fine-tuned W, b and head, swapped in per batch
+        wanted = run.tuned.wrap(wanted)
     with run.timer('eval'):
         loader = eval_loader(splits.val_data, run.args.batch_size, run.args.eval_workers, run.dist)
         return evaluate(wanted, loader, run.dist.device, progress=run.dist.is_main,
@@ -357,12 +365,23 @@ def run(args, family):
         q = quantize(r, splits)
         model, weights, meta, accuracy, stage_times = q.model, q.weights, q.meta, q.accuracy, q.stage_times
         float_model = q.float_model
+    # QwT*: fine-tune W, b and the head (--finetune_epochs > 0); the teacher is the float model
+    teacher = float_model if r.payload is None or not finetune_stage.needs_teacher(args) else \
+        finetune_stage.teacher_for_load(r, build_float_model)
+    r.tuned = finetune_stage.run_stage(r, splits, model, teacher)
+    if r.tuned is not None and args.save and r.dist.is_main:
+        meta = {**meta, **finetune_stage.meta(r.tuned)}
+        save_quantized(model, args.save, r.spec.name, r.spec.timm_name, r.w_bits, r.a_bits, meta)
+        _logger.info('saved the fine-tuned (QwT*) model to %s', args.save)
     wanted = [v for v in VARIANTS[args.eval] if v not in accuracy]
+    wanted += ['qwtstar'] if r.tuned is not None and args.eval != 'none' else []  # QwT*
     if not compensated_blocks(model):  # a --load file saved without QwT
         wanted = [w for w in wanted if w != 'qwt']
     if wanted:
         accuracy.update(evaluate_variants(r, splits, {name: float_model if name == 'fp' and float_model is not None
                                                       else model for name in wanted}))
+    if r.tuned is not None:
+        r.tuned.load('after')  # QwT*: the run ends with the fine-tuned model
     set_compensation(model, True)
     result = make_result(r, splits, model, weights, meta, accuracy, stage_times, float_model)
     if r.dist.is_main:
@@ -401,6 +420,7 @@ def make_result(run, splits, model, weights, meta, accuracy, stage_times, float_
         **{k: meta.get(k) for k in ('num_calib', 'num_qwt', 'start_block', 'qwt_solver', 'qwt_accumulate',
                                     'calib_search', 'kernel_size', 'factor', 'conv_a_bits')},
         **top,
+        **finetune_stage.fields(accuracy, run.tuned, run.payload),  # QwT*
         'fp_size_mb': round(model_size_mb(float_model if quantized else model), 4)
         if float_model is not None or not quantized else None,
         'repq_size_mb': round(model_size_mb(model, include_compensation=False), 4) if quantized else None,
@@ -454,6 +474,7 @@ def summary_lines(r):
                   f"{r['repq_size_mb']:.2f} MB",
                   f"{m + ' + QwT':<{width}} top-1 {_pct(r['qwt_top1'])}  top-5 {_pct(r['qwt_top5'])}  size "
                   f"{r['qwt_size_mb']:.2f} MB"]
+        lines += [x for x in [finetune_stage.summary_line(r, m)] if x]  # QwT*
     lines += qwt_block_lines(r.get('qwt_blocks') or [])
     if r['skipped_images']:
         lines.append(f"skipped {len(r['skipped_images'])} unreadable image(s), listed in result.json "
