@@ -46,7 +46,7 @@ def test_qwtstar_columns_mean_std_and_delta():
                         'RepQ-ViT + QwT* (paper) | RepQ-ViT (this project) | RepQ-ViT + QwT (this project) | '
                         'RepQ-ViT + QwT* (this project) | Δ FP | Δ RepQ-ViT | Δ QwT | Δ QwT* | n | note |')
     assert lines[1] == '|' + '---|' * 16
-    assert lines[2] == ('| DeiT-T | W4/A4 | 72.2 |  | 58.2 | 61.4 | 64.8 | 58.00 | 61.00 | 65.50 ± 0.71 |  | -0.20 | '
+    assert lines[2] == ('| DeiT-T | W4/A4 | 72.2 |  | 58.2 | 61.4 | 64.8 | 58.00 ± 0.00 | 61.00 ± 0.00 | 65.50 ± 0.71 |  | -0.20 | '
                         '-0.40 | +0.70 | 2 |  |')
 
 
