@@ -10,6 +10,7 @@ from torch import nn
 
 from models import family_of, resnet, stem, walk
 from quant.layers import set_quant_state
+from quant.qwt_targets import check_fp_model, model_pair
 from quant.regression import (SINGULAR_CONDITION, NonFiniteSystem, NormalEquations, fit_concat, r2_score,
                               rank_and_condition, solve_normal, with_ones)
 from utils.core import distributed
@@ -34,14 +35,16 @@ class CompensatedBlock(nn.Module):
         self.train(block.training)  # a wrapper in the model's mode, not nn.Module's default (training)
 
     def forward(self, x):
-        out = self.block(x)
         if not self.enabled:
-            return out
+            return self.block(x)
+        if self.training:  # the published training branch (QwT*): float32, so W and b get exact gradients
+            return self.forward_fp32(x)
+        out = self.block(x)
         return out + (x.half() @ self.comp_weight.half()).float() + self.comp_bias
 
     def forward_fp32(self, x):
-        """The float32 form used to propagate features while fitting."""
-        return self.block(x) + x @ self.comp_weight + self.comp_bias
+        """The float32 form: the training branch, and the features that feed the next block while fitting."""
+        return self.block(x) + x @ self.comp_weight.float() + self.comp_bias
 
 
 def compensated_blocks(model):
@@ -218,7 +221,7 @@ def _float64_normal_equations(xs, ys):
     return neq, y_sq
 
 
-def _fit_block_normal(block, xs, fit, solver, clock):
+def _fit_block_normal(block, xs, fit, solver, clock, pair=None):
     """Two block passes per batch (full precision, quantized) feeding normal equations on the
     device; the next features reuse the quantized outputs instead of a third pass.
 
@@ -227,6 +230,7 @@ def _fit_block_normal(block, xs, fit, solver, clock):
     from this process's features and targets and all-reduced, so every process takes the same
     decision), and r² is computed for that fit; where that fails too, zero compensation."""
     c_in = xs[0].shape[-1]
+    pair = pair or (lambda x: _fp_and_quant(block, x))
     if not fit:
         with clock('passes'):
             set_quant_state(block, True, True)
@@ -236,7 +240,7 @@ def _fit_block_normal(block, xs, fit, solver, clock):
     y_sq = torch.zeros((), dtype=torch.float64, device=xs[0].device)
     for x in xs:
         with clock('passes'):
-            fp, q = _fp_and_quant(block, x)
+            fp, q = pair(x)
         with clock('fit'):
             y = fp.sub_(q).reshape(-1, q.shape[-1])
             if neq is None:
@@ -282,14 +286,15 @@ def _fit_block_normal(block, xs, fit, solver, clock):
     return BlockFit(outs, weight, bias, r2, rms, fallback, overflow)
 
 
-def _fit_block_concat(block, xs, fit, solver, clock):
+def _fit_block_concat(block, xs, fit, solver, clock, pair=None):
     """The published procedure: concatenate every token, solve with the inverse formula, then a
     third pass through the compensated block to get the next features.
 
     Where the ``solver`` fit fails (singular, inf/NaN in [X,1]^T[X,1] or in the solution), the float64
     least-squares fit of the same tokens replaces it; where that fails too, zero compensation."""
+    pair = pair or (lambda x: _fp_and_quant(block, x))
     with clock('passes'):
-        fps, qs = zip(*[_fp_and_quant(block, x) for x in xs])
+        fps, qs = zip(*[pair(x) for x in xs])
     with clock('fit'):
         x_all = torch.cat(xs).reshape(-1, xs[0].shape[-1])
         y_all = (torch.cat(fps) - torch.cat(qs)).reshape(-1, fps[0].shape[-1])
@@ -313,9 +318,18 @@ def _fit_block_concat(block, xs, fit, solver, clock):
     return BlockFit(outs, weight, bias, r2, rms, fallback, overflow)
 
 
+def _fp_slots(q_model, fp_model, first_images):
+    """fp_model's walk, checked against q_model's (fp_model in eval mode), or Nones without one."""
+    if fp_model is None:
+        return [None] * len(walk(q_model))
+    fp_model.eval()
+    check_fp_model(q_model, fp_model, first_images)
+    return walk(fp_model)
+
+
 @torch.no_grad()
 def qwt_compensate(q_model, images, start_block=0, batch_size=32, solver='inverse', accumulate='concat',
-                   progress=False, stats=None, timings=None, kernel_size=1, factor=64):
+                   progress=False, stats=None, timings=None, kernel_size=1, factor=64, fp_model=None):
     """Fit and insert QwT compensation into the quantized ``q_model`` (in place); returns it.
 
     A ResNet gets the group-convolution compensation of SPEC §3b (quant/qwt_conv.py): ``kernel_size``
@@ -350,10 +364,11 @@ def qwt_compensate(q_model, images, start_block=0, batch_size=32, solver='invers
                             f"'concat'), not solver {solver!r}, accumulate {accumulate!r}: leave both at their defaults")
         from quant.qwt_conv import compensate_conv
         return compensate_conv(q_model, images, start_block, batch_size, kernel_size, factor, progress, stats,
-                               timings)
+                               timings, fp_model)
     device = next(q_model.parameters()).device
     q_model.eval()
     set_quant_state(q_model, True, True)
+    fp_slots = _fp_slots(q_model, fp_model, images[:batch_size])
     xs = [stem(q_model, chunk.to(device, non_blocking=True)) for chunk in images.split(batch_size)]
     if accumulate == 'concat' and distributed.is_initialized():
         xs = list(distributed.all_gather_cat(torch.cat(xs)).split(batch_size))
@@ -363,13 +378,14 @@ def qwt_compensate(q_model, images, start_block=0, batch_size=32, solver='invers
     slots = walk(q_model)
     # counts the blocks the log counts, not Swin's PatchMerging steps
     bar = progress_bar(total=sum(s.kind == 'block' for s in slots), desc='QwT', unit='block', enabled=progress)
-    for slot in slots:
+    for slot, fp_slot in zip(slots, fp_slots):
         module = slot.module
         if slot.kind == 'merge':  # Swin PatchMerging: quantized, not compensated
             with clock('passes'):
                 xs = [module(x) for x in xs]
             continue
-        fitted = fit_block(module, xs, block_id >= start_block, solver, clock)
+        fitted = fit_block(module, xs, block_id >= start_block, solver, clock,
+                           None if fp_slot is None else model_pair(fp_slot.module, module))
         slot.replace(CompensatedBlock(module, fitted.weight, fitted.bias))
         used = bool(fitted.weight.any())
         if fitted.fallback is not None:

@@ -10,7 +10,8 @@ from torch import nn
 
 from models import stem, walk
 from quant.layers import set_quant_state
-from quant.qwt import CompensatedBlock, _fp_and_quant
+from quant.qwt import CompensatedBlock, _fp_and_quant, _fp_slots
+from quant.qwt_targets import model_pair
 from utils.core import distributed
 from utils.core.errors import UserError
 from utils.core.progress import progress_bar
@@ -102,21 +103,24 @@ class CompensatedConvBlock(CompensatedBlock):
                         groups=x.shape[1] // weight.shape[1])
 
     def forward(self, x):
-        out = self.block(x)
         if not self.enabled:
-            return out
+            return self.block(x)
+        if self.training:  # the published training branch (QwT*): float32 with the bias
+            return self.forward_fp32(x)
+        out = self.block(x)
         comp = self._conv(x.half(), out, self.comp_weight.half(), None).float() + self.comp_bias.reshape(1, -1, 1, 1)
         return out + comp
 
     def forward_fp32(self, x):
         out = self.block(x)
-        return out + self._conv(x, out, self.comp_weight, self.comp_bias)
+        return out + self._conv(x, out, self.comp_weight.float(), self.comp_bias)
 
 
-def fit_block(block, xs, kernel_size, factor):
+def fit_block(block, xs, kernel_size, factor, pair=None):
     """The published fit of one block on this process's inputs ``xs`` (one tensor per batch), with inputs
     and targets gathered from every process: (W, b, r², mean absolute residual), the last two 0-dim."""
-    fps, qs = zip(*[_fp_and_quant(block, x) for x in xs])
+    pair = pair or (lambda x: _fp_and_quant(block, x))
+    fps, qs = zip(*[pair(x) for x in xs])
     y = torch.cat(fps) - torch.cat(qs)
     del fps, qs
     x = distributed.all_gather_cat(torch.cat(xs))
@@ -131,7 +135,7 @@ def fit_block(block, xs, kernel_size, factor):
 
 @torch.no_grad()
 def compensate_conv(q_model, images, start_block=0, batch_size=32, kernel_size=DEFAULT_KERNEL_SIZE,
-                    factor=DEFAULT_FACTOR, progress=False, stats=None, timings=None):
+                    factor=DEFAULT_FACTOR, progress=False, stats=None, timings=None, fp_model=None):
     """Fit and insert the group-convolution QwT compensation into the quantized ResNet ``q_model`` (in place);
     returns it. See ``quant.qwt_compensate`` for the arguments.
 
@@ -141,15 +145,17 @@ def compensate_conv(q_model, images, start_block=0, batch_size=32, kernel_size=D
     device = next(q_model.parameters()).device
     q_model.eval()
     set_quant_state(q_model, True, True)
+    fp_slots = _fp_slots(q_model, fp_model, images[:batch_size])
     clock = Stopwatch(device, ('passes', 'fit'))
     with clock('passes'):
         xs = [stem(q_model, chunk.to(device, non_blocking=True)) for chunk in images.split(batch_size)]
     slots = walk(q_model)
     bar = progress_bar(total=len(slots), desc='QwT', unit='block', enabled=progress)
-    for block_id, slot in enumerate(slots):
+    for block_id, (slot, fp_slot) in enumerate(zip(slots, fp_slots)):
         block = slot.module
         with clock('fit'):
-            weight, bias, r2, abs_err = fit_block(block, xs, kernel_size, factor)
+            weight, bias, r2, abs_err = fit_block(block, xs, kernel_size, factor,
+                                                  None if fp_slot is None else model_pair(fp_slot.module, block))
             scores = torch.stack([r2, abs_err]).float()
             for t in (weight, bias, scores):  # rank 0's fit everywhere: no rank can decide otherwise
                 distributed.broadcast(t)
