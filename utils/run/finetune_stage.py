@@ -14,7 +14,6 @@ from utils.core.errors import UserError
 from utils.run.finetune_flags import CHECKPOINT_FILE, finetuning
 
 _logger = logging.getLogger('qwt')
-MIN_LR = 0.0           # the cosine schedule's floor (no flag: the schedule ends at 0 as timm's default min_lr 0)
 CURVE_POINTS = 20      # result.json keeps a short loss curve
 
 
@@ -50,9 +49,9 @@ def config(args):
     from quant.finetune import FinetuneConfig
     return FinetuneConfig(epochs=args.finetune_epochs, max_images=args.finetune_images,
                           batch_size=args.finetune_batch_size, lr=args.finetune_lr, weight_decay=args.finetune_wd,
-                          warmup_steps=args.finetune_warmup, min_lr=MIN_LR, loss=args.finetune_loss, mixup=args.mixup,
+                          warmup_steps=args.finetune_warmup, loss=args.finetune_loss, mixup=args.mixup,
                           cutmix=args.cutmix, smoothing=args.smoothing, checkpoint_every=args.checkpoint_every,
-                          seed=args.seed)
+                          seed=args.seed, workers=args.num_workers)
 
 
 def checkpoint_path(output_dir):
