@@ -70,3 +70,78 @@ def test_a_train_folder_without_labels_for_the_models_classes(capsys, tmp_path, 
     assert line == (f"error: {root}/train has 5 class folders, but vit_test_tiny predicts 3 classes: QwT* fine-tuning "
                     "trains on folder-index labels; use a train/ with the model's classes")
     assert not os.path.exists(out / 'result.json') and not os.path.exists(out / CHECKPOINT_FILE)
+
+
+# ---- whole runs of the tiny model (one module fixture, shared) --------------------------------------
+
+FINETUNE = ('--finetune_epochs', '1', '--finetune_images', '16', '--finetune_batch_size', '4', '--checkpoint_every', '2',
+            '--finetune_lr', '1e-3')
+
+
+def run_json(argv):
+    """Run the entry point in-process; its result.json."""
+    result = cli.main('vit', list(argv))
+    out = argv[argv.index('--output_dir') + 1]
+    with open(os.path.join(out, 'result.json')) as f:
+        assert json.load(f) == json.loads(json.dumps(result))
+    return result
+
+
+@pytest.fixture(scope='module')
+def runs(tiny, tmp_path_factory):
+    """The same tiny run without and with QwT* (--eval all, --save), and a --load of the fine-tuned file."""
+    tmp = tmp_path_factory.mktemp('runs')
+    qwt = run_json(flags(tiny, tmp / 'qwt', '--eval', 'all', '--save', str(tmp / 'qwt.pth')))
+    star_argv = flags(tiny, tmp / 'star', '--eval', 'all', '--save', str(tmp / 'star.pth'), *FINETUNE)
+    star = run_json(star_argv)
+    loaded = run_json(['--load', str(tmp / 'star.pth'), '--data_dir', tiny[0], '--device', 'cpu', '--eval', 'qwt',
+                       '--eval_workers', '0', '--output_dir', str(tmp / 'loaded')])
+    return {'qwt': qwt, 'star': star, 'loaded': loaded, 'tmp': tmp, 'star_argv': star_argv}
+
+
+def test_qwtstar_records_and_the_four_variants(runs):
+    qwt, star = runs['qwt'], runs['star']
+    for key in ('fp_top1', 'repq_top1', 'qwt_top1', 'fp_top5', 'repq_top5', 'qwt_top5', 'qwt_blocks', 'calib_files',
+                'qwt_files'):
+        assert star[key] == qwt[key], key  # PTQ and QwT untouched by the fine-tuning that follows them
+    assert qwt['qwtstar_top1'] is None and qwt['finetune'] is None
+    assert isinstance(star['qwtstar_top1'], float) and isinstance(star['qwtstar_top5'], float)
+    ft = star['finetune']
+    assert (ft['steps'], ft['images_seen'], ft['resumed_from']) == (16 // 4, 16, None)
+    assert ft['recipe']['epochs'] == 1 and ft['recipe']['max_images'] == 16 and ft['recipe']['lr'] == 1e-3
+    assert ft['recipe']['loss'] == 'distill' and ft['seconds'] > 0
+    assert [s for s, _ in ft['loss_curve']][-1] == 4 and len(ft['loss_curve']) <= 20
+    assert star['timings']['finetune'] > 0
+
+
+def test_the_saved_files_differ_exactly_in_w_b_and_the_head(runs):
+    """The fine-tuned file carries the trained W, b and head; every other tensor (weights, quantizer scales and
+    zero points, LayerNorms) is bit-identical to the QwT file of the same run."""
+    tmp = runs['tmp']
+    a = torch.load(tmp / 'qwt.pth', weights_only=False)['state_dict']
+    b = torch.load(tmp / 'star.pth', weights_only=False)
+    assert b['meta']['finetune']['steps'] == 4
+    b = b['state_dict']
+    assert a.keys() == b.keys()
+    trainable = {k for k in a if k.endswith(('comp_weight', 'comp_bias'))} | {'head.weight', 'head.bias'}
+    assert len([k for k in trainable if k.endswith('comp_weight')]) == 3 and trainable <= a.keys()
+    assert any(k.startswith('head.') and 'quantizer' in k for k in a)  # the head's scales: frozen, compared below
+    assert [k for k in a if k not in trainable and not torch.equal(a[k], b[k])] == []
+    assert [k for k in trainable if torch.equal(a[k], b[k])] == []  # every one trained, zero-initialised ones too
+
+
+def test_load_of_a_fine_tuned_file_reports_qwtstar(runs):
+    loaded, star = runs['loaded'], runs['star']
+    assert loaded['qwtstar_top1'] == star['qwtstar_top1'] and loaded['qwtstar_top5'] == star['qwtstar_top5']
+    assert loaded['qwt_top1'] is None and loaded['finetune']['steps'] == 4
+
+
+def test_a_rerun_in_the_same_folder_resumes_from_the_checkpoint(runs, caplog):
+    """The same command again: its checkpoint says the fine-tuning is done at step 4 of 4, so nothing is trained
+    again and the result is the same."""
+    import logging
+    with caplog.at_level(logging.INFO):
+        again = run_json(runs['star_argv'])
+    assert 'resuming QwT* from step 4 of 4' in caplog.text
+    assert again['qwtstar_top1'] == runs['star']['qwtstar_top1'] and again['finetune']['resumed_from'] == 4
+    assert again['finetune']['steps'] == 4 and again['finetune']['loss_curve'] == runs['star']['finetune']['loss_curve']
