@@ -145,3 +145,68 @@ def test_a_rerun_in_the_same_folder_resumes_from_the_checkpoint(runs, caplog):
     assert 'resuming QwT* from step 4 of 4' in caplog.text
     assert again['qwtstar_top1'] == runs['star']['qwtstar_top1'] and again['finetune']['resumed_from'] == 4
     assert again['finetune']['steps'] == 4 and again['finetune']['loss_curve'] == runs['star']['finetune']['loss_curve']
+
+
+# ---- a SLURM cell killed while fine-tuning, requeued: the same command in the same folder resumes ----------
+
+ENTRY = '''import sys
+sys.path[:0] = [{root!r}, {tests!r}]
+import conftest  # registers vit_test_tiny with timm in this process
+from utils.run.cli import main
+main('vit')
+'''
+LONG = ('--finetune_epochs', '20', '--finetune_batch_size', '4', '--checkpoint_every', '5', '--eval', 'qwt',
+        '--finetune_lr', '1e-3')
+
+
+def _cell(tiny, folder, script):
+    from utils.runner.cells import Cell
+    return Cell('vit_test_tiny', 'vit_test_tiny', 'vit', 'quant', 4, 4, 0, str(folder), script,
+                tuple(flags(tiny, folder, *LONG, '--save', str(folder / 'model.pth'))))
+
+
+def test_a_requeued_slurm_cell_resumes_fine_tuning_and_ends_as_an_uninterrupted_run(tiny, tmp_path):
+    """utils.runner.slurm.CellJob, the callable of every SLURM job, SIGKILLed once the first checkpoint is written
+    (as a preempted job), then run again as SLURM's requeue does (SLURM_RESTART_COUNT=1): the same command in the
+    same folder resumes from the checkpoint and ends with the weights and result of a run never stopped."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from utils.runner.flags import Launch
+    from utils.runner.slurm import CellJob
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = tmp_path / 'entry.py'
+    script.write_text(ENTRY.format(root=root, tests=os.path.join(root, 'tests')))
+    launch = Launch('cpu', (None,), 1, 1, 'slurm')
+    env = {'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore'}
+    cell = _cell(tiny, tmp_path / 'cell', str(script))
+    job = subprocess.Popen([sys.executable, '-c', 'import pickle, sys; pickle.load(sys.stdin.buffer)()'],
+                           stdin=subprocess.PIPE, cwd=root, env={**os.environ, **env}, start_new_session=True)
+    import pickle
+    job.stdin.write(pickle.dumps(CellJob(cell, launch, env)))
+    job.stdin.close()
+    checkpoint = tmp_path / 'cell' / CHECKPOINT_FILE
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    assert checkpoint.exists() and not (tmp_path / 'cell' / 'result.json').exists(), 'killed too late'
+    os.environ['SLURM_RESTART_COUNT'] = '1'
+    try:
+        assert CellJob(cell, launch, env)() == 0
+    finally:
+        del os.environ['SLURM_RESTART_COUNT']
+    console = (tmp_path / 'cell' / 'console.txt').read_text()
+    step = int(console.split('resuming QwT* from step ')[1].split()[0])
+    assert 5 <= step < 120 and step % 5 == 0
+    reference = _cell(tiny, tmp_path / 'ref', str(script))
+    assert CellJob(reference, launch, env)() == 0
+    a, b = (json.load(open(tmp_path / f / 'result.json')) for f in ('cell', 'ref'))
+    assert a['finetune']['resumed_from'] == step and b['finetune']['resumed_from'] is None
+    assert (a['qwtstar_top1'], a['finetune']['steps'], a['finetune']['loss_curve']) == \
+        (b['qwtstar_top1'], b['finetune']['steps'], b['finetune']['loss_curve'])
+    sa, sb = (torch.load(tmp_path / f / 'model.pth', weights_only=False)['state_dict'] for f in ('cell', 'ref'))
+    assert [k for k in sa if not torch.equal(sa[k], sb[k])] == []
+    assert json.load(open(tmp_path / 'cell' / 'cell.json'))['runs'] == 2
