@@ -26,6 +26,65 @@ def _check_bits(n_bits):
         raise ValueError(f"bit width {n_bits} not supported: use 2 to 8 bits")
 
 
+class RoundSTE(torch.autograd.Function):
+    """``torch.round`` forward; the gradient passes straight through (the published RoundSTE)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class CeilSTE(torch.autograd.Function):
+    """``torch.ceil`` forward; the gradient passes straight through (the published CeilSTE)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.ceil(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class Log2STE(torch.autograd.Function):
+    """``log2(max(x, 1e-6))`` forward; backward the derivative of log2 where x > 1e-6, 0 where the clamp
+    held it (the published Log2STE)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.log2(torch.clamp(x, min=1e-6))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, = ctx.saved_tensors
+        return torch.where(x <= 1e-6, torch.zeros_like(grad), grad / (x * math.log(2.0)))
+
+
+class MaskSTE(torch.autograd.Function):
+    """``x`` with the ``mask``ed entries set to 0; no gradient reaches them (the published MaskSTE)."""
+
+    @staticmethod
+    def forward(ctx, x, mask):
+        ctx.save_for_backward(mask)
+        return x.masked_fill(mask, 0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        mask, = ctx.saved_tensors
+        return grad.masked_fill(mask, 0), None
+
+
+def needs_ste(x):
+    """Whether a gradient must flow through a fake quantizer's input (QwT* fine-tuning): the graph then
+    takes the straight-through form; every other call keeps the faster in-place form (same values)."""
+    return x.requires_grad and torch.is_grad_enabled()
+
+
 def quantile(x, p):
     """The published quantile of all of ``x``: torch.quantile, or numpy.percentile above 2**24 values."""
     flat = x.reshape(-1)
@@ -140,6 +199,15 @@ def uniform_fake_quant(x, delta, zero_point, n_bits):
     x_int = torch.round(x / delta)
     x_int.add_(zero_point).clamp_(0, 2 ** n_bits - 1)
     return x_int.sub_(zero_point).mul_(delta)
+
+
+def uniform_fake_quant_ste(x, delta, zero_point, n_bits):
+    """``uniform_fake_quant`` through the published differentiable graph: round passes the gradient straight
+    through (RoundSTE), torch's clamp passes it where round(x / delta) + zp lies inside [0, 2^n - 1] and
+    stops it outside, so d x̂ / d x = 1 inside (as (g · delta) / delta) and 0 outside. The values equal the
+    inference forms' (``uniform_fake_quant_integer_zp`` may give -0.0 where this gives +0.0)."""
+    x_int = RoundSTE.apply(x / delta) + zero_point
+    return (torch.clamp(x_int, 0, 2 ** n_bits - 1) - zero_point) * delta
 
 
 def uniform_fake_quant_integer_zp(x, delta, zero_point, n_bits, out=None):
@@ -293,6 +361,20 @@ def log_sqrt2_fake_quant_reference(x, delta, n_bits):
     return x_float_q
 
 
+def log_sqrt2_fake_quant_ste(x, delta, n_bits):
+    """The log-√2 quantizer with the published differentiable graph (RoundSTE, Log2STE, CeilSTE, MaskSTE in
+    its operation order): the same values as ``log_sqrt2_fake_quant`` bit for bit, and the published
+    gradient: with u = x / delta and q the clamped level, d x̂ / d x = (d x̂ / d q) · (-2 / (u ln 2)) / delta
+    where u > 1e-6 and 0 <= round(-2 log2 u) <= 2^n - 1 (else 0), d x̂ / d q = delta · 2^-ceil(q/2) ·
+    ((√2 - 1) - ln 2 / 2 · (1 + (q mod 2)(√2 - 1)))."""
+    x_int = RoundSTE.apply(-1 * Log2STE.apply(x / delta) * 2)
+    mask = x_int >= 2 ** n_bits
+    x_quant = torch.clamp(x_int, 0, 2 ** n_bits - 1)
+    odd = (x_quant % 2) * (math.sqrt(2) - 1) + 1
+    x_float_q = 2 ** (-1 * CeilSTE.apply(x_quant / 2)) * odd * delta
+    return MaskSTE.apply(x_float_q, mask)
+
+
 def log_sqrt2_fake_quant(x, delta, n_bits, out=None, index=None):
     """Same values as the reference, through a table of the 2^n + 1 possible outputs.
 
@@ -408,6 +490,8 @@ class UniformQuantizer(_CalibratedState):
         if self._zp_seen is not zero_point:  # once per calibration / reparameterisation / load
             self._integer_zp = bool(torch.equal(zero_point, zero_point.round()))
             self._zp_seen = zero_point
+        if needs_ste(x):
+            return uniform_fake_quant_ste(x, delta, zero_point, self.n_bits)
         if self._integer_zp:
             return uniform_fake_quant_integer_zp(x, delta, zero_point, self.n_bits)
         return uniform_fake_quant(x, delta, zero_point, self.n_bits)
@@ -439,6 +523,8 @@ class LogSqrt2Quantizer(_CalibratedState):
     def forward(self, x):
         if not self.inited:
             self.calibrate(x.detach())
+        if needs_ste(x):
+            return log_sqrt2_fake_quant_ste(x, self._buffers['delta'], self.n_bits)
         return log_sqrt2_fake_quant(x, self._buffers['delta'], self.n_bits)
 
     @torch.no_grad()
