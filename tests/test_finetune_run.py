@@ -136,13 +136,12 @@ def test_load_of_a_fine_tuned_file_reports_qwtstar(runs):
     assert loaded['qwt_top1'] is None and loaded['finetune']['steps'] == 4
 
 
-def test_a_rerun_in_the_same_folder_resumes_from_the_checkpoint(runs, caplog):
+def test_a_rerun_in_the_same_folder_resumes_from_the_checkpoint(runs, capsys):
     """The same command again: its checkpoint says the fine-tuning is done at step 4 of 4, so nothing is trained
-    again and the result is the same."""
-    import logging
-    with caplog.at_level(logging.INFO):
-        again = run_json(runs['star_argv'])
-    assert 'resuming QwT* from step 4 of 4' in caplog.text
+    again and the result is the same; the log says so."""
+    capsys.readouterr()
+    again = run_json(runs['star_argv'])
+    assert 'resuming QwT* from step 4 of 4' in capsys.readouterr().out
     assert again['qwtstar_top1'] == runs['star']['qwtstar_top1'] and again['finetune']['resumed_from'] == 4
     assert again['finetune']['steps'] == 4 and again['finetune']['loss_curve'] == runs['star']['finetune']['loss_curve']
 

@@ -44,6 +44,19 @@ class Tuned:
                 for name, fn in variants.items()}
 
 
+class Pairs(torch.utils.data.Dataset):
+    """(image, label) of the run's ImageDataset, whose items also carry the index used and the skip note."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return self.dataset[index][:2]
+
+
 def config(args):
     """quant.finetune.FinetuneConfig from the flags."""
     from quant.finetune import FinetuneConfig
@@ -109,7 +122,7 @@ def run_stage(run, splits, model, teacher):
                  'loss, batch %d per process, lr %g', len(params), sum(p.numel() for p in params.values()),
                  cfg.epochs, cfg.loss, cfg.batch_size, cfg.lr)
     with run.timer('finetune'):
-        result = finetune(model, splits.train, cfg, checkpoint_path(args.output_dir), run.dist.device,
+        result = finetune(model, Pairs(splits.train), cfg, checkpoint_path(args.output_dir), run.dist.device,
                           teacher=teacher, progress=run.dist.is_main)
     after = {n: p.detach().clone() for n, p in params.items()}
     _logger.info('QwT* fine-tuning done in %.1f s: %d steps, %d images%s', result.seconds, result.steps,
