@@ -3,6 +3,7 @@ compensation block's W, b and the head(s) on the train split; this module makes 
 teacher, recipe, checkpoint in the output folder), keeps the QwT state beside the fine-tuned one so that one val
 pass evaluates PTQ, PTQ + QwT and PTQ + QwT*, and says what the run's records gain. A rerun of the same command in
 the same output folder (a SLURM requeue does exactly that) resumes from the checkpoint."""
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -98,13 +99,16 @@ def check_train_classes(train, timm_name):
 
 
 def teacher_for_load(run, build_float_model):
-    """The distill loss after --load: the float model the file was made from, built again (its weights
-    'pretrained' or from the digits; a random-weight model cannot be rebuilt)."""
+    """The distill loss after --load: the float model the file was made from, built again (timm's pretrained
+    weights, the digits models' files, a ResNet's published file); a random-weight model cannot be rebuilt."""
     source = (run.payload.get('meta') or {}).get('weights')
-    if source == 'random':
+    if run.family == 'resnet' and run.checkpoint is None:
+        from utils.run import family as families
+        run = dataclasses.replace(run, checkpoint=families.resnet_checkpoint(run.spec, run.args))
+    model, weights = (None, 'random') if source == 'random' else build_float_model(run)
+    if weights == 'random':
         raise UserError(f"--load {run.args.load} was made from random weights, which cannot be rebuilt as the "
                         "teacher of --finetune_loss distill: use --finetune_loss label")
-    model, _ = build_float_model(run)
     return model
 
 
