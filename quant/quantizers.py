@@ -346,9 +346,18 @@ def log_sqrt2_dequant(q, delta):
 
 def log_sqrt2_index(x, delta, n_bits, out=None):
     """``round(-2 * log2(max(x / delta, 1e-6)))``, before masking and clamping (in ``out`` if given;
-    -1 * v * 2 == v * -2 bit for bit)."""
+    -1 * v * 2 == v * -2 bit for bit). The max is ``fmax``, equal to the clamp for every number, which
+    takes a NaN to 1e-6 (a level beyond 2^n, so 0 out) instead of keeping it: a NaN turned into an integer
+    index would read outside the table (an IndexError, a device-side assert on CUDA), and a diverging
+    QwT* run must stop with its one-line message. The published form gives NaN there."""
     out = torch.div(x, delta, out=out)
-    return out.clamp_(min=1e-6).log2_().mul_(-2).round_()
+    floor = _LOG_FLOORS.get(out.device)
+    if floor is None:  # one per device: no host-to-device copy per call
+        floor = _LOG_FLOORS[out.device] = torch.tensor(1e-6, device=out.device)
+    return torch.fmax(out, floor, out=out).log2_().mul_(-2).round_()
+
+
+_LOG_FLOORS = {}
 
 
 def log_sqrt2_fake_quant_reference(x, delta, n_bits):

@@ -9,15 +9,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from quant.finetune.config import FinetuneResult
-from quant.finetune.data import epoch_items, epoch_loader, steps_per_epoch
+from quant.finetune.data import epoch_items, epoch_loader, private_random_state, sample_seed, steps_per_epoch
 from quant.finetune.params import finish_finetune, prepare_for_finetune
-from quant.finetune.state import check_resumable, load_checkpoint, save_checkpoint, set_rng_state
+from quant.finetune.state import check_resumable, load_checkpoint, save_checkpoint
 from utils.core import distributed
 from utils.core.errors import UserError
 from utils.core.progress import progress_bar
 
 _logger = logging.getLogger(__name__)
 CURVE_POINTS = 20  # about this many (step, loss) pairs in the result
+LOG_EVERY_S = 60.0  # a progress line at every tenth of the run, and at least once a minute
 
 
 def build_optimizer(trainable, config):
@@ -55,13 +56,16 @@ class Criterion:
         else:
             self.fn = nn.CrossEntropyLoss()
 
-    def inputs_and_targets(self, images, labels):
+    def inputs_and_targets(self, images, labels, seed):
+        """``seed``: the step's own seed for the mixup draws (numpy's generator, restored after), so that they
+        depend on nothing that ran before."""
         targets = labels
         if self.mixup is not None:
             from timm.data.mixup import mixup_target
             # Mixup.__call__ of timm 0.4.12 builds its targets on 'cuda' whatever the device: mix the batch
             # in place with its own batch-mode draw, and build the soft targets where the images are
-            lam = self.mixup._mix_batch(images)
+            with private_random_state(seed):
+                lam = self.mixup._mix_batch(images)
             targets = mixup_target(labels, self.num_classes, lam, self.smoothing, device=images.device)
         if self.loss == 'distill':
             with torch.no_grad():
@@ -83,6 +87,16 @@ def _global_mean(value):
     t = value.detach().double().reshape(1).clone()
     distributed.all_reduce_sum(t)
     return float(t) / distributed.world_size()
+
+
+def _ddp(model, device):
+    """DDP without the per-forward buffer broadcast (the buffers are frozen; rank 0's are synced at start)."""
+    import inspect
+    ddp = nn.parallel.DistributedDataParallel
+    no_sync = ({'forward_sync_buffers': False} if 'forward_sync_buffers' in inspect.signature(ddp).parameters
+               else {'broadcast_buffers': False})  # torch >= 2.14 deprecates the second
+    index = device.index if device.index is not None else torch.cuda.current_device() if device.type == 'cuda' else None
+    return ddp(model, device_ids=None if index is None else [index], **no_sync)
 
 
 def _step_lr(optimizer):
@@ -123,15 +137,13 @@ def finetune(model, dataset, config, checkpoint_path, device, teacher=None, prog
         scheduler.load_state_dict(state['scheduler'])
         if scaler is not None and state['scaler'] is not None:
             scaler.load_state_dict(state['scaler'])
-        set_rng_state(state['rng'][rank])
         step, curve, seconds_before = state['step'], [list(p) for p in state['loss_curve']], state['seconds']
         resumed_from = step
         _logger.info('resuming QwT* from step %d of %d (%s)', step, total, checkpoint_path)
 
     forward = model
     if world > 1:  # DDP averages the gradients; it also starts every process from rank 0's parameters
-        forward = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == 'cuda' else None, broadcast_buffers=False)
+        forward = _ddp(model, device)
     criterion = Criterion(config, model.num_classes, teacher)
     curve_every = max(1, total // CURVE_POINTS)
     log_every = max(1, total // 10)
@@ -156,7 +168,8 @@ def finetune(model, dataset, config, checkpoint_path, device, teacher=None, prog
             scheduler.step_update(step)  # the learning rate of this step, whatever was resumed
             lr = _step_lr(optimizer)
             with torch.autocast('cuda', dtype=torch.float16, enabled=use_amp):
-                images, targets = criterion.inputs_and_targets(images, labels)
+                mix_seed = sample_seed(config.seed, epoch, -1 - step)  # positions >= 0 are the images'
+                images, targets = criterion.inputs_and_targets(images, labels, mix_seed)
                 loss = criterion(forward(images), targets)
             mean_loss = _global_mean(loss)  # every rank decides on the same number
             if not math.isfinite(mean_loss):
@@ -175,8 +188,8 @@ def finetune(model, dataset, config, checkpoint_path, device, teacher=None, prog
             if step % config.checkpoint_every == 0 or step == total:
                 save(step)
             bar.update(1)
-            if main and (step % log_every == 0 or step == total):
-                now = time.monotonic()
+            now = time.monotonic()
+            if main and (step % log_every == 0 or step == total or now - window_start >= LOG_EVERY_S):
                 _logger.info('QwT* step %d/%d: loss %.4f, lr %.3g, %.1f images/s', step, total, mean_loss, lr,
                              window_images / max(now - window_start, 1e-9))
                 window_start, window_images = now, 0

@@ -12,8 +12,8 @@ def trainable_parameters(model):
     comp = {id(m.comp_weight) for m in compensated_blocks(model)} | {id(m.comp_bias) for m in compensated_blocks(model)}
     heads = {id(p) for name, child in model.named_children() if name in HEAD_NAMES for p in child.parameters()}
     if not comp:
-        raise UserError(f"QwT* fine-tunes the QwT compensation, and this {type(model).__name__} has none: run QwT "
-                        "first (leave out --no_qwt), or --load a model saved after QwT")
+        raise UserError(f"QwT* fine-tunes the QwT compensation, and this {type(model).__name__} has none: fine-tune "
+                        "after the QwT fit, or --load a model saved with its QwT compensation")
     if not heads:
         raise UserError(f"QwT* trains the classifier head, and this {type(model).__name__} has no "
                         f"{', '.join(HEAD_NAMES)} with parameters")

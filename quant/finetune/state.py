@@ -1,9 +1,8 @@
-"""The QwT* checkpoint: trainable parameters, optimizer, scaler, scheduler, position, generators, loss curve;
+"""The QwT* checkpoint: trainable parameters, optimizer, scaler, scheduler, position (step), loss curve;
 written atomically by rank 0, read by rank 0 and sent to every process."""
+import io
 import os
-import random
 
-import numpy as np
 import torch
 
 from quant.finetune.config import RESUMABLE_CHANGES
@@ -14,51 +13,35 @@ from utils.core.files import write_atomic
 FORMAT = 'qwtstar-checkpoint-1'
 
 
-def rng_state():
-    """This process's python, numpy and torch (CPU and CUDA) generator states, as plain types and tensors."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {'python': random.getstate(), 'numpy': [kind, torch.from_numpy(keys.copy()), pos, has_gauss, cached],
-            'torch': torch.get_rng_state(),
-            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state):
-    random.setstate(_tuples(state['python']))
-    kind, keys, pos, has_gauss, cached = state['numpy']
-    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
-    torch.set_rng_state(state['torch'])
-    if state['cuda'] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
-
-
-def _tuples(value):
-    """random.setstate wants the nested tuples back (a saved state may come back with lists)."""
-    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+def _from_bytes(data):
+    return torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
 
 
 def save_checkpoint(path, state):
-    """Rank 0 writes ``state`` (with every process's generator states, gathered) to ``path`` atomically."""
-    state = dict(state, format=FORMAT, rng=distributed.all_gather_object(rng_state()))
+    """Rank 0 writes ``state`` to ``path`` atomically. No generator states: every random draw of the run is
+    keyed by (seed, epoch, position or step), and the global generators are never drawn from."""
     if distributed.rank() == 0:
+        state = dict(state, format=FORMAT)
         write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path):
     """Rank 0's reading of ``path`` on every process: the saved state, or None where there is no file."""
-    state = None
+    data, error = None, None
     if distributed.rank() == 0 and os.path.exists(path):
+        with open(path, 'rb') as f:
+            data = f.read()
         try:
-            state = torch.load(path, map_location='cpu', weights_only=True)
+            state = _from_bytes(data)
         except Exception as exc:  # a file that is not a checkpoint: say which, never guess
-            state = UserError(f"cannot read the QwT* checkpoint {path} ({cause(exc)}): delete it to start the "
-                              "fine-tuning over")
-        if isinstance(state, dict) and state.get('format') != FORMAT:
-            state = UserError(f"{path} is not a QwT* checkpoint of this version (format "
-                              f"{state.get('format')!r}): delete it to start the fine-tuning over")
-    state = distributed.broadcast_object(state)
-    if isinstance(state, UserError):
-        raise state
-    return state
+            state, error = None, (f"cannot read the QwT* checkpoint {path} ({cause(exc)}): delete it to start the "
+                                  "fine-tuning over")
+        if error is None and not (isinstance(state, dict) and state.get('format') == FORMAT):
+            error = f"{path} is not a QwT* checkpoint of this version: delete it to start the fine-tuning over"
+    data, error = distributed.broadcast_object((data, error))  # bytes: object collectives fail on tensors here
+    if error is not None:
+        raise UserError(error)
+    return None if data is None else _from_bytes(data)
 
 
 def check_resumable(path, state, config_dict, world, names):
