@@ -1,23 +1,18 @@
-"""QwT for convolutional blocks (SPEC §3b, the published ResNet rows): after each residual block, a grouped
-convolution of the block's input fitted by ridge regression to the error between the full-precision and the
-quantized block. The math is in pure functions; ``compensate_conv`` walks the model."""
-import logging
-import math
+"""The group-convolution kind of QwT compensation (SPEC §3b, the published ResNet rows): after each residual
+block, a grouped convolution of the block's input fitted by ridge regression to the error between the
+full-precision and the quantized block. The math is in pure functions, then its compensated block class and
+the kind with its options; the walk around it is quant/qwt.py's."""
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import stem, walk
-from quant.layers import set_quant_state
-from quant.qwt import CompensatedBlock, _fp_and_quant, _fp_slots
-from quant.qwt_targets import model_pair
+from quant.qwt_fit import BlockFit, decide, zeros_like_fit
+from quant.qwt_linear import CompensatedBlock
+from quant.qwt_targets import switch_pair
 from utils.core import distributed
 from utils.core.errors import UserError
-from utils.core.progress import progress_bar
-from utils.core.timing import Stopwatch
-
-_logger = logging.getLogger(__name__)
 
 DEFAULT_KERNEL_SIZE = 1   # --kernel_size of the published script
 DEFAULT_FACTOR = 64       # --factor: input channels per group (groups = max(C_in // factor, 1))
@@ -118,8 +113,9 @@ class CompensatedConvBlock(CompensatedBlock):
 
 def fit_block(block, xs, kernel_size, factor, pair=None):
     """The published fit of one block on this process's inputs ``xs`` (one tensor per batch), with inputs
-    and targets gathered from every process: (W, b, r², mean absolute residual), the last two 0-dim."""
-    pair = pair or (lambda x: _fp_and_quant(block, x))
+    and targets gathered from every process: (W, b, r², mean absolute residual), the last two 0-dim.
+    ``pair(x)``: (full-precision, quantized) outputs of the block (default: its quantizers off, then on)."""
+    pair = pair or switch_pair(block)
     fps, qs = zip(*[pair(x) for x in xs])
     y = torch.cat(fps) - torch.cat(qs)
     del fps, qs
@@ -133,47 +129,44 @@ def fit_block(block, xs, kernel_size, factor, pair=None):
     return weight, bias, r2, abs_err
 
 
-@torch.no_grad()
-def compensate_conv(q_model, images, start_block=0, batch_size=32, kernel_size=DEFAULT_KERNEL_SIZE,
-                    factor=DEFAULT_FACTOR, progress=False, stats=None, timings=None, fp_model=None):
-    """Fit and insert the group-convolution QwT compensation into the quantized ResNet ``q_model`` (in place);
-    returns it. See ``quant.qwt_compensate`` for the arguments.
+@dataclass(frozen=True)
+class GroupConv:
+    """The group-convolution kind and its options: ``kernel_size`` (odd, published 1) and ``factor`` (input
+    channels per group, published 64). One solver, the published ridge inverse; every block is fitted (for
+    its r²), also below start_block. Inside a process group every rank ends with rank 0's W, b and r²
+    (broadcast), so every decision is the same on every rank."""
+    kernel_size: int = DEFAULT_KERNEL_SIZE
+    factor: int = DEFAULT_FACTOR
+    block_class = CompensatedConvBlock
+    residual = 'mean abs residual'
+    overflow_hint = 'more --qwt_samples'
 
-    Inside a process group every rank ends with rank 0's W, b and r² (broadcast), so every decision is the
-    same on every rank; with one process the numbers are the published ones."""
-    check_conv_qwt_args(kernel_size, factor)
-    device = next(q_model.parameters()).device
-    q_model.eval()
-    set_quant_state(q_model, True, True)
-    fp_slots = _fp_slots(q_model, fp_model, images[:batch_size])
-    clock = Stopwatch(device, ('passes', 'fit'))
-    with clock('passes'):
-        xs = [stem(q_model, chunk.to(device, non_blocking=True)) for chunk in images.split(batch_size)]
-    slots = walk(q_model)
-    bar = progress_bar(total=len(slots), desc='QwT', unit='block', enabled=progress)
-    for block_id, (slot, fp_slot) in enumerate(zip(slots, fp_slots)):
-        block = slot.module
+    def __post_init__(self):
+        check_conv_qwt_args(self.kernel_size, self.factor)
+
+    @staticmethod
+    def features(xs, batch_size):
+        return xs  # the fit gathers each block's inputs and targets itself
+
+    def fit(self, block, pair, xs, allowed, clock):
         with clock('fit'):
-            weight, bias, r2, abs_err = fit_block(block, xs, kernel_size, factor,
-                                                  None if fp_slot is None else model_pair(fp_slot.module, block))
+            weight, bias, r2, abs_err = fit_block(block, xs, self.kernel_size, self.factor, pair)
             scores = torch.stack([r2, abs_err]).float()
             for t in (weight, bias, scores):  # rank 0's fit everywhere: no rank can decide otherwise
                 distributed.broadcast(t)
             r2_value, abs_value = float(scores[0]), float(scores[1])
-        used = block_id >= start_block and r2_value > 0
+        used, overflow = decide(allowed, r2_value, weight, bias)
         if not used:
-            weight, bias = torch.zeros_like(weight), torch.zeros_like(bias)
+            weight, bias = zeros_like_fit(weight, bias)
         comp = CompensatedConvBlock(block, weight, bias)
-        with clock('passes'):
-            xs = [comp.forward_fp32(x) for x in xs]  # float32 with the bias, as the published training-mode pass
-        slot.replace(comp)
-        _logger.info('QwT block %d: r2 %.4f, mean abs residual %.6f, %s', block_id, r2_value, abs_value,
-                     'compensated' if used else 'zero compensation')
-        if stats is not None:
-            stats.append({'block': block_id, 'r2': r2_value if math.isfinite(r2_value) else None, 'used': used,
-                          'fallback': None, 'singular': False})
-        bar.update(1)
-    bar.close()
-    if timings is not None:
-        timings.update(clock.seconds)
-    return q_model
+        with clock('passes'):  # float32 with the bias, as the published training-mode pass
+            outs = [comp.forward_fp32(x) for x in xs]
+        return BlockFit(outs, weight, bias, r2_value, abs_value, None, overflow, used)
+
+    @staticmethod
+    def warnings(block_id, fitted):
+        return []
+
+    @staticmethod
+    def singular(xs, fitted, clock):
+        return None

@@ -77,7 +77,7 @@ def test_tiny_end_to_end_on_device(device, make):
 def test_fp16_compensation_on_device(device):
     """Hand values (see test_qwt): the operands are rounded to half precision before the product."""
     x = torch.tensor([[[1 + 2 ** -12, 0.5]]], device=device)
-    comp = CompensatedBlock(torch.nn.Identity(), torch.tensor([[3.0, 0.0], [0.0, 1 + 2 ** -12]]),
+    comp = CompensatedBlock(torch.nn.Identity().eval(), torch.tensor([[3.0, 0.0], [0.0, 1 + 2 ** -12]]),
                             torch.tensor([0.25, -1.0])).to(device)
     with torch.no_grad():
         assert comp(x).tolist() == [[[1 + 2 ** -12 + 3 + 0.25, 0.0]]]

@@ -35,7 +35,7 @@ def _diverged(rank):
     all_reduce rank 0 never joins), block 1's inverse fails (rank 1 alone would retry in float64, with
     all-reduces of its own) and block 2's r² is negative (rank 1 alone would drop the block). Rank 0's
     decisions must win on both ranks."""
-    from quant import qwt as qwt_module
+    from quant import qwt_linear as qwt_module  # the token-wise kind's fit
     if rank != 1:
         yield
         return
@@ -70,7 +70,7 @@ def _diverged(rank):
 
 @contextlib.contextmanager
 def _forced_fallback():
-    from quant import qwt as qwt_module
+    from quant import qwt_linear as qwt_module  # the token-wise kind's fit
     real_solve, real_moment = qwt_module.solve_normal, qwt_module.moment_ss_res
 
     def solve(gram, rhs, solver='inverse'):

@@ -15,7 +15,7 @@ from quant.layers import set_quant_state
 from quant.qwt import CompensatedBlock, compensated_blocks, qwt_compensate, set_compensation
 from quant.regression import NormalEquations, fit_concat, r2_score, solve_normal
 
-qwt_module = importlib.import_module('quant.qwt')
+qwt_module = importlib.import_module('quant.qwt_linear')  # the token-wise kind's fit
 
 KINDS = ('vit', 'deit', 'swin')
 BLOCK_DIMS = {'vit': [48] * 3, 'deit': [48] * 3, 'swin': [24, 24, 48, 48]}
@@ -473,7 +473,7 @@ def test_compensated_block_forward_is_half_precision_form_hand_values():
     """x = [1 + 2^-12, 0.5] and W = diag(3, 1 + 2^-12) are [1, 0.5] and diag(3, 1) in half precision.
     Inference: x + [3, 0.5] + b; the float32 form used while fitting: x + [3 + 3 * 2^-12, 0.5 + 2^-13] + b."""
     x = torch.tensor([[[1 + 2 ** -12, 0.5]]])
-    comp = CompensatedBlock(torch.nn.Identity(), torch.tensor([[3.0, 0.0], [0.0, 1 + 2 ** -12]]),
+    comp = CompensatedBlock(torch.nn.Identity().eval(), torch.tensor([[3.0, 0.0], [0.0, 1 + 2 ** -12]]),
                             torch.tensor([0.25, -1.0]))
     with torch.no_grad():
         got, fp32 = comp(x), comp.forward_fp32(x)
@@ -482,6 +482,32 @@ def test_compensated_block_forward_is_half_precision_form_hand_values():
     assert fp32.tolist() == [[[1 + 2 ** -12 + 3 + 3 * 2 ** -12 + 0.25, 2 ** -13]]]
     comp.enabled = False
     with torch.no_grad():
+        assert torch.equal(comp(x), x)
+
+
+def test_compensated_block_training_branch_is_float32_with_exact_gradients():
+    """The published training branch (QwT*): in training mode the product runs in float32 with the bias,
+    x + x @ W + b = [1 + 2^-12 + 3 + 3 * 2^-12 + 0.25, 2^-13] (hand values of the test above), and the
+    gradient of the summed output is dL/dW = x^T 1 = [[1 + 2^-12, 1 + 2^-12], [0.5, 0.5]], dL/db = [1, 1].
+    Back in eval mode: the half-precision form again."""
+    x = torch.tensor([[[1 + 2 ** -12, 0.5]]])
+    comp = CompensatedBlock(torch.nn.Identity().eval(), torch.tensor([[3.0, 0.0], [0.0, 1 + 2 ** -12]]),
+                            torch.tensor([0.25, -1.0]))
+    assert not comp.training and not comp.comp_weight.requires_grad and not comp.comp_bias.requires_grad
+    comp.train()
+    comp.comp_weight.requires_grad_(True)
+    comp.comp_bias.requires_grad_(True)
+    out = comp(x)
+    assert out.dtype == torch.float32
+    assert out.tolist() == [[[1 + 2 ** -12 + 3 + 3 * 2 ** -12 + 0.25, 2 ** -13]]]
+    out.sum().backward()
+    assert comp.comp_weight.grad.tolist() == [[1 + 2 ** -12, 1 + 2 ** -12], [0.5, 0.5]]
+    assert comp.comp_bias.grad.tolist() == [1.0, 1.0]
+    comp.eval()
+    with torch.no_grad():
+        assert comp(x).tolist() == [[[1 + 2 ** -12 + 3 + 0.25, 0.0]]]
+        comp.train()
+        comp.enabled = False
         assert torch.equal(comp(x), x)
 
 
@@ -715,18 +741,23 @@ def test_non_finite_data_of_one_block_gives_it_zeros(accumulate, solver, where, 
     'zero' recorded, one warning; block 2 is fitted on block 1's plain quantized output and the
     model output stays finite and compensated."""
     q = _quantized('vit')
-    real, seen, hit = qwt_module._fp_and_quant, [], []
+    from quant import qwt as algorithm
+    real, seen, hit = algorithm.switch_pair, [], []
 
-    def fp_and_quant(block, x):
-        first_call = block not in seen
-        if first_call:
-            seen.append(block)
-        fp, out = real(block, x)
-        if first_call and len(seen) == 2:  # block 1's first batch: one element
-            (x if where == 'features' else fp)[0, 2, 3] = float('nan')
-            hit.append(x)
-        return fp, out
-    monkeypatch.setattr(qwt_module, '_fp_and_quant', fp_and_quant)
+    def switch_pair(block):
+        real_pair = real(block)
+
+        def pair(x):
+            first_call = block not in seen
+            if first_call:
+                seen.append(block)
+            fp, out = real_pair(x)
+            if first_call and len(seen) == 2:  # block 1's first batch: one element
+                (x if where == 'features' else fp)[0, 2, 3] = float('nan')
+                hit.append(x)
+            return fp, out
+        return pair
+    monkeypatch.setattr(algorithm, 'switch_pair', switch_pair)
     model = copy.deepcopy(q['model'])
     stats = []
     with caplog.at_level('WARNING', logger='quant.qwt'):
@@ -879,7 +910,7 @@ def test_end_of_run_counts_the_blocks_left_out():
 def test_a_fit_is_called_singular_at_the_float32_limit_or_far_below_zero(monkeypatch, condition, r2, flagged):
     """Condition number at least 2^23 (1 / float32's epsilon), or r2 below -0.01: the published inverse's
     fit is rounding, not data."""
-    from quant import qwt as qwt_module
+    from quant import qwt_linear as qwt_module
     monkeypatch.setattr(qwt_module, 'rank_and_condition', lambda gram: (3, condition))
     xs = [torch.randn(2, 5, 4)]
     assert qwt_module.broken_fit(xs, r2) == ((3, 5, condition) if flagged else None)
@@ -928,7 +959,7 @@ def test_fp16_overflow_by_hand():
 def test_an_overflowing_block_is_one_warning_and_recorded(monkeypatch, caplog):
     """Through qwt_compensate: block 1's fit scaled beyond fp16 (its r² kept positive) is one WARNING naming the block and
     --qwt_solver lstsq; stats say fp16_overflow and used False; the model's logits stay finite."""
-    from quant import qwt as qwt_module
+    from quant import qwt_linear as qwt_module
     q = _quantized('vit')
     real, calls = qwt_module.fit_concat, []
 

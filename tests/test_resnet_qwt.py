@@ -153,6 +153,21 @@ def test_inference_runs_the_convolution_in_half_precision_then_adds_b():
     assert torch.equal(block(x), torch.zeros(1, 1, 2, 2))
 
 
+def test_training_branch_runs_the_convolution_in_float32_with_the_bias():
+    """The published training branch (QwT*), same W, b as above: in training mode x·(1 + 2^-12) + 2^-13 in
+    float32; the gradient of the summed output over the four positions is dL/dW = 4, dL/db = 4."""
+    w, b = torch.full((1, 1, 1, 1), 1 + 2 ** -12), torch.tensor([2 ** -13])
+    block = CompensatedConvBlock(_Zero().eval(), w, b).train()
+    block.comp_weight.requires_grad_(True)
+    block.comp_bias.requires_grad_(True)
+    out = block(torch.ones(1, 1, 2, 2))
+    assert torch.equal(out, torch.full((1, 1, 2, 2), 1 + 2 ** -12 + 2 ** -13))
+    out.sum().backward()
+    assert block.comp_weight.grad.tolist() == [[[[4.0]]]] and block.comp_bias.grad.tolist() == [4.0]
+    with torch.no_grad():
+        assert torch.equal(block.eval()(torch.ones(1, 1, 2, 2)), torch.full((1, 1, 2, 2), 1 + 2 ** -13))
+
+
 def test_next_block_is_fed_the_float32_form():
     """While fitting, block i + 1 sees block i's compensated output in float32 with the bias (the published
     training-mode pass), not the fp16 inference form."""
@@ -285,3 +300,68 @@ def test_compensation_weight_counts_16_bits():
     quant.qwt_compensate(model, _images(4, seed=2), batch_size=2)
     assert quant.model_size_mb(model, include_compensation=False) == pytest.approx(before, abs=1e-12)
     assert quant.model_size_mb(model) - before == pytest.approx(0.12672, abs=1e-9)
+
+
+# --- fp16 overflow guard (not in the published code) -------------------------------------------------------------
+def _ridge_reference(x, y):
+    """float64 numpy ridge of SPEC §3b for k = 1, one group: rows = positions of every sample, plus ones."""
+    import numpy as np
+    a = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]).double().numpy()
+    a = np.hstack([a, np.ones((len(a), 1))])
+    t = y.permute(0, 2, 3, 1).reshape(-1, y.shape[1]).double().numpy()
+    sol = np.linalg.solve(a.T @ a + 1e-3 * np.eye(a.shape[1]), a.T @ t)
+    return torch.from_numpy(sol[:-1].T.copy()), torch.from_numpy(sol[-1].copy())
+
+
+@pytest.mark.parametrize('scale,left_out', [(1e7, True), (10.0, False)])
+def test_a_group_conv_fit_beyond_half_precision_is_left_out(scale, left_out):
+    """X ~ 0.01 N(0, 1) [8, 2, 4, 4], target Y = scale x (X with its channels swapped): the ridge fit is W ~ scale
+    (r² near 1). At 1e7 W.half() would be inf (NaN logits at inference): the block gets zeros, fp16_overflow is
+    the largest |W| of the float64 reference, and the next features are the plain quantized output (zeros
+    here); at 10 the fit is kept."""
+    from utils.core.timing import Stopwatch
+    g = torch.Generator().manual_seed(4)
+    xs = [0.01 * torch.randn(8, 2, 4, 4, generator=g)]
+    target = lambda x: scale * x.flip(1)  # noqa: E731
+    w_ref, b_ref = _ridge_reference(xs[0], target(xs[0]))
+    block = _Zero().eval()
+    fit = qwt_conv.GroupConv().fit(block, lambda x: (target(x), block(x)), xs, True, Stopwatch('cpu', ('passes', 'fit')))
+    assert fit.r2 > 0.9
+    if left_out:
+        assert float(w_ref.abs().max()) > 65504
+        assert fit.fp16_overflow == pytest.approx(float(w_ref.abs().max()), rel=1e-3)
+        assert not fit.used and not fit.weight.any() and not fit.bias.any()
+        assert torch.equal(fit.outs[0], torch.zeros(8, 2, 4, 4))
+    else:
+        assert fit.fp16_overflow is None and fit.used
+        torch.testing.assert_close(fit.weight.reshape(2, 2).double(), w_ref, rtol=1e-3, atol=1e-3)
+        want = F.conv2d(xs[0], w_ref.float().view(2, 2, 1, 1), b_ref.float())  # the ridge shrinks W: not Y itself
+        torch.testing.assert_close(fit.outs[0], want, rtol=0, atol=1e-5)
+
+
+def test_an_overflowing_group_conv_block_is_one_warning_and_recorded(monkeypatch, caplog):
+    """Through qwt_compensate on the tiny ResNet: block 1's fit scaled by 1e9 (its r² set to 0.5) is one WARNING
+    naming block 1 and its largest value; stats say fp16_overflow and not used; the logits stay finite."""
+    real_fit, real_scores, fits = qwt_conv.fit_group_conv, qwt_conv.conv_fit_scores, []
+
+    def huge(*a, **k):
+        w, b = real_fit(*a, **k)
+        fits.append(w)
+        return (w * 1e9, b) if len(fits) == 2 else (w, b)
+    monkeypatch.setattr(qwt_conv, 'fit_group_conv', huge)
+    monkeypatch.setattr(qwt_conv, 'conv_fit_scores',
+                        lambda *a: (torch.tensor(0.5), real_scores(*a)[1]) if len(fits) == 2 else real_scores(*a))
+    model, stats = _calibrated(), []
+    with caplog.at_level('WARNING', logger='quant.qwt'):
+        quant.qwt_compensate(model, _images(4, seed=2), batch_size=2, stats=stats)
+    assert [s['fp16_overflow'] for s in stats] == [False, True, False, False]
+    assert [s['used'] for s in stats] == [s['r2'] > 0 and s['block'] != 1 for s in stats] and stats[2]['used']
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+    peak = float(fits[1].abs().max()) * 1e9
+    assert warnings == [f'QwT block 1: its fit (r2 0.5) holds values up to {peak:.3g}, beyond half precision (65504), '
+                        'so the fp16 compensation at inference would give inf and NaN logits; the block is left '
+                        'uncompensated. Hint: more --qwt_samples.']
+    blocks = [m for m in model.modules() if isinstance(m, CompensatedConvBlock)]
+    assert not blocks[1].comp_weight.any() and blocks[2].comp_weight.any()
+    with torch.no_grad():
+        assert torch.isfinite(model(_images(2, seed=7))).all()
