@@ -20,8 +20,8 @@ from utils.run.demo import make_demo_data  # noqa: E402
 
 # (label, flags): one change at a time from the defaults (utils/run/finetune_flags.py)
 GRID = {
-    'lr': [('lr 1e-5', ['--finetune_lr', '1e-5']), ('lr 1e-4', ['--finetune_lr', '1e-4']),
-           ('lr 1e-3', ['--finetune_lr', '1e-3']), ('lr 1e-2', ['--finetune_lr', '1e-2'])],
+    'lr': [('lr 1e-5', ['--finetune_lr', '1e-5']), ('lr 1e-3', ['--finetune_lr', '1e-3']),
+           ('lr 1e-2', ['--finetune_lr', '1e-2'])],
     'other': [('label loss', ['--finetune_loss', 'label']), ('wd 0.05', ['--finetune_wd', '0.05']),
               ('warm-up 5', ['--finetune_warmup', '5']), ('batch 64', ['--finetune_batch_size', '64']),
               ('mixup 0.8', ['--mixup', '0.8'])],
