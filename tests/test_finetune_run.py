@@ -208,3 +208,28 @@ def test_a_requeued_slurm_cell_resumes_fine_tuning_and_ends_as_an_uninterrupted_
     sa, sb = (torch.load(tmp_path / f / 'model.pth', weights_only=False)['state_dict'] for f in ('cell', 'ref'))
     assert [k for k in sa if not torch.equal(sa[k], sb[k])] == []
     assert json.load(open(tmp_path / 'cell' / 'cell.json'))['runs'] == 2
+
+
+def test_short_curve_keeps_evenly_spaced_points_and_the_last():
+    from utils.run.finetune_stage import short_curve
+    curve = [(s, s / 10) for s in range(1, 101)]
+    short = short_curve(curve, points=5)
+    assert short == [[1, 0.1], [26, 2.6], [51, 5.1], [75, 7.5], [100, 10.0]]  # indices round(i * 99 / 4)
+    assert short_curve(curve[:3], points=5) == [[1, 0.1], [2, 0.2], [3, 0.3]]
+
+
+def test_wrap_gives_each_variant_its_state():
+    """PTQ and PTQ + QwT read the QwT state, QwT* the fine-tuned one, FP neither; the model is left as the last
+    variant set it."""
+    from utils.run.finetune_stage import Tuned
+    p = torch.nn.Parameter(torch.zeros(2))
+    tuned = Tuned({'w': p}, {'w': torch.tensor([1., 1.])}, {'w': torch.tensor([5., 5.])}, None)
+    seen = {}
+    fn = {name: (lambda x, name=name: seen.setdefault(name, p.detach().clone())) for name in ('fp', 'repq', 'qwt',
+                                                                                          'qwtstar')}
+    with torch.no_grad():
+        p.fill_(9.)
+    for name, f in tuned.wrap(fn).items():
+        f(None)
+    assert seen['fp'].tolist() == [9., 9.] and seen['repq'].tolist() == [1., 1.]
+    assert seen['qwt'].tolist() == [1., 1.] and seen['qwtstar'].tolist() == [5., 5.]

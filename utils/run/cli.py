@@ -132,7 +132,8 @@ def build_parser(family, raise_errors=False):
                         f'before stopping with an error (default {DIST_TIMEOUT_S} s; rank 0 prints a line while it '
                         'waits)')
     p.add_argument('--save', default=None, metavar='PATH',
-                   help='write the quantized and compensated model here as soon as it is fitted (atomic)')
+                   help='write the quantized and compensated model here as soon as it is fitted (atomic); with '
+                        '--finetune_epochs, again once fine-tuned (QwT*)')
     p.add_argument('--load', default=None, metavar='PATH',
                    help='evaluate a model written by --save: no calibration, no QwT, no train/ split needed')
     p.add_argument('--num_val', type=int, default=None, metavar='N',
