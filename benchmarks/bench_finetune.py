@@ -18,16 +18,20 @@ from torch.utils.data import TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models import build_model, randomize_batchnorms, randomize_layernorms, resolve_model  # noqa: E402
+from models import build_model, data_config, default_cfg, randomize_batchnorms, randomize_layernorms, resolve_model  # noqa: E402
+from models.registry import DIGITS_MODELS  # noqa: E402
 from quant import percentile_ptq, qwt_compensate, repq_vit  # noqa: E402
 
 
 def quantized_model(name, w_bits, a_bits, size, qwt_images, device):
-    """(float model, PTQ + QwT model) of ``name`` with random weights, calibrated on random images."""
+    """(float model, PTQ + QwT model) of ``name`` (random weights; the digits models' own), calibrated on random
+    images."""
     spec = resolve_model(name)
     torch.manual_seed(0)
-    model = build_model(spec.timm_name, pretrained=False)
-    (randomize_batchnorms if spec.family == 'resnet' else randomize_layernorms)(model, 0)
+    digits = spec.timm_name in DIGITS_MODELS
+    model = build_model(spec.timm_name, pretrained=digits)
+    if not digits:
+        (randomize_batchnorms if spec.family == 'resnet' else randomize_layernorms)(model, 0)
     model = model.to(device)
     float_model = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(1)
@@ -82,18 +86,19 @@ def main(argv=None):
     p.add_argument('--model', default='deit_tiny')
     p.add_argument('--batch_size', type=int, default=32)
     p.add_argument('--steps', type=int, default=4, help='timed steps of each (after one warm-up step)')
-    p.add_argument('--size', type=int, default=224)
+    p.add_argument('--size', type=int, default=None, help="image side (default: the model's input size)")
     p.add_argument('--w_bits', type=int, default=4)
     p.add_argument('--a_bits', type=int, default=4)
     p.add_argument('--qwt_images', type=int, default=64)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    args.size = args.size or data_config(resolve_model(args.model))['img_size']
     float_model, model = quantized_model(args.model, args.w_bits, args.a_bits, args.size, args.qwt_images, device)
     n = args.batch_size * args.steps
     gen = torch.Generator().manual_seed(2)
     images = torch.randn(n, 3, args.size, args.size, generator=gen)
-    classes = model.default_cfg['num_classes'] if hasattr(model, 'default_cfg') else 1000
+    classes = default_cfg(resolve_model(args.model).timm_name)['num_classes']
     labels = torch.randint(0, classes, (n,), generator=gen)
     dataset = TensorDataset(images, labels)
     t_float = float_forward_backward(float_model, images, labels, args.batch_size, args.steps, device)
@@ -102,7 +107,7 @@ def main(argv=None):
         seconds, seen = finetune_seconds(model, float_model if loss == 'distill' else None, dataset, loss,
                                          args.batch_size, args.steps, device)
         rows.append((f'QwT* fine-tuning, {loss} loss', seen / seconds))
-    print(f'# {args.model} W{args.w_bits}/A{args.a_bits} (random weights), batch {args.batch_size}, {args.steps} steps '
+    print(f'# {args.model} W{args.w_bits}/A{args.a_bits}, batch {args.batch_size}, {args.steps} steps '
           f'of {args.size}x{args.size}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), {device} '
           f'({torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()})')
     print('| what | images/s | vs float fwd+bwd |')
