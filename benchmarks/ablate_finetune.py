@@ -20,8 +20,8 @@ from utils.run.demo import make_demo_data  # noqa: E402
 
 # (label, flags): one change at a time from the defaults (utils/run/finetune_flags.py)
 GRID = {
-    'lr': [('lr 1e-5', ['--finetune_lr', '1e-5']), ('lr 1e-3', ['--finetune_lr', '1e-3']),
-           ('lr 1e-2', ['--finetune_lr', '1e-2'])],
+    'lr': [('lr 1e-5', ['--finetune_lr', '1e-5']), ('lr 3e-4', ['--finetune_lr', '3e-4']),
+           ('lr 1e-3', ['--finetune_lr', '1e-3']), ('lr 1e-2', ['--finetune_lr', '1e-2'])],
     'other': [('label loss', ['--finetune_loss', 'label']), ('wd 0.05', ['--finetune_wd', '0.05']),
               ('warm-up 5', ['--finetune_warmup', '5']), ('batch 64', ['--finetune_batch_size', '64']),
               ('mixup 0.8', ['--mixup', '0.8'])],
@@ -36,11 +36,15 @@ def quiet_main(family, argv):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--grid', default='all', choices=('lr', 'other', 'all'))
+    p.add_argument('--grid', default='all', choices=('lr', 'other', 'all', 'none'))
     p.add_argument('--families', default='vit,swin,resnet')
     p.add_argument('--extra', default='', help='flags added to every fine-tuning run (space-separated)')
+    p.add_argument('--only', default='', help='comma-separated recipe labels to run (default: all of the grid)')
     args = p.parse_args(argv)
-    recipes = [('default', [])] + (GRID['lr'] + GRID['other'] if args.grid == 'all' else GRID[args.grid])
+    grid = {'all': GRID['lr'] + GRID['other'], 'none': [], **GRID}[args.grid]
+    recipes = [('defaults' + (f' + {args.extra}' if args.extra else ''), [])] + grid
+    if args.only:
+        recipes = [r for r in recipes if r[0] in args.only.split(',')]
     families = args.families.split(',')
     rows = {}
     with tempfile.TemporaryDirectory(prefix='ablate_finetune_') as tmp:

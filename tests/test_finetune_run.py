@@ -39,7 +39,7 @@ def fails(capsys, family, argv):
 
 @pytest.mark.parametrize('extra,message', [
     (['--finetune_epochs', '-1'], '--finetune_epochs -1 is negative: use 0 (QwT as published) or 1 (QwT*)'),
-    (['--finetune_epochs', '1', '--finetune_lr', '0'], '--finetune_lr 0 must be > 0: use e.g. 0.0001'),
+    (['--finetune_epochs', '1', '--finetune_lr', '0'], '--finetune_lr 0 must be > 0: use e.g. 0.001'),
     (['--finetune_epochs', '1', '--finetune_lr', '-0.5'], '--finetune_lr -0.5 must be > 0'),
     (['--finetune_epochs', '1', '--finetune_batch_size', '0'], '--finetune_batch_size 0 must be >= 1'),
     (['--finetune_epochs', '1', '--checkpoint_every', '0'], '--checkpoint_every 0 must be >= 1'),

@@ -6,7 +6,7 @@ from utils.core.errors import UserError
 
 LOSSES = ('distill', 'label')
 # (dest, default): the recipe's defaults (BENCHMARKS.md, QwT* ablation)
-DEFAULTS = dict(finetune_epochs=0, finetune_images=None, finetune_batch_size=32, finetune_lr=1e-4, finetune_wd=0.0,
+DEFAULTS = dict(finetune_epochs=0, finetune_images=None, finetune_batch_size=32, finetune_lr=1e-3, finetune_wd=0.0,
                 finetune_warmup=0, finetune_loss='distill', mixup=0.0, cutmix=0.0,
                 smoothing=0.0, checkpoint_every=100)
 CHECKPOINT_FILE = 'finetune_checkpoint.pth'
