@@ -112,17 +112,23 @@ def teacher_for_load(run, build_float_model):
     return model
 
 
-def run_stage(run, splits, model, teacher):
-    """Fine-tune ``model`` (after QwT) if the flags ask for it; a Tuned, or None with --finetune_epochs 0."""
+def run_stage(run, splits, model, float_model, build_float_model, meta):
+    """Fine-tune ``model`` (after QwT) if the flags ask for it, then --save it again (``meta`` plus the
+    fine-tuning's record); a Tuned, or None with --finetune_epochs 0. The distill loss's teacher is
+    ``float_model`` (the copy made before PTQ), or after --load the float model built again."""
     args = run.args
     if not finetuning(args):
         return None
     from quant.finetune import finetune, trainable_parameters
+    from quant.saved_model import save_quantized
     check_train_classes(splits.train, run.spec.timm_name)
+    teacher = float_model
+    if run.payload is not None and needs_teacher(args):
+        teacher = teacher_for_load(run, build_float_model)
     params = dict(trainable_parameters(model))
     before = {n: p.detach().clone() for n, p in params.items()}
     cfg = config(args)
-    _logger.info('QwT*: fine-tuning %d tensors (%d values: every block\'s W, b and the head) for %d epoch(s), %s '
+    _logger.info("QwT*: fine-tuning %d tensors (%d values: every block's W, b and the head) for %d epoch(s), %s "
                  'loss, batch %d per process, lr %g', len(params), sum(p.numel() for p in params.values()),
                  cfg.epochs, cfg.loss, cfg.batch_size, cfg.lr)
     with run.timer('finetune'):
@@ -131,7 +137,12 @@ def run_stage(run, splits, model, teacher):
     after = {n: p.detach().clone() for n, p in params.items()}
     _logger.info('QwT* fine-tuning done in %.1f s: %d steps, %d images%s', result.seconds, result.steps,
                  result.images_seen, '' if result.resumed_from is None else f' (resumed from step {result.resumed_from})')
-    return Tuned(params, before, after, result)
+    tuned = Tuned(params, before, after, result)
+    if args.save and run.dist.is_main:
+        save_quantized(model, args.save, run.spec.name, run.spec.timm_name, run.w_bits, run.a_bits,
+                       {**meta, 'finetune': record(tuned)})
+        _logger.info('saved the fine-tuned (QwT*) model to %s', args.save)
+    return tuned
 
 
 def short_curve(curve, points=CURVE_POINTS):
@@ -150,12 +161,6 @@ def record(tuned):
     r = tuned.result
     return {'recipe': dict(r.recipe), 'steps': r.steps, 'images_seen': r.images_seen,
             'loss_curve': short_curve(r.loss_curve), 'seconds': round(r.seconds, 3), 'resumed_from': r.resumed_from}
-
-
-def meta(tuned):
-    """What --save records of the fine-tuning (so that a --load of the file reports QwT*)."""
-    rec = record(tuned)
-    return {} if rec is None else {'finetune': rec}
 
 
 def fields(accuracy, tuned, payload=None):

@@ -365,14 +365,7 @@ def run(args, family):
         q = quantize(r, splits)
         model, weights, meta, accuracy, stage_times = q.model, q.weights, q.meta, q.accuracy, q.stage_times
         float_model = q.float_model
-    # QwT*: fine-tune W, b and the head (--finetune_epochs > 0); the teacher is the float model
-    teacher = float_model if r.payload is None or not finetune_stage.needs_teacher(args) else \
-        finetune_stage.teacher_for_load(r, build_float_model)
-    r.tuned = finetune_stage.run_stage(r, splits, model, teacher)
-    if r.tuned is not None and args.save and r.dist.is_main:
-        meta = {**meta, **finetune_stage.meta(r.tuned)}
-        save_quantized(model, args.save, r.spec.name, r.spec.timm_name, r.w_bits, r.a_bits, meta)
-        _logger.info('saved the fine-tuned (QwT*) model to %s', args.save)
+    r.tuned = finetune_stage.run_stage(r, splits, model, float_model, build_float_model, meta)  # QwT*, if asked
     wanted = [v for v in VARIANTS[args.eval] if v not in accuracy]
     wanted += ['qwtstar'] if r.tuned is not None and args.eval != 'none' else []  # QwT*
     if not compensated_blocks(model):  # a --load file saved without QwT
