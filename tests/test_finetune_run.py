@@ -233,3 +233,16 @@ def test_wrap_gives_each_variant_its_state():
         f(None)
     assert seen['fp'].tolist() == [9., 9.] and seen['repq'].tolist() == [1., 1.]
     assert seen['qwt'].tolist() == [1., 1.] and seen['qwtstar'].tolist() == [5., 5.]
+
+
+def test_flags_after_reproduce_dashes_reach_every_cell_and_fp_cells_do_not_fine_tune(tiny):
+    """tools/reproduce.py ... -- --finetune_epochs 1 gives the flag to every cell, its --eval fp cells included:
+    those are accepted and fine-tune nothing (there is no quantized model)."""
+    from utils.run.finetune_flags import finetuning
+    from utils.runner.flags import check_extra
+    check_extra(['--finetune_epochs', '1', '--finetune_lr', '3e-4'], ('vit', 'swin', 'resnet'))
+    parser = cli.build_parser('vit', raise_errors=True)
+    fp = parser.parse_args(['--model', 'deit_tiny', '--data_dir', tiny[0], '--eval', 'fp', '--finetune_epochs', '1'])
+    cli.check_args(fp, 'vit', 1)
+    quant = parser.parse_args(['--model', 'deit_tiny', '--data_dir', tiny[0], '--finetune_epochs', '1'])
+    assert not finetuning(fp) and finetuning(quant) and not finetuning(parser.parse_args(['--model', 'deit_tiny']))
