@@ -79,10 +79,19 @@ class MaskSTE(torch.autograd.Function):
         return grad.masked_fill(mask, 0), None
 
 
-def needs_ste(x):
-    """Whether a gradient must flow through a fake quantizer's input (QwT* fine-tuning): the graph then
-    takes the straight-through form; every other call keeps the faster in-place form (same values)."""
-    return x.requires_grad and torch.is_grad_enabled()
+def needs_ste(quantizer, x):
+    """Whether the quantizer's input takes the straight-through graph: only where QwT* switched it on
+    (``set_straight_through``) and a gradient must flow through ``x``. Every other call, gradient mode or
+    not, runs the inference form, bit for bit as before (the published graph may give +0.0 where the
+    inference form gives -0.0)."""
+    return getattr(quantizer, 'straight_through', False) and x.requires_grad and torch.is_grad_enabled()
+
+
+def set_straight_through(module, enabled):
+    """Switch the straight-through graph of every fake quantizer under ``module`` (QwT* fine-tuning)."""
+    for m in module.modules():
+        if isinstance(m, (UniformQuantizer, LogSqrt2Quantizer)):
+            m.straight_through = bool(enabled)
 
 
 def quantile(x, p):
@@ -203,9 +212,10 @@ def uniform_fake_quant(x, delta, zero_point, n_bits):
 
 def uniform_fake_quant_ste(x, delta, zero_point, n_bits):
     """``uniform_fake_quant`` through the published differentiable graph: round passes the gradient straight
-    through (RoundSTE), torch's clamp passes it where round(x / delta) + zp lies inside [0, 2^n - 1] and
-    stops it outside, so d x̂ / d x = 1 inside (as (g · delta) / delta) and 0 outside. The values equal the
-    inference forms' (``uniform_fake_quant_integer_zp`` may give -0.0 where this gives +0.0)."""
+    through (RoundSTE), torch's clamp passes it where round(x / delta) + zp lies strictly inside (0, 2^n - 1)
+    (torch 2.14 gives no gradient at the bounds themselves), so d x̂ / d x = 1 there (as (g · delta) / delta)
+    and 0 elsewhere. The values equal the inference forms' (``uniform_fake_quant_integer_zp`` may give -0.0
+    where this gives +0.0)."""
     x_int = RoundSTE.apply(x / delta) + zero_point
     return (torch.clamp(x_int, 0, 2 ** n_bits - 1) - zero_point) * delta
 
@@ -374,8 +384,8 @@ def log_sqrt2_fake_quant_ste(x, delta, n_bits):
     """The log-√2 quantizer with the published differentiable graph (RoundSTE, Log2STE, CeilSTE, MaskSTE in
     its operation order): the same values as ``log_sqrt2_fake_quant`` bit for bit, and the published
     gradient: with u = x / delta and q the clamped level, d x̂ / d x = (d x̂ / d q) · (-2 / (u ln 2)) / delta
-    where u > 1e-6 and 0 <= round(-2 log2 u) <= 2^n - 1 (else 0), d x̂ / d q = delta · 2^-ceil(q/2) ·
-    ((√2 - 1) - ln 2 / 2 · (1 + (q mod 2)(√2 - 1)))."""
+    where u > 1e-6 and 0 < round(-2 log2 u) < 2^n - 1 (else 0: torch's clamp), with
+    d x̂ / d q = delta · 2^-ceil(q/2) · ((√2 - 1) - ln 2 / 2 · (1 + (q mod 2)(√2 - 1)))."""
     x_int = RoundSTE.apply(-1 * Log2STE.apply(x / delta) * 2)
     mask = x_int >= 2 ** n_bits
     x_quant = torch.clamp(x_int, 0, 2 ** n_bits - 1)
@@ -484,6 +494,7 @@ class UniformQuantizer(_CalibratedState):
         _check_bits(n_bits)
         self.n_bits = int(n_bits)
         self.per_channel_loop = False  # True: the published one-channel-at-a-time search
+        self.straight_through = False  # True: gradients pass as published (QwT*; set_straight_through)
         self._register_state(inited=False, channel_wise=channel_wise)
         self._zp_seen = None  # the zero_point tensor _integer_zp was computed for
 
@@ -499,7 +510,7 @@ class UniformQuantizer(_CalibratedState):
         if self._zp_seen is not zero_point:  # once per calibration / reparameterisation / load
             self._integer_zp = bool(torch.equal(zero_point, zero_point.round()))
             self._zp_seen = zero_point
-        if needs_ste(x):
+        if needs_ste(self, x):
             return uniform_fake_quant_ste(x, delta, zero_point, self.n_bits)
         if self._integer_zp:
             return uniform_fake_quant_integer_zp(x, delta, zero_point, self.n_bits)
@@ -527,12 +538,13 @@ class LogSqrt2Quantizer(_CalibratedState):
         _check_bits(n_bits)
         self.n_bits = int(n_bits)
         self.published_search = False  # True: the search exactly as published (reference, slow)
+        self.straight_through = False  # True: gradients pass as published (QwT*; set_straight_through)
         self._register_state(inited=False)
 
     def forward(self, x):
         if not self.inited:
             self.calibrate(x.detach())
-        if needs_ste(x):
+        if needs_ste(self, x):
             return log_sqrt2_fake_quant_ste(x, self._buffers['delta'], self.n_bits)
         return log_sqrt2_fake_quant(x, self._buffers['delta'], self.n_bits)
 

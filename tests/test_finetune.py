@@ -24,15 +24,16 @@ PUBLISHED_QUANTIZER = os.path.join(ROOT, '..', 'shared', 'published-qwt', 'quant
 SQ2 = math.sqrt(2)
 
 
-def _uniform(n_bits, delta, zero_point, channel_wise=False):
+def _uniform(n_bits, delta, zero_point, channel_wise=False, straight_through=True):
     q = UniformQuantizer(n_bits, channel_wise)
     q.delta, q.zero_point, q.inited = torch.as_tensor(delta), torch.as_tensor(zero_point), True
+    q.straight_through = straight_through
     return q
 
 
 def _log(n_bits, delta):
     q = LogSqrt2Quantizer(n_bits)
-    q.delta, q.inited = torch.as_tensor(delta), True
+    q.delta, q.inited, q.straight_through = torch.as_tensor(delta), True, True
     return q
 
 
@@ -45,7 +46,8 @@ def _grad(quantizer, x, upstream):
 
 def test_uniform_straight_through_gradient_by_hand():
     """4 bits, delta 0.5, zp 2: levels round(x / 0.5) + 2 are 4, -1 (clamped), 14, 16 (clamped), 9.5 -> 10:
-    the gradient passes unchanged inside [0, 15] and is 0 where the clamp held the level."""
+    the gradient passes unchanged inside (0, 15) and is 0 where the clamp held the level. (At the bounds
+    themselves torch 2.14's clamp passes none; the comparison with the published quantizers covers them.)"""
     x = torch.tensor([1.0, -1.4, 6.0, 7.1, 3.9])
     up = torch.tensor([0.3, -0.7, 1.5, 2.0, -0.25])
     out, grad = _grad(_uniform(4, 0.5, 2.0), x, up)
@@ -53,12 +55,18 @@ def test_uniform_straight_through_gradient_by_hand():
     assert torch.equal(grad, torch.tensor([0.3, 0.0, 1.5, 0.0, -0.25]))
 
 
-def test_uniform_without_gradient_keeps_the_inference_form():
-    """No input gradient (calibration, evaluation): no autograd graph, the in-place form."""
-    q = _uniform(4, 0.5, 2.0)
-    x = torch.tensor([1.0, -1.4, 6.0])
-    assert q(x).grad_fn is None
-    assert q(x.clone().requires_grad_()).grad_fn is not None
+def test_without_qwtstar_the_quantizers_keep_the_inference_form_bit_for_bit():
+    """Straight-through only where QwT* switches it on: otherwise, gradient mode or not, the in-place form
+    as before, signed zeros included (round(-0.2) = -0.0 stays -0.0; the published graph gives +0.0), and no
+    gradient passes round (as before)."""
+    x = torch.tensor([-0.2, 1.0, -1.4, 6.0])
+    plain = _uniform(4, 0.5, 2.0, straight_through=False)
+    out, grad = _grad(plain, x, torch.ones(4))
+    assert torch.equal(torch.signbit(out), torch.tensor([True, False, True, False]))
+    assert not grad.any()
+    ste_out, ste_grad = _grad(_uniform(4, 0.5, 2.0), x, torch.ones(4))
+    assert torch.equal(out, ste_out) and not bool(torch.signbit(ste_out[0]))
+    assert torch.equal(ste_grad, torch.tensor([1.0, 1.0, 0.0, 1.0]))
 
 
 def _log_grad_by_hand(x, delta, n_bits):
@@ -66,7 +74,7 @@ def _log_grad_by_hand(x, delta, n_bits):
     q = round(-2 log2(x / delta)); round and ceil pass gradients straight through, (q mod 2) has slope 1."""
     u = x / delta
     q = round(-2 * math.log2(u))
-    if u <= 1e-6 or not 0 < q < 2 ** n_bits - 1:  # the clamp (torch's: bounds included) or the mask stops it
+    if u <= 1e-6 or not 0 < q < 2 ** n_bits - 1:  # the clamp (torch's: none at its bounds) or the mask stops it
         return 0.0
     c = math.ceil(q / 2)
     odd = 1 + (q % 2) * (SQ2 - 1)
@@ -85,6 +93,16 @@ def test_log_sqrt2_straight_through_gradient_by_hand():
     torch.testing.assert_close(grad, torch.tensor(expected), rtol=1e-5, atol=1e-7)
 
 
+def test_log_sqrt2_inference_form_takes_nan_to_zero_instead_of_reading_outside_its_table():
+    """A diverging QwT* run feeds NaN to the quantizers; the table form must not index with NaN (an IndexError
+    on the CPU, a device-side assert on CUDA). Every number keeps the reference's value."""
+    from quant.quantizers import log_sqrt2_fake_quant, log_sqrt2_fake_quant_reference
+    x = torch.tensor([float('nan'), 0.3, float('inf'), 0.0, -1.0, 1e-9, 0.8])
+    out = log_sqrt2_fake_quant(x, torch.tensor(0.8), 3)
+    assert out[0] == 0
+    assert torch.equal(out[1:], log_sqrt2_fake_quant_reference(x[1:], torch.tensor(0.8), 3))
+
+
 @pytest.mark.skipif(not os.path.isfile(PUBLISHED_QUANTIZER), reason='the published QwT code is not in ../shared')
 def test_straight_through_gradients_equal_the_published_quantizers():
     """Values and gradients bit for bit against the published quantizer.py (its RoundSTE / Log2STE graph),
@@ -99,12 +117,14 @@ def test_straight_through_gradients_equal_the_published_quantizers():
     for channel_wise in (False, True):
         ours = UniformQuantizer(4, channel_wise)
         ours(x)
+        ours.straight_through = True
         cases.append((ours, x))
         frac = _uniform(4, ours.delta, ours.zero_point + 0.25, channel_wise)
         cases.append((frac, x))
     attn = torch.randn(2, 3, 9, 9, generator=g).softmax(-1)
     log_q = LogSqrt2Quantizer(4)
     log_q(attn)
+    log_q.straight_through = True
     cases.append((log_q, attn))
     for ours, inp in cases:
         if isinstance(ours, LogSqrt2Quantizer):
@@ -176,6 +196,7 @@ def test_one_step_changes_only_the_compensation_and_the_heads(kind, tmp_path):
     assert changed == sorted(expected)
     assert not any(m.training for m in model.modules())
     assert not any(p.requires_grad for p in model.parameters())
+    assert not any(getattr(m, 'straight_through', False) for m in model.modules())  # inference form again
 
 
 def _captured_gradients(model, images, labels):
@@ -315,3 +336,12 @@ def test_workers_do_not_change_the_run_and_a_finished_run_resumes_at_its_end(tmp
     assert f"resuming QwT* from step 2 of 2 ({tmp_path / 'w2.pt'})" in caplog.text and result.resumed_from == 2
     for name, p in trainable_parameters(model).items():
         assert torch.equal(p, states[1][name])
+
+
+def test_an_unreadable_checkpoint_is_one_line_and_kept(tmp_path):
+    path = tmp_path / 'ck.pt'
+    path.write_bytes(b'not a checkpoint')
+    config = FinetuneConfig(epochs=1, batch_size=4, max_images=4, loss='label', workers=0)
+    with pytest.raises(UserError, match=r'^cannot read the QwT\* checkpoint .*: delete it to start the fine-tuning over$'):
+        finetune(_model('vit'), Images(), config, str(path), 'cpu', progress=False)
+    assert path.read_bytes() == b'not a checkpoint'

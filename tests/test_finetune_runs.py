@@ -1,11 +1,9 @@
 """QwT* runs end to end on a tiny RepQ-ViT + QwT model (tests/finetune_driver.py): a run SIGKILLed between two
 checkpoints and rerun on its checkpoint ends exactly as an uninterrupted run, on one process and on two gloo
 processes; two processes at batch B end as one at batch 2B; a non-finite loss on one rank stops both ranks."""
-import json
 import math
-import os
-import subprocess
-import sys
+import multiprocessing
+import signal
 
 import pytest
 import torch
@@ -13,25 +11,31 @@ import torch
 import finetune_driver as driver
 from conftest import free_port
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 STEPS = 2 * driver.IMAGES // 8  # 2 epochs of 48 images at a global batch of 8: 12 steps, checkpoints at 4, 8, 12
 KILL_IN_STEP = 6                # killed while loading step 6's batch: after checkpoint 4, before checkpoint 8
 NAN_IN_STEP = 6
 
 
 def _group(jobs, world):
-    """Start ``world`` driver processes running ``jobs`` in one gloo group."""
+    """Start ``world`` driver processes running ``jobs`` in one gloo group, forked from this one (they inherit
+    its imports: a fresh interpreter would spend seconds importing torch)."""
     port = free_port()
-    return [subprocess.Popen([sys.executable, os.path.join(HERE, 'finetune_driver.py'), json.dumps(jobs), str(rank),
-                              str(world), str(port)], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True) for rank in range(world)]
+    context = multiprocessing.get_context('fork')
+    procs = [context.Process(target=driver.main, args=(jobs, rank, world, port)) for rank in range(world)]
+    for p in procs:
+        p.start()
+    return procs
 
 
 def _wait(procs, expect_kill=False):
+    want = -signal.SIGKILL if expect_kill else 0
     for p in procs:
-        out, _ = p.communicate(timeout=300)
-        want = -9 if expect_kill else 0
-        assert p.returncode == want, f'exit {p.returncode}, expected {want}:\n{out[-3000:]}'
+        p.join(timeout=300)
+        if p.exitcode is None:  # hung: leave no process behind
+            p.kill()
+            p.join()
+            raise AssertionError('a driver process did not end within 300 s (its output is above)')
+        assert p.exitcode == want, f'driver exit code {p.exitcode}, expected {want} (its output is above)'
 
 
 @pytest.fixture(scope='module')

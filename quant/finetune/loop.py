@@ -76,9 +76,10 @@ class Criterion:
         return self.fn(logits.float(), targets)
 
 
-def recipe_of(config, world, total_steps, per_epoch):
+def recipe_of(config, world, total_steps, per_epoch, amp_used):
+    """The config plus what the run made of it (``amp_used``: float16 autocast and grad scaler, CUDA only)."""
     return dict(config.as_dict(), optimizer='timm create_optimizer_v2 adamw', scheduler='timm CosineLRScheduler, '
-                'per optimizer step, linear warm-up from min_lr', processes=world,
+                'per optimizer step, linear warm-up from min_lr', processes=world, amp_used=amp_used,
                 global_batch=config.batch_size * world, steps_per_epoch=per_epoch, total_steps=total_steps)
 
 
@@ -99,6 +100,16 @@ def _ddp(model, device):
     return ddp(model, device_ids=None if index is None else [index], **no_sync)
 
 
+def _restore(state, trainable, optimizer, scheduler, scaler):
+    with torch.no_grad():
+        for name, p in trainable.items():
+            p.copy_(state['trainable'][name])
+    optimizer.load_state_dict(state['optimizer'])
+    scheduler.load_state_dict(state['scheduler'])
+    if scaler is not None and state['scaler'] is not None:
+        scaler.load_state_dict(state['scaler'])
+
+
 def _step_lr(optimizer):
     return max(g['lr'] for g in optimizer.param_groups)
 
@@ -111,7 +122,7 @@ def finetune(model, dataset, config, checkpoint_path, device, teacher=None, prog
     device = torch.device(device)
     world, rank = distributed.world_size(), distributed.rank()
     if config.epochs == 0:
-        return FinetuneResult(0, 0, [], 0.0, None, recipe_of(config, world, 0, 0))
+        return FinetuneResult(0, 0, [], 0.0, None, recipe_of(config, world, 0, 0, False))
     if config.loss == 'distill' and teacher is None:
         raise UserError("--finetune_loss distill needs the full-precision model as teacher: pass it, or use "
                         "--finetune_loss label")
@@ -130,13 +141,7 @@ def finetune(model, dataset, config, checkpoint_path, device, teacher=None, prog
     state = load_checkpoint(checkpoint_path)
     if state is not None:
         check_resumable(checkpoint_path, state, config.as_dict(), world, trainable)
-        with torch.no_grad():
-            for name, p in trainable.items():
-                p.copy_(state['trainable'][name])
-        optimizer.load_state_dict(state['optimizer'])
-        scheduler.load_state_dict(state['scheduler'])
-        if scaler is not None and state['scaler'] is not None:
-            scaler.load_state_dict(state['scaler'])
+        _restore(state, trainable, optimizer, scheduler, scaler)
         step, curve, seconds_before = state['step'], [list(p) for p in state['loss_curve']], state['seconds']
         resumed_from = step
         _logger.info('resuming QwT* from step %d of %d (%s)', step, total, checkpoint_path)
@@ -154,7 +159,8 @@ def finetune(model, dataset, config, checkpoint_path, device, teacher=None, prog
 
     def save(at):
         save_checkpoint(checkpoint_path, dict(
-            step=at, total_steps=total, config=config.as_dict(), world_size=world,
+            step=at, total_steps=total, epoch=at // per_epoch, position=at % per_epoch,  # position: steps into epoch
+            config=config.as_dict(), world_size=world,
             trainable={n: p.detach().cpu() for n, p in trainable.items()}, optimizer=optimizer.state_dict(),
             scheduler=scheduler.state_dict(), scaler=None if scaler is None else scaler.state_dict(),
             loss_curve=curve, seconds=seconds_before + time.monotonic() - started))
@@ -197,4 +203,4 @@ def finetune(model, dataset, config, checkpoint_path, device, teacher=None, prog
     finish_finetune(model)
     seconds = seconds_before + time.monotonic() - started
     return FinetuneResult(total, total * config.batch_size * world, curve, seconds, resumed_from,
-                          recipe_of(config, world, total, per_epoch))
+                          recipe_of(config, world, total, per_epoch, use_amp))

@@ -1,5 +1,6 @@
 """What QwT* trains (every compensation W, b and the classifier heads) and the freezing of everything else."""
 from quant.layers import set_quant_state
+from quant.quantizers import set_straight_through
 from quant.qwt import CompensatedBlock, compensated_blocks
 from utils.core.errors import UserError
 
@@ -23,7 +24,7 @@ def trainable_parameters(model):
 def prepare_for_finetune(model):
     """Freeze all but ``trainable_parameters`` (requires_grad False), put the model in eval mode (BatchNorm
     statistics, LayerNorm, dropout and the distilled DeiT's averaged heads as at inference), switch weight and
-    activation quantization on, then set only the CompensatedBlock wrappers' own ``training`` flag: their
+    activation quantization on with the quantizers' straight-through gradients, then set only the CompensatedBlock wrappers' own ``training`` flag: their
     float32 training branch (not ``.train()``, which would reach the quantized block inside). Returns the
     trainable parameters."""
     trainable = trainable_parameters(model)
@@ -33,6 +34,7 @@ def prepare_for_finetune(model):
         p.requires_grad_(True)
     model.eval()
     set_quant_state(model, True, True)
+    set_straight_through(model, True)
     for m in model.modules():
         if isinstance(m, CompensatedBlock):
             m.enabled = True
@@ -41,7 +43,9 @@ def prepare_for_finetune(model):
 
 
 def finish_finetune(model):
-    """Back to inference: eval mode everywhere (the wrappers' half-precision branch), nothing requires grad."""
+    """Back to inference: eval mode everywhere (the wrappers' half-precision branch), the quantizers' inference
+    form, nothing requires grad."""
+    set_straight_through(model, False)
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
