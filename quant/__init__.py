@@ -7,6 +7,6 @@ from quant.percentile import percentile_ptq
 from quant.repq import repq_vit
 from quant.size import model_size_mb
 
-__all__ = ['repq_vit', 'percentile_ptq', 'qwt_compensate', 'compensated_blocks', 'set_quant_state', 'set_compensation', 'model_size_mb',
-           'CompensatedBlock', 'CompensatedConvBlock', 'check_conv_qwt_args', 'QuantLinear', 'QuantConv2d',
-           'QuantMatMul', 'UniformQuantizer', 'LogSqrt2Quantizer']
+__all__ = ['repq_vit', 'percentile_ptq', 'qwt_compensate', 'compensated_blocks', 'set_quant_state', 'set_compensation',
+           'model_size_mb', 'CompensatedBlock', 'CompensatedConvBlock', 'check_conv_qwt_args', 'QuantLinear',
+           'QuantConv2d', 'QuantMatMul', 'UniformQuantizer', 'LogSqrt2Quantizer']

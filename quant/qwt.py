@@ -47,7 +47,8 @@ def compensation_kind(q_model, solver='inverse', accumulate='concat', kernel_siz
     if family_of(q_model) is resnet:
         if (solver, accumulate) != ('inverse', 'concat'):
             raise UserError(f"QwT for ResNets has the published ridge solver only (solver 'inverse', accumulate "
-                            f"'concat'), not solver {solver!r}, accumulate {accumulate!r}: leave both at their defaults")
+                            f"'concat'), not solver {solver!r}, accumulate {accumulate!r}: leave both at their "
+                            "defaults")
         return GroupConv(kernel_size, factor)
     return TokenLinear(solver, accumulate)
 
@@ -135,8 +136,9 @@ def qwt_compensate(q_model, images, start_block=0, batch_size=32, solver='invers
         if fitted.fp16_overflow is not None:
             _logger.warning(OVERFLOW_WARNING, block_id, fitted.r2, fitted.fp16_overflow, kind.overflow_hint)
         if fitted.r2 is not None:
-            _logger.info('QwT block %d: r2 %.4f, %s %.6f, %s', block_id, fitted.r2, kind.residual, fitted.rms,
-                         'compensated' if fitted.used else 'zero compensation')
+            _logger.info('QwT block %d: r2 %.4f, %s %.6f, %s%s', block_id, fitted.r2, kind.residual, fitted.rms,
+                         'compensated' if fitted.used else 'zero compensation',
+                         '' if math.isfinite(fitted.r2) else kind.nan_note)
         broken = kind.singular(xs, fitted, clock)
         if broken:
             _logger.warning(*kind.singular_warning(block_id, fitted.r2, broken))

@@ -77,6 +77,12 @@ def fit_group_conv(x, y, kernel_size, groups, stride):
     return weight, torch.cat(biases, dim=0)
 
 
+# r² = 1 - 0/0: said where it is printed (random weights give it: a block whose output is the same, often all
+# zeros, on every image).
+NAN_R2 = (" (r2 nan: the block's quantization error is the same on every QwT image, so there is nothing for the "
+          "map to explain; seen with random weights)")
+
+
 def conv_fit_scores(x, y, weight, bias, stride, groups):
     """(r², mean absolute residual) of the fit, 0-dim tensors: r² = 1 - Σ(Y - Ŷ)² / Σ(Y - Ȳ)² with Ȳ the
     mean over the sample dimension only (per channel and position), Ŷ the float32 convolution with bias."""
@@ -140,6 +146,7 @@ class GroupConv:
     block_class = CompensatedConvBlock
     residual = 'mean abs residual'
     overflow_hint = 'more --qwt_samples'
+    nan_note = NAN_R2
 
     def __post_init__(self):
         check_conv_qwt_args(self.kernel_size, self.factor)

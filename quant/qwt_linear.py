@@ -17,6 +17,7 @@ from utils.core import distributed
 
 ACCUMULATE = ('normal', 'concat')
 
+
 class CompensatedBlock(nn.Module):
     """``out = block(x) + x @ W + b``. At inference the product runs in half precision, as published;
     W counts as 16 bits in the model size. ``enabled = False`` gives the plain quantized block."""
@@ -42,9 +43,9 @@ class CompensatedBlock(nn.Module):
         return self.block(x) + x @ self.comp_weight.float() + self.comp_bias
 
 
-
 def _zeros_like_fit(c_in, c_out, ref):
-    return torch.zeros(c_in, c_out, dtype=ref.dtype, device=ref.device), torch.zeros(c_out, dtype=ref.dtype, device=ref.device)
+    return (torch.zeros(c_in, c_out, dtype=ref.dtype, device=ref.device),
+            torch.zeros(c_out, dtype=ref.dtype, device=ref.device))
 
 
 def moment_ss_res(gram, rhs, y_sq, w1):
@@ -139,7 +140,6 @@ def broken_fit(xs, r2):
     distributed.all_reduce_sum(gram)
     rank, condition = rank_and_condition(gram)
     return (rank, c + 1, condition) if condition >= SINGULAR_CONDITION or r2 < R2_BROKEN else None
-
 
 
 def _float64_normal_equations(xs, ys):
@@ -253,8 +253,6 @@ def _fit_block_concat(block, xs, fit, solver, clock, pair=None):
     return BlockFit(outs, weight, bias, r2, rms, fallback, overflow, used)
 
 
-
-
 FALLBACK_WARNING = 'QwT block %d: %s (%d tokens for %d unknowns per output); %s. Hint: %s.'
 SINGULAR_WARNING = ('QwT block %d: the float32 inverse of [X,1]^T[X,1] is numerically singular (rank %d of %d, '
                     'condition %.1e) and its fit has r2 %.4g, so the published procedure leaves this block '
@@ -271,6 +269,7 @@ class TokenLinear:
     accumulate: str = 'concat'
     block_class = CompensatedBlock
     residual = 'rms residual'
+    nan_note = ''
 
     def __post_init__(self):
         if self.accumulate not in ACCUMULATE:

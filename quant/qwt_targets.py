@@ -39,11 +39,11 @@ def _family(model, role):
 
 
 def _steps(slots):
-    """A readable name for each walk step: 'block 3' (counted as the QwT log counts) or 'the PatchMerging
-    after block 1'."""
+    """A readable name for each walk step: 'block 3' (counted as the QwT log counts) or 'PatchMerging after
+    block 1'."""
     names, block = [], 0
     for s in slots:
-        names.append(f'block {block}' if s.kind == 'block' else f'the PatchMerging after block {block - 1}')
+        names.append(f'block {block}' if s.kind == 'block' else f'PatchMerging after block {block - 1}')
         block += s.kind == 'block'
     return names
 
@@ -63,7 +63,8 @@ def check_fp_model(q_model, fp_model, first_images):
         raise UserError(f"fp_model is a {type(fp_model).__name__} but q_model a {type(q_model).__name__}: {FIX}")
     q_device, fp_device = next(q_model.parameters()).device, next(fp_model.parameters()).device
     if q_device != fp_device:
-        raise UserError(f"fp_model is on {fp_device} but q_model on {q_device}: move it with fp_model.to('{q_device}')")
+        raise UserError(f"fp_model is on {fp_device} but q_model on {q_device}: move it with "
+                        f"fp_model.to('{q_device}')")
     q_slots, fp_slots = walk(q_model), walk(fp_model)
     q_blocks, fp_blocks = (sum(s.kind == 'block' for s in slots) for slots in (q_slots, fp_slots))
     if q_blocks != fp_blocks:
@@ -71,7 +72,8 @@ def check_fp_model(q_model, fp_model, first_images):
     q_names, fp_names = _steps(q_slots), _steps(fp_slots)
     for q_name, fp_name in zip(q_names, fp_names):
         if q_name != fp_name:
-            raise UserError(f"fp_model has {fp_name} where q_model has {q_name} (stages of other depths): {FIX}")
+            raise UserError(f"fp_model's walk has {fp_name} where q_model's has {q_name} (stages of other "
+                            f"depths): {FIX}")
     if len(q_slots) != len(fp_slots):
         raise UserError(f"fp_model has {len(fp_slots) - fp_blocks} PatchMerging layers but q_model has "
                         f"{len(q_slots) - q_blocks}: {FIX}")
@@ -81,7 +83,8 @@ def check_fp_model(q_model, fp_model, first_images):
         try:
             fp_out = fp_slot.module(x)
         except Exception as e:  # a block of another width cannot even take the input
-            raise UserError(f"fp_model's {name} fails on q_model's input of shape {_shape(x)} ({cause(e)}): {FIX}") from e
+            raise UserError(f"fp_model's {name} fails on q_model's input of shape {_shape(x)} ({cause(e)}): "
+                            f"{FIX}") from e
         if _shape(fp_out) != _shape(q_out):
             raise UserError(f"fp_model's {name} gives shape {_shape(fp_out)} where q_model's gives {_shape(q_out)} "
                             f"on the first batch: {FIX}")

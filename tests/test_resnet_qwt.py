@@ -325,7 +325,8 @@ def test_a_group_conv_fit_beyond_half_precision_is_left_out(scale, left_out):
     target = lambda x: scale * x.flip(1)  # noqa: E731
     w_ref, b_ref = _ridge_reference(xs[0], target(xs[0]))
     block = _Zero().eval()
-    fit = qwt_conv.GroupConv().fit(block, lambda x: (target(x), block(x)), xs, True, Stopwatch('cpu', ('passes', 'fit')))
+    clock = Stopwatch('cpu', ('passes', 'fit'))
+    fit = qwt_conv.GroupConv().fit(block, lambda x: (target(x), block(x)), xs, True, clock)
     assert fit.r2 > 0.9
     if left_out:
         assert float(w_ref.abs().max()) > 65504
@@ -365,3 +366,17 @@ def test_an_overflowing_group_conv_block_is_one_warning_and_recorded(monkeypatch
     assert not blocks[1].comp_weight.any() and blocks[2].comp_weight.any()
     with torch.no_grad():
         assert torch.isfinite(model(_images(2, seed=7))).all()
+
+
+def test_a_nan_r2_is_explained_on_its_log_line(monkeypatch, caplog):
+    """r² = 1 - 0/0 (a block whose error is the same on every image): zero compensation, and the INFO line says
+    why (the figures branch's note, kept by the shared QwT loop)."""
+    real = qwt_conv.conv_fit_scores
+    monkeypatch.setattr(qwt_conv, 'conv_fit_scores', lambda *a: (torch.tensor(float('nan')), real(*a)[1]))
+    stats = []
+    with caplog.at_level('INFO', logger='quant.qwt'):
+        quant.qwt_compensate(_calibrated(), _images(2, seed=2), batch_size=2, stats=stats)
+    infos = [r.getMessage() for r in caplog.records if r.levelname == 'INFO']
+    assert len(infos) == 4 and all(m.startswith(f'QwT block {i}: r2 nan, mean abs residual ') for i, m in enumerate(infos))
+    assert all(m.endswith(', zero compensation' + qwt_conv.NAN_R2) for m in infos)
+    assert [(s['r2'], s['used']) for s in stats] == [(None, False)] * 4
