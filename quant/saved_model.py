@@ -1,6 +1,7 @@
 """``--save`` / ``--load``: a quantized (and compensated) model in one file, so that a finished
 calibration is never redone. The file holds the model's state dict (the reparameterised weights, every
-quantizer's buffers: delta, zero point, flags; the QwT W and b), the bit widths and the model name;
+quantizer's buffers: delta, zero point, flags; the QwT W and b, and after QwT* fine-tuning the trained W, b and head, with the
+recipe in its meta), the bit widths and the model name;
 loading rebuilds the same modules from timm's class (no download) and gives the same logits.
 
 Format version 1 kept the quantizer parameters in a dict of their own beside the state dict: such a

@@ -20,8 +20,9 @@ RESTRICTED = {
     'avx2': {'ATEN_CPU_CAPABILITY': 'avx2', 'ONEDNN_MAX_CPU_ISA': 'AVX2', 'MKL_ENABLE_INSTRUCTIONS': 'AVX2'},
     'none': {'ATEN_CPU_CAPABILITY': 'default', 'ONEDNN_MAX_CPU_ISA': 'SSE41', 'MKL_ENABLE_INSTRUCTIONS': 'SSE4_2'},
 }
-# each demo once under one of them (both kinds covered; a run costs 15-30 s of CPU)
-RESTRICT = {'vit': 'none', 'swin': 'avx2', 'resnet': 'none'}
+# each demo once under one of them (both kinds covered; a run costs 15-30 s of CPU), without the fine-tuning
+# (the plain demo: the demo table's first columns, and the ResNet at its published 8-bit conv inputs)
+RESTRICT = {'vit': 'none', 'swin': 'avx2', 'resnet_plain': 'none'}
 
 
 def _runs(tmp, demos, env):
@@ -42,8 +43,9 @@ def demo_runs(tmp_path_factory):
 @pytest.fixture(scope='module')
 def restricted_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp('restricted')
+    plain = [rf.Demo(d.key, d.script) for d in rf.DEMOS if d.key in RESTRICT] + [rf.RESNET_PLAIN]
     return {d.key: _runs(tmp, (d,), {'OMP_NUM_THREADS': '2', **RESTRICTED[RESTRICT[d.key]]})[d.key]
-            for d in rf.DEMOS}
+            for d in plain}
 
 
 def _extra(demo_runs):
@@ -87,7 +89,7 @@ def test_readme_method_table_rows_of_the_default_methods(demo_runs):
     block = rf.read_block(README, 'ptq_table')
     assert block is not None, 'README.md has no <!-- readme_figures:ptq_table --> block'
     defaults = [ln for ln in rf.ptq_rows(block) if ln.split(' | ')[0][2:] in {f'`{n}`' for n in DEFAULTS.values()}]
-    fresh = [rf.ptq_row(name, d, demo_runs[d.key][1]) for name, d in rf.ptq_demos() if d in rf.DEMOS]
+    fresh = [rf.ptq_row(name, d, demo_runs[d.key][1]) for name, d in rf.ptq_demos() if name in DEFAULTS.values()]
     assert defaults == fresh and len(fresh) == 3
 
 
@@ -112,14 +114,25 @@ def test_the_demo_pins_its_threads_and_kernels_and_says_where_its_result_went(de
 
 
 def test_the_resnet_demo_says_the_bits_that_run(demo_runs):
-    """Its convolutions read 8-bit inputs as published: the demo is W2/A8, and the real 4-bit conv inputs are
-    a flag in the command line, with an output folder of their own."""
-    _, r, _, stdout, _ = demo_runs['resnet']
+    """Its convolutions read 8-bit inputs as published: the plain demo is W2/A8, and the demo table's row at real
+    3-bit conv inputs has the flags in its command line and an output folder of its own."""
+    _, r, _, stdout, out = demo_runs['resnet_plain']
     assert (r['w_bits'], r['a_bits'], r['conv_a_bits'], r['factor']) == (2, 8, '8', 32)
     assert 'at W2/A8' in stdout
-    _, a4, *_ = demo_runs['resnet_a4']
-    assert (a4['w_bits'], a4['a_bits'], a4['conv_a_bits']) == (2, 4, 'a_bits')
-    assert (a4['ptq_top1'], a4['qwt_top1']) != (r['ptq_top1'], r['qwt_top1'])  # 4-bit inputs change the model
+    low_demo, low, *_ = demo_runs['resnet']
+    assert (low['w_bits'], low['a_bits'], low['conv_a_bits']) == (2, 3, 'a_bits')
+    assert '--conv_a_bits a_bits --a_bits 3' in low_demo.command and rf.bits(low) == 'W2/A3'
+    assert (low['ptq_top1'], low['qwt_top1']) != (r['ptq_top1'], r['qwt_top1'])  # 3-bit inputs change the model
+
+
+def test_qwtstar_demos_beat_qwt(demo_runs):
+    """Each demo fine-tunes (QwT*, tools/readme_figures.FINETUNE) and ends above its closed-form QwT, with the
+    fine-tuning recorded: one epoch of the 1,297 training digits in whole batches of 32."""
+    for demo in rf.DEMOS:
+        r = demo_runs[demo.key][1]
+        assert r['qwtstar_top1'] > r['qwt_top1'], (demo.key, r['qwt_top1'], r['qwtstar_top1'])
+        assert r['finetune']['recipe']['epochs'] == 1 and r['finetune']['steps'] == 1297 // 32
+        assert r['finetune']['images_seen'] == 1297 // 32 * 32 and r['finetune']['resumed_from'] is None
 
 
 def test_swin_demo_recovers_accuracy_and_leaves_block0_out(demo_runs):
@@ -143,7 +156,9 @@ def test_the_demo_table_takes_a_new_demo_by_one_entry():
     r = {'model': 'resnet_digits', 'w_bits': 4, 'a_bits': 4, 'fp_top1': 97.0, 'ptq_top1': 90.25, 'qwt_top1': 95.5,
          'versions': {'torch': '2.14.1+cpu'}}
     assert rf.table_row(demo, r, 20) == \
-        '| `python qwt_resnet.py --demo` | `resnet_digits` | W4/A4 | 97.00 | 90.25 | 95.50 | < 20 s |'
+        '| `python qwt_resnet.py --demo` | `resnet_digits` | W4/A4 | 97.00 | 90.25 | 95.50 |  | < 20 s |'
+    assert rf.table_row(demo, dict(r, qwtstar_top1=96.0)) == \
+        '| `python qwt_resnet.py --demo` | `resnet_digits` | W4/A4 | 97.00 | 90.25 | 95.50 | 96.00 |  |'
     assert rf.table_row(demo, dict(r, conv_a_bits='8'), 20).split(' | ')[2] == 'W4/A8'
     assert rf.without_time(rf.table_row(demo, r, 20)) == rf.table_row(demo, r)
     assert rf.row_bound(rf.table_row(demo, r, 20)) == 20 and rf.time_bound(12.4) == 20 and rf.time_bound(14) == 30

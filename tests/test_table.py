@@ -62,7 +62,7 @@ def test_paper_csv():
     paper = table.load_paper()
     assert len(paper) == 20 + 6
     assert paper[0] == {'model': 'deit_tiny', 'timm_name': 'deit_tiny_patch16_224', 'fp_top1': 72.2, 'bits': 'W4/A4',
-                        'repq_vit_top1': 58.2, 'repq_vit_qwt_top1': 61.4}
+                        'repq_vit_top1': 58.2, 'repq_vit_qwt_top1': 61.4, 'qwtstar_top1': 64.8}
     assert paper[19]['timm_name'] == 'swin_small_patch4_window7_224' and paper[19]['bits'] == 'W6/A6'
     # the published ResNet rows (SPEC §3b), their own CSV's columns read into the same fields
     assert paper[20] == {'model': 'resnet18', 'timm_name': 'resnet18', 'fp_top1': 71.0, 'bits': 'W4/A4',

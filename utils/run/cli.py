@@ -8,6 +8,7 @@ import warnings
 from models.registry import DIGITS_MODELS, resolve_model, table_names
 from utils.run.demo import demo_defaults
 from utils.run import ptq as ptq_methods
+from utils.run.finetune_flags import add_finetune_arguments, check_finetune_args  # QwT*
 from utils.run.naming import FAMILY_METHODS, FAMILY_SCRIPTS, output_folder
 from utils.core.cpu_numerics import pin_cpu_numerics
 from utils.core.environment import DIST_TIMEOUT_S, cpus_per_process, env_int, quiet_cpp_logs
@@ -145,7 +146,8 @@ def build_parser(family, raise_errors=False):
                         f'before stopping with an error (default {DIST_TIMEOUT_S} s; rank 0 prints a line while it '
                         'waits)')
     p.add_argument('--save', default=None, metavar='PATH',
-                   help='write the quantized and compensated model here as soon as it is fitted (atomic)')
+                   help='write the quantized and compensated model here as soon as it is fitted (atomic); with '
+                        '--finetune_epochs, again once fine-tuned (QwT*)')
     p.add_argument('--load', default=None, metavar='PATH',
                    help='evaluate a model written by --save: no calibration, no QwT, no train/ split needed')
     p.add_argument('--num_val', type=int, default=None, metavar='N',
@@ -185,7 +187,10 @@ def build_parser(family, raise_errors=False):
                         "'none', 'fp': the full-precision model only (no calibration), or 'all': the full-precision "
                         "model (a copy kept before calibration), the PTQ model and it + QwT in one pass. The calibration and QwT images are the same in "
                         'every case' + (' (the draws of the published FP and Percentile evaluations before QwT are '
-                                        'made whatever this says)' if family == 'resnet' else ''))
+                                        'made whatever this says)' if family == 'resnet' else '') +
+                        '; with --finetune_epochs > 0 each choice but fp and none also evaluates the fine-tuned model '
+                        '(QwT*); all: FP, PTQ, PTQ + QwT and PTQ + QwT*')
+    add_finetune_arguments(p)  # QwT*
     return p
 
 
@@ -209,7 +214,7 @@ def parse_args(family, argv=None):
 # Flags that change what is computed (not only how fast): set to another value than the default, they name
 # the default output folder, so that a variant never replaces the default run's result.json.
 VARIANT_FLAGS = ('start_block', 'qwt_samples', 'qwt_solver', 'qwt_accumulate', 'kernel_size', 'factor',
-                 'conv_a_bits')
+                 'conv_a_bits', 'finetune_epochs')
 
 
 def variant(args, parser):
@@ -266,6 +271,7 @@ def check_args(args, family, world_size):
     if args.eval == 'fp' and (args.save or args.dump_inputs):
         raise UserError(f"--eval fp evaluates the full-precision model only: leave out "
                         f"{'--save' if args.save else '--dump_inputs'}")
+    check_finetune_args(args)  # QwT*
     if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
         kinds = '.pth or .pth.tar file' if family == 'resnet' else '.pth or .npz file'
         raise UserError(f"--checkpoint {args.checkpoint} not found: pass the path of a local {kinds}")

@@ -25,6 +25,7 @@ from utils.run.naming import FAMILY_SCRIPTS, output_folder
 from utils.run.data import (ImageLog, available_cpus, eval_loader, eval_transform, image_dataset,
                             replay_loader_iteration_draw, train_transform, val_subset, workers_note)
 from utils.run import family as families, ptq as ptq_methods
+from utils.run import finetune_stage  # QwT*
 from utils.run.demo import DEMO_THREADS, demo_line, demo_threads_line, make_demo_data
 from utils.run.draws import build_float_model, calibration_and_model, dump_inputs, qwt_batches, seed_everything
 from utils.run.launch import launch_command
@@ -55,6 +56,7 @@ class Run:
     timer: Stopwatch
     images: ImageLog = field(default_factory=ImageLog)
     checkpoint: str = None   # the float weights file (ResNet: found by utils.run.weights), or None
+    tuned: object = None     # QwT*: utils.run.finetune_stage.Tuned after fine-tuning, else None
 
     @property
     def ptq(self):
@@ -107,6 +109,7 @@ def prepare(args, family):
     """The Run: model and bits, process group, log, seeds (SPEC §1b step 1)."""
     payload = read_saved(args.load, trust=args.trust_checkpoint) if args.load else None
     spec, w_bits, a_bits = resolve_run_model(args, family, payload)
+    finetune_stage.check_loaded(args, payload)  # QwT*
     if args.output_dir is None:  # --load: name the folder after the saved model
         args = argparse.Namespace(**{**vars(args), 'output_dir': output_folder(spec.name, w_bits, a_bits, loaded=True)})
     dist_info = distributed.init_distributed(args.device, args.local_rank, args.dist_timeout)
@@ -147,17 +150,19 @@ def open_splits(run):
                                                              cfg['interpolation'], cfg['img_size']), strict)
     val_data = val if args.num_val is None else val_subset(val, args.num_val)
     train = None
-    if run.payload is None and args.eval != 'fp':
+    if (run.payload is None and args.eval != 'fp') or finetune_stage.needs_train(args):  # QwT*: also after --load
         train = image_dataset(args.data_dir, 'train', train_transform(cfg['mean'], cfg['std'], cfg['interpolation'],
                                                                       cfg['img_size']), strict)
         need = args.batch_size + args.qwt_samples
-        if len(train) < need:
+        if run.payload is None and len(train) < need:
             raise UserError(f"{train.parser.root} has {len(train)} images, fewer than the calibration batch "
                             f"(--batch_size {args.batch_size}) plus --qwt_samples {args.qwt_samples} = {need}: "
                             "add images or lower those flags")
     for split in (val, train):
         if split is not None:
             check_classes(split, run.spec.timm_name, args.allow_class_subset)
+    if train is not None and finetune_stage.needs_train(args):
+        finetune_stage.check_train_classes(train, run.spec.timm_name)  # QwT*
     _logger.info('train %s images, val %d images, %d classes', 'n/a' if train is None else len(train), len(val),
                  len(val.classes))
     note = train is not None and workers_note(args.num_workers, available_cpus())
@@ -205,7 +210,8 @@ def quantize(run, splits):
     args, timer, method = run.args, run.timer, run.ptq
     calib, calib_files, model, weights = calibration_and_model(run, splits)
     # a copy draws nothing (SPEC §1b); QwT reads a third-party quantizer's full-precision targets from it
-    float_model = copy.deepcopy(model) if args.eval == 'all' or method.fp_model else None
+    keep = args.eval == 'all' or finetune_stage.needs_teacher(args)  # QwT*: the teacher of the distill loss
+    float_model = copy.deepcopy(model) if keep or method.fp_model else None
     ptq_times = {}
     with timer('ptq'):  # steps 4 and 5
         method.function()(model, calib, run.w_bits, run.a_bits, args, ptq_times, run.dist.is_main)
@@ -238,12 +244,14 @@ def quantize(run, splits):
         _logger.info('saved the quantized model to %s', args.save)
     stage_times = {**{f'ptq_{k}': round(v, 3) for k, v in ptq_times.items()},
                    **{f'qwt_{k}': round(v, 3) for k, v in qwt_times.items()}}
-    return Quantized(model, weights, meta, early, stage_times, float_model if args.eval == 'all' else None)
+    return Quantized(model, weights, meta, early, stage_times, float_model if keep else None)
 
 
 def evaluate_variants(run, splits, variants):
     """Top-1 / top-5 of each ``variants[name]`` model on the val data, one pass over the images."""
-    wanted = {name: _variant(model, name == 'qwt') for name, model in variants.items()}
+    wanted = {name: _variant(model, name in ('qwt', 'qwtstar')) for name, model in variants.items()}
+    if run.tuned is not None:  # QwT*: the QwT and the fine-tuned W, b and head, swapped in per batch
+        wanted = run.tuned.wrap(wanted)
     with run.timer('eval'):
         loader = eval_loader(splits.val_data, run.args.batch_size, run.args.eval_workers, run.dist)
         return evaluate(wanted, loader, run.dist.device, progress=run.dist.is_main,
@@ -284,12 +292,16 @@ def run(args, family):
         q = quantize(r, splits)
         model, weights, meta, accuracy, stage_times = q.model, q.weights, q.meta, q.accuracy, q.stage_times
         float_model = q.float_model
+    r.tuned = finetune_stage.run_stage(r, splits, model, float_model, build_float_model, meta)  # QwT*, if asked
     wanted = [v for v in VARIANTS[args.eval] if v not in accuracy]
+    wanted += ['qwtstar'] if r.tuned is not None and args.eval != 'none' else []  # QwT*
     if not compensated_blocks(model):  # a --load file saved without QwT
         wanted = [w for w in wanted if w != 'qwt']
     if wanted:
         accuracy.update(evaluate_variants(r, splits, {name: float_model if name == 'fp' and float_model is not None
                                                       else model for name in wanted}))
+    if r.tuned is not None:
+        r.tuned.load('after')  # QwT*: the run ends with the fine-tuned model
     set_compensation(model, True)
     result = make_result(r, splits, model, weights, meta, accuracy, stage_times, float_model)
     if r.dist.is_main:

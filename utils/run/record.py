@@ -10,6 +10,7 @@ import torch
 from models import default_cfg
 from quant import model_size_mb
 from utils.core import distributed
+from utils.run import finetune_stage
 from utils.run.logs import warning_count
 
 VARIANT_KEYS = ('fp', 'ptq', 'qwt')
@@ -38,6 +39,7 @@ def make_result(run, splits, model, weights, meta, accuracy, stage_times, float_
         **{k: meta.get(k) for k in ('num_calib', 'num_qwt', 'start_block', 'qwt_solver', 'qwt_accumulate',
                                     'calib_search', 'kernel_size', 'factor', 'conv_a_bits')},
         **top,
+        **finetune_stage.fields(accuracy, run.tuned, run.payload),  # QwT*
         'fp_size_mb': round(model_size_mb(float_model if quantized else model), 4)
         if float_model is not None or not quantized else None,
         'ptq_size_mb': round(model_size_mb(model, include_compensation=False), 4) if quantized else None,
@@ -94,6 +96,7 @@ def summary_lines(r):
                   f"{r['ptq_size_mb']:.2f} MB",
                   f"{m + ' + QwT':<{width}} top-1 {_pct(r['qwt_top1'])}  top-5 {_pct(r['qwt_top5'])}  size "
                   f"{r['qwt_size_mb']:.2f} MB"]
+        lines += [x for x in [finetune_stage.summary_line(r, m)] if x]  # QwT*
     lines += qwt_block_lines(r.get('qwt_blocks') or [])
     if r['skipped_images']:
         lines.append(f"skipped {len(r['skipped_images'])} unreadable image(s), listed in result.json "

@@ -31,7 +31,12 @@ from utils.core.errors import UserError
 
 PAPER_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'paper_results.csv')
 PAPER_RESNET_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'paper_results_resnet.csv')
-PAPER_CSVS = (PAPER_CSV, PAPER_RESNET_CSV)
+# QwT* (issue 28): the paper's fine-tuned figures, merged into the rows of the same model and bits
+PAPER_QWTSTAR_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'paper_results_qwtstar.csv')
+PAPER_CSVS = (PAPER_CSV, PAPER_RESNET_CSV, PAPER_QWTSTAR_CSV)
+QWTSTAR_COLUMNS = {'model': 'model', 'timm_name': 'timm_name', 'fp_top1': 'fp_top1', 'bits': 'bits',
+                   'repq_vit_top1': 'ptq_top1', 'repq_vit_qwt_top1': 'qwt_top1', 'qwtstar_top1': 'qwtstar_top1',
+                   'method': 'ptq_method'}
 PAPER_COLUMNS = ('model', 'timm_name', 'fp_top1', 'bits', 'repq_vit_top1', 'repq_vit_qwt_top1')
 # The published ResNet rows (SPEC §3b): their own columns, read into PAPER_COLUMNS (the timm name is the model's).
 RESNET_COLUMNS = {'model': 'model', 'timm_name': 'model', 'fp_top1': 'fp_top1', 'bits': 'bits',
@@ -51,20 +56,22 @@ DISPLAY = {'resnet18': 'ResNet-18', 'resnet50': 'ResNet-50', 'resnet101': 'ResNe
 # number of classes than the model (--allow_class_subset), scored on folder-index labels.
 CATEGORIES = ('demo', 'random', 'subset', 'classes', 'eval-none')
 ALL = frozenset(CATEGORIES)
+PUBLISHED_QWTSTAR_EPOCHS = 1  # the paper's QwT*: one epoch of ImageNet training
 PUBLISHED = {'qwt_solver': 'inverse', 'qwt_accumulate': 'concat', 'start_block': 0, 'num_calib': 32,
              'num_qwt': 512, 'kernel_size': 1, 'factor': 64, 'conv_a_bits': '8'}  # the last three: ResNet only
 FIELDS = ('model', 'timm_name', 'bits', 'paper_fp', 'fp', 'paper_repq', 'paper_qwt', 'repq', 'repq_std', 'repq_n',
           'qwt', 'qwt_std', 'qwt_n', 'delta_fp', 'delta_repq', 'delta_qwt', 'n', 'seeds', 'note')
-FIELDS = (*FIELDS, 'method')
+FIELDS = (*FIELDS, 'method', 'paper_qwtstar', 'qwtstar', 'qwtstar_std', 'qwtstar_n', 'delta_qwtstar')
 
 
-def header(method='RepQ-ViT', with_method=False):
+def header(method='RepQ-ViT', with_method=False, qwtstar=False):
     """The Markdown header; ``method`` names the PTQ columns ('PTQ' for a table of several methods, which
-    then has a method column)."""
+    then has a method column); ``qwtstar``: with the QwT* columns (the paper's, this project's, the delta)."""
     m = method
+    star = lambda *cols: cols if qwtstar else ()  # noqa: E731
     return ('model', 'bits', *(('method',) if with_method else ()), 'FP (paper)', 'FP (this project)', f'{m} (paper)',
-            f'{m} + QwT (paper)', f'{m} (this project)', f'{m} + QwT (this project)', 'Δ FP', f'Δ {m}', 'Δ QwT',
-            'n', 'note')
+            f'{m} + QwT (paper)', *star(f'{m} + QwT* (paper)'), f'{m} (this project)', f'{m} + QwT (this project)',
+            *star(f'{m} + QwT* (this project)'), 'Δ FP', f'Δ {m}', 'Δ QwT', *star('Δ QwT*'), 'n', 'note')
 
 
 HEADER = header()
@@ -75,25 +82,45 @@ def load_paper(path=PAPER_CSVS):
     accuracies as floats; ``repq_vit_top1`` / ``repq_vit_qwt_top1`` hold the row's PTQ method's figures and
     'method' names it (RepQ-ViT, or Percentile for the ResNet CSV)."""
     if not isinstance(path, str):
-        return [row for p in path for row in load_paper(p)]
+        rows = []
+        for p in path:
+            rows = _merge_qwtstar(rows, load_paper(p))
+        return rows
     with open(path, newline='') as f:
         reader = csv.DictReader(f)
         fields = reader.fieldnames or ()
         resnet = all(c in fields for c in RESNET_COLUMNS.values()) and 'repq_vit_top1' not in fields
+        qwtstar = all(c in fields for c in QWTSTAR_COLUMNS.values()) and 'repq_vit_top1' not in fields
         missing = [c for c in PAPER_COLUMNS if c not in fields]
-        if missing and not resnet:
+        if missing and not resnet and not qwtstar:
             raise UserError(f"{path}: missing column(s) {', '.join(missing)} (expected {','.join(PAPER_COLUMNS)}, "
                             f"or {','.join(dict.fromkeys(RESNET_COLUMNS.values()))} for ResNet rows)")
         rows = list(reader)
     if resnet:
         rows = [{**{k: row[v] for k, v in RESNET_COLUMNS.items()}, 'method': 'Percentile'} for row in rows]
+    if qwtstar:
+        rows = [{k: row[v] for k, v in QWTSTAR_COLUMNS.items()} for row in rows]
     for line, row in enumerate(rows, start=2):
         try:
-            for k in ('fp_top1', 'repq_vit_top1', 'repq_vit_qwt_top1'):
+            for k in ('fp_top1', 'repq_vit_top1', 'repq_vit_qwt_top1', *(('qwtstar_top1',) if qwtstar else ())):
                 row[k] = float(row[k])
         except (TypeError, ValueError):
             raise UserError(f'{path} line {line}: {k} is {row[k]!r}, expected a number') from None
     return rows
+
+
+def _merge_qwtstar(rows, new):
+    """``rows`` then ``new``, where a row of ``new`` with a QwT* figure for a model and bits already in ``rows``
+    adds that figure to it (the QwT* summary repeats the FP, PTQ and QwT figures) instead of a row of its own."""
+    index = {(r['timm_name'], r['bits']): r for r in rows}
+    out = list(rows)
+    for r in new:
+        old = index.get((r['timm_name'], r['bits']))
+        if old is not None and r.get('qwtstar_top1') is not None:
+            old['qwtstar_top1'] = r['qwtstar_top1']
+        else:
+            out.append(r)
+    return out
 
 
 def find_results(paths):
@@ -135,7 +162,7 @@ def load_results(files):
             if not isinstance(r[k], int) or isinstance(r[k], bool):
                 raise UserError(f'{path}: {k} is {r[k]!r}, expected an integer')
         r = upgrade(r)
-        for k in ('fp_top1', 'ptq_top1', 'qwt_top1'):
+        for k in ('fp_top1', 'ptq_top1', 'qwt_top1', 'qwtstar_top1'):
             if r.get(k) is not None and not isinstance(r[k], (int, float)):
                 raise UserError(f'{path}: {k} is {r[k]!r}, expected a number or null')
         out.append(dict(r, path=path, mtime=mtime))
@@ -184,7 +211,7 @@ def categories(r):
         out.append('subset')
     if class_subset(r):
         out.append('classes')
-    if r.get('eval') == 'none' or all(r.get(k) is None for k in ('fp_top1', 'ptq_top1', 'qwt_top1')):
+    if r.get('eval') == 'none' or all(r.get(k) is None for k in ('fp_top1', 'ptq_top1', 'qwt_top1', 'qwtstar_top1')):
         out.append('eval-none')
     return out
 
@@ -220,6 +247,17 @@ def method_variant(r):
         labels.append(f"{r['num_calib']} calibration images")
     if r.get('num_qwt') is not None and r['num_qwt'] != PUBLISHED['num_qwt']:
         labels.append(f"{r['num_qwt']} QwT images")
+    return tuple(labels) + qwtstar_variant(r)
+
+
+def qwtstar_variant(r):
+    """QwT* runs of another length than the paper's one full epoch (more epochs, or --finetune_images)."""
+    recipe = (r.get('finetune') or {}).get('recipe') or {}
+    labels = []
+    if recipe.get('epochs') not in (None, PUBLISHED_QWTSTAR_EPOCHS):
+        labels.append(f"QwT* {recipe['epochs']} epochs")
+    if recipe.get('max_images') is not None:
+        labels.append(f"QwT* {recipe['max_images']} images/epoch")
     return tuple(labels)
 
 
@@ -295,8 +333,8 @@ def _row(name, timm_name, bits, paper, paper_fp, runs, fp_run, notes, method=DEF
     fp = fp_run.get('fp_top1') if fp_run else _round(sum(own_fp) / len(own_fp)) if own_fp else None
     row = {'model': name, 'timm_name': timm_name, 'bits': bits, 'paper_fp': paper_fp,
            'fp': fp, 'paper_repq': p.get('repq_vit_top1'),
-           'paper_qwt': p.get('repq_vit_qwt_top1')}
-    for col, key in (('repq', 'ptq_top1'), ('qwt', 'qwt_top1')):
+           'paper_qwt': p.get('repq_vit_qwt_top1'), 'paper_qwtstar': p.get('qwtstar_top1')}
+    for col, key in (('repq', 'ptq_top1'), ('qwt', 'qwt_top1'), ('qwtstar', 'qwtstar_top1')):
         mean, std, n = mean_std(r.get(key) for r in runs.values())
         row.update({col: _round(mean), f'{col}_std': _round(std), f'{col}_n': n})
         row[f'delta_{col}'] = _delta(mean, row[f'paper_{col}'])
@@ -418,18 +456,27 @@ def table_method(rows):
     return (methods[0], False) if len(methods) == 1 else ('PTQ', True)
 
 
+def has_qwtstar(rows):
+    """Whether any row has a QwT* run: the table then shows the QwT* columns (the paper's figure beside)."""
+    return any(r.get('qwtstar_n') for r in rows)
+
+
 def to_markdown(rows):
     """The table in Markdown: paper figures with one decimal as published, ours with two (mean ± sample
     std over seeds), signed deltas of the mean. The PTQ columns carry the rows' method (RepQ-ViT,
-    Percentile), or 'PTQ' with a method column for a table of both."""
+    Percentile), or 'PTQ' with a method column for a table of both. Where a run fine-tuned (QwT*), the
+    paper's QwT* figure, ours and their delta stand beside the QwT columns."""
     method, with_method = table_method(rows)
-    head = header(method, with_method)
+    star = has_qwtstar(rows)
+    head = header(method, with_method, star)
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for r in rows:
+        s = (lambda *cells: cells) if star else (lambda *cells: ())  # noqa: E731
         cells = [r['model'], r['bits'], *((r.get('method') or DEFAULT_METHOD,) if with_method else ()),
                  _fmt(r['paper_fp'], '.1f'), _fmt(r['fp'], '.2f'), _fmt(r['paper_repq'], '.1f'),
-                 _fmt(r['paper_qwt'], '.1f'), _stat(r, 'repq'), _stat(r, 'qwt'), _fmt(r['delta_fp'], '+.2f'),
-                 _fmt(r['delta_repq'], '+.2f'), _fmt(r['delta_qwt'], '+.2f'), str(r['n'] or ''), r['note']]
+                 _fmt(r['paper_qwt'], '.1f'), *s(_fmt(r.get('paper_qwtstar'), '.1f')), _stat(r, 'repq'), _stat(r, 'qwt'),
+                 *s(_stat(r, 'qwtstar')), _fmt(r['delta_fp'], '+.2f'), _fmt(r['delta_repq'], '+.2f'),
+                 _fmt(r['delta_qwt'], '+.2f'), *s(_fmt(r.get('delta_qwtstar'), '+.2f')), str(r['n'] or ''), r['note']]
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines) + '\n'
 
