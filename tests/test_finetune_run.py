@@ -101,7 +101,7 @@ def runs(tiny, tmp_path_factory):
 
 def test_qwtstar_records_and_the_four_variants(runs):
     qwt, star = runs['qwt'], runs['star']
-    for key in ('fp_top1', 'repq_top1', 'qwt_top1', 'fp_top5', 'repq_top5', 'qwt_top5', 'qwt_blocks', 'calib_files',
+    for key in ('fp_top1', 'ptq_top1', 'qwt_top1', 'fp_top5', 'ptq_top5', 'qwt_top5', 'qwt_blocks', 'calib_files',
                 'qwt_files'):
         assert star[key] == qwt[key], key  # PTQ and QwT untouched by the fine-tuning that follows them
     assert qwt['qwtstar_top1'] is None and qwt['finetune'] is None

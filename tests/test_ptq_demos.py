@@ -18,7 +18,7 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp('ptq_demos')
     env = {'OMP_NUM_THREADS': '2', 'TORCH_HOME': str(tmp / 'torch')}
     return {d.key: (name, d, *rf.run_demo(d, str(tmp / d.key), env=env)[::2])
-            for name, d in rf.ptq_demos() if d not in rf.DEMOS}
+            for name, d in rf.ptq_demos() if name not in ptq.DEFAULTS.values()}
 
 
 def test_every_third_party_method_runs_on_every_family(runs):

@@ -89,8 +89,9 @@ def time_bound(cpu_seconds):
 
 
 def bits(r):
-    """What runs: a ResNet's convolutions read 8 bits unless --conv_a_bits a_bits (SPEC §3b)."""
-    a = 8 if r.get('conv_a_bits') == '8' else r['a_bits']
+    """What runs: Percentile's ResNet convolutions read 8 bits unless --conv_a_bits a_bits (SPEC §3b); another
+    --ptq method reads --a_bits."""
+    a = 8 if r.get('conv_a_bits') == '8' and r.get('ptq', 'percentile') == 'percentile' else r['a_bits']
     return f"W{r['w_bits']}/A{a}"
 
 
