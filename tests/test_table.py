@@ -73,17 +73,14 @@ def test_paper_csv():
     assert {p['fp_top1'] for p in paper[22:24]} == {76.6} and paper[-1]['fp_top1'] == 77.3
 
 
-def test_paper_csv_is_the_shared_copy():
-    if not os.path.exists(SHARED_CSV):
-        pytest.skip('no ../shared/paper-results.csv')
-    assert filecmp.cmp(SHARED_CSV, table.PAPER_CSV, shallow=False)
-
-
-def test_resnet_paper_csv_is_the_shared_copy():
-    shared = os.path.join(ROOT, '..', 'shared', 'paper-results-resnet.csv')
+@pytest.mark.parametrize('shared_name, attr', [('paper-results.csv', 'PAPER_CSV'),
+                                               ('paper-results-resnet.csv', 'PAPER_RESNET_CSV'),
+                                               ('paper-results-qwtstar.csv', 'PAPER_QWTSTAR_CSV')])
+def test_paper_csvs_are_the_shared_copies(shared_name, attr):
+    shared = os.path.join(ROOT, '..', 'shared', shared_name)
     if not os.path.exists(shared):
-        pytest.skip('no ../shared/paper-results-resnet.csv')
-    assert filecmp.cmp(shared, table.PAPER_RESNET_CSV, shallow=False)
+        pytest.skip(f'no ../shared/{shared_name}')
+    assert filecmp.cmp(shared, getattr(table, attr), shallow=False)
 
 
 def test_resnet_rows_name_the_percentile_method():

@@ -1,7 +1,6 @@
 """The results table's QwT* columns (issue 28): the paper's fine-tuned figures merged into their rows, ours as
 mean ± std over seeds beside them with the delta, shown only where a run fine-tuned; QwT* runs of another length
 than one full epoch are variants of their own."""
-import filecmp
 import os
 
 import pytest
@@ -26,13 +25,6 @@ def test_the_paper_qwtstar_figures_join_their_rows():
     assert stars == {('deit_tiny', 'W4/A4'): 64.8, ('swin_tiny', 'W4/A4'): 79.3, ('vit_base', 'W4/A4'): 78.5}
     assert len(paper) == 26  # merged, not appended
     assert table.load_paper(table.PAPER_CSV)[0].get('qwtstar_top1') is None  # the RepQ-ViT CSV alone has none
-
-
-def test_qwtstar_csv_is_the_shared_copy():
-    shared = os.path.join(ROOT, '..', 'shared', 'paper-results-qwtstar.csv')
-    if not os.path.exists(shared):
-        pytest.skip('no ../shared/paper-results-qwtstar.csv')
-    assert filecmp.cmp(shared, table.PAPER_QWTSTAR_CSV, shallow=False)
 
 
 def test_qwtstar_columns_mean_std_and_delta():
