@@ -16,7 +16,6 @@ from utils.table import results as table
 from utils.core.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_CSV = os.path.join(ROOT, '..', 'shared', 'paper-results.csv')
 HEADER = ('| model | bits | FP (paper) | FP (this project) | RepQ-ViT (paper) | RepQ-ViT + QwT (paper) | '
           'RepQ-ViT (this project) | RepQ-ViT + QwT (this project) | Δ FP | Δ RepQ-ViT | Δ QwT | n | note |')
 
