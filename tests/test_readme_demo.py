@@ -118,6 +118,10 @@ def test_the_resnet_demo_says_the_bits_that_run(demo_runs):
     _, r, _, stdout, out = demo_runs['resnet_plain']
     assert (r['w_bits'], r['a_bits'], r['conv_a_bits'], r['factor']) == (2, 8, '8', 32)
     assert 'at W2/A8' in stdout
+    assert (r['method'], r['eval'], r['num_val'], r['num_calib'], r['num_qwt'], len(r['qwt_blocks'])) == (
+        'Percentile', 'all', 500, 32, 256, 3)
+    assert r['fp_top1'] == 99.6 and r['ptq_top1'] < r['fp_top1'] - 2 and r['qwt_top1'] > r['ptq_top1']
+    assert 'Percentile + QwT top-1' in stdout and 'RepQ-ViT' not in stdout
     low_demo, low, *_ = demo_runs['resnet']
     assert (low['w_bits'], low['a_bits'], low['conv_a_bits']) == (2, 3, 'a_bits')
     assert '--conv_a_bits a_bits --a_bits 3' in low_demo.command and rf.bits(low) == 'W2/A3'
@@ -126,12 +130,12 @@ def test_the_resnet_demo_says_the_bits_that_run(demo_runs):
 
 def test_qwtstar_demos_beat_qwt(demo_runs):
     """Each demo fine-tunes (QwT*, tools/readme_figures.FINETUNE) and ends above its closed-form QwT, with the
-    fine-tuning recorded: one epoch of the 1,297 training digits in whole batches of 32."""
+    fine-tuning recorded: two epochs of the 1,297 training digits in whole batches of 32."""
     for demo in rf.DEMOS:
         r = demo_runs[demo.key][1]
         assert r['qwtstar_top1'] > r['qwt_top1'], (demo.key, r['qwt_top1'], r['qwtstar_top1'])
-        assert r['finetune']['recipe']['epochs'] == 1 and r['finetune']['steps'] == 1297 // 32
-        assert r['finetune']['images_seen'] == 1297 // 32 * 32 and r['finetune']['resumed_from'] is None
+        assert r['finetune']['recipe']['epochs'] == 2 and r['finetune']['steps'] == 2 * (1297 // 32)
+        assert r['finetune']['images_seen'] == 2 * (1297 // 32) * 32 and r['finetune']['resumed_from'] is None
 
 
 def test_swin_demo_recovers_accuracy_and_leaves_block0_out(demo_runs):
