@@ -232,7 +232,9 @@ def blocks(runs, extra):
     table = '\n'.join([*TABLE_HEADER, *(table_row(d, r, time_bound(c)) for d, r, c in runs)])
     return {'demo_table': table, 'demo_figures': figures_text([(d, r) for d, r, _ in runs]),
             'demo_extra': extra_text(extra), 'resnet_demo': resnet_text(extra),
-            'two_process': two_process_text(extra['vit'], extra['vit_2proc']), 'ptq_table': ptq_table(extra)}
+            'two_process': two_process_text(extra['vit'], extra['vit_2proc']),
+            # the --ptq table where its brevitas runs were made (the tool makes them; tests/test_ptq_demos.py too)
+            **({'ptq_table': ptq_table(extra)} if all(d.key in extra for _, d in ptq_demos()) else {})}
 
 
 def block(name, text):
