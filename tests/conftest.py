@@ -26,6 +26,17 @@ def pytest_configure(config):
                                        'without one, failed instead where QWT_REQUIRE_SLURM is set)')
 
 
+# The test files whose runs take a minute or more, longest first. They start first (pytest.ini turns off
+# xdist's ordering by test count, which starts them last), so that no worker ends the suite alone on one.
+SLOW_FIRST = ('test_readme_demo.py', 'test_digits.py', 'test_ptq_demos.py', 'test_resnet_run.py',
+              'test_resnet_published.py', 'test_draws.py', 'test_published.py', 'test_scripts.py', 'test_slurm.py')
+
+
+def pytest_collection_modifyitems(config, items):
+    order = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: order.get(item.path.name, len(SLOW_FIRST)))  # stable: the rest as collected
+
+
 @pytest.fixture(autouse=True)
 def _glibc_allocator_untouched(monkeypatch):
     """An in-process pipeline run on the CPU would change this process's malloc settings for every
