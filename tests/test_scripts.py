@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import run_script, save_random_checkpoint
+from utils.run import cli
 from utils.run.demo import make_image_folder
 
 RESULT_KEYS = {'model', 'timm_name', 'w_bits', 'a_bits', 'seed', 'world_size', 'num_val', 'ptq_top1', 'ptq_top5',
@@ -70,22 +71,21 @@ def test_swin_script_end_to_end(image_root, tmp_path):
 
 def check_save_load(script, result, saved, image_root, tmp_path):
     """--load evaluates the --save file with no calibration: the same top-1 / top-5 on the same data,
-    then a fixed --num_val subset."""
+    then a fixed --num_val subset (through the script's cli.main in this process: the script itself ran above)."""
     assert result['weights'] == 'checkpoint' and result['saved_to'] == saved and os.path.isfile(saved)
     assert [f for f in os.listdir(os.path.dirname(saved)) if f.endswith('.tmp')] == []
     out = str(tmp_path / 'loaded')
-    proc = run_script(script, '--load', saved, '--data_dir', image_root, '--allow_class_subset', '--batch_size', '4', '--num_workers', '0',
-                      '--output_dir', out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    family = {'qwt_vit_and_deit.py': 'vit', 'qwt_swin.py': 'swin'}[script]
+    load = ['--load', saved, '--data_dir', image_root, '--allow_class_subset', '--batch_size', '4', '--num_workers', '0',
+            '--output_dir', out]
+    cli.main(family, load)
     loaded = json.load(open(os.path.join(out, 'result.json')))
     assert (loaded['weights'], loaded['source_weights'], loaded['loaded_from']) == ('loaded', 'checkpoint', saved)
     for key in ('model', 'timm_name', 'w_bits', 'a_bits', 'ptq_top1', 'ptq_top5', 'qwt_top1', 'qwt_top5',
                 'ptq_size_mb', 'qwt_size_mb', 'qwt_blocks', 'num_calib', 'num_qwt', 'num_val'):
         assert loaded[key] == result[key], key
     assert 'ptq' not in loaded['timings'] and 'qwt' not in loaded['timings']
-    proc = run_script(script, '--load', saved, '--data_dir', image_root, '--allow_class_subset', '--batch_size', '4', '--num_workers', '0',
-                      '--output_dir', out, '--num_val', '4', '--eval', 'repq')
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    cli.main(family, [*load, '--num_val', '4', '--eval', 'repq'])
     subset = json.load(open(os.path.join(out, 'result.json')))
     assert (subset['num_val'], subset['val_total'], subset['qwt_top1']) == (4, 6, None)
     assert subset['ptq_top1'] in (0.0, 25.0, 50.0, 75.0, 100.0)
