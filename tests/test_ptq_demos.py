@@ -3,8 +3,8 @@ one run per method and demo, shared by the tests): result.json, the log and the 
 back a visible part of what the method loses on every family, and the README's method table holds these runs
 (its default-method rows: tests/test_readme_demo.py)."""
 import pytest
-import torch
 
+from demo_batch import run_demos
 from tools import readme_figures as rf
 from utils.run import ptq
 from utils.table import results as table
@@ -15,10 +15,12 @@ FAMILY = {'qwt_vit_and_deit.py': 'vit', 'qwt_swin.py': 'swin', 'qwt_resnet.py': 
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
+    """Each demo as ``python SCRIPT --demo --ptq M`` runs it, in one batch (tests/demo_batch.py: the imports,
+    brevitas's among them, once)."""
     tmp = tmp_path_factory.mktemp('ptq_demos')
-    env = {'OMP_NUM_THREADS': '2', 'TORCH_HOME': str(tmp / 'torch')}
-    return {d.key: (name, d, *rf.run_demo(d, str(tmp / d.key), env=env)[::2])
-            for name, d in rf.ptq_demos() if name not in ptq.DEFAULTS.values()}
+    demos = {d: name for name, d in rf.ptq_demos() if name not in ptq.DEFAULTS.values()}
+    done = run_demos(demos, str(tmp), env={'OMP_NUM_THREADS': '2', 'TORCH_HOME': str(tmp / 'torch')})
+    return {d.key: (name, d, done[d.key][0], done[d.key][2]) for d, name in demos.items()}
 
 
 def test_every_third_party_method_runs_on_every_family(runs):

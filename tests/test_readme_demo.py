@@ -9,6 +9,7 @@ import os
 
 import pytest
 
+from demo_batch import run_demos
 from tools import readme_figures as rf
 from utils.core.cpu_numerics import PIN
 from utils.run.demo import DEMO_THREADS
@@ -32,14 +33,17 @@ def _runs(tmp, demos, env):
 @pytest.fixture(scope='module')
 def demo_runs(tmp_path_factory):
     """Each demo of tools/readme_figures.DEMOS and EXTRA once, as a user runs it, on two threads if the machine
-    lets it (the demo pins its own), with an empty torch hub (nothing may be downloaded); the DEMOS with the
-    CPU kernels restricted further (RESTRICT)."""
+    lets it (the demo pins its own), with an empty torch hub (nothing may be downloaded); the DEMOS as fresh
+    processes with the CPU kernels restricted further (RESTRICT)."""
     tmp = tmp_path_factory.mktemp('demos')
     env = {'OMP_NUM_THREADS': '2', 'TORCH_HOME': str(tmp / 'torch')}
     runs = {}
     for d in rf.DEMOS:
         runs.update(_runs(tmp, (d,), {**env, **RESTRICTED[RESTRICT[d.key]]}))
-    runs.update(_runs(tmp, rf.EXTRA, env))
+    runs.update(_runs(tmp, [d for d in rf.EXTRA if d.procs > 1], env))
+    # the sentences' one-process runs in one batch (tests/demo_batch.py: their imports once)
+    batch = run_demos([d for d in rf.EXTRA if d.procs == 1], str(tmp), env)
+    runs.update({d.key: (d, *batch[d.key]) for d in rf.EXTRA if d.procs == 1})
     assert not os.path.exists(tmp / 'torch')  # nothing was downloaded
     return runs
 
