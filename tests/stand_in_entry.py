@@ -6,6 +6,9 @@ writes. Behaviour from the environment:
                   "<model> FP": fp_top1}; other runs get accuracies made from the seed
   STAND_IN_FAIL   a model name: its runs print 'error: ...' and exit 2
   STAND_IN_SLEEP  seconds to wait before writing the result
+  STAND_IN_SLEEP_ONCE  CELL:SECONDS: the first run into the output folder named CELL (a marker file there says
+                  it ran) waits SECONDS more, its later runs do not (a job to be preempted whatever the
+                  machine's load, then its requeued run)
   STAND_IN_LOG    a file that gets one JSON line per process: pid, start, end, argv and launcher variables
   STAND_IN_PID    set: print 'pid <pid>' first thing
   STAND_IN_DEAF   set: ignore SIGINT (a run that does not stop on Ctrl-C)
@@ -50,6 +53,12 @@ def main():
         print('loading...\nerror: stand-in failure of ' + args.model, file=sys.stderr)
         sys.exit(2)
     time.sleep(float(os.environ.get('STAND_IN_SLEEP', '0')))
+    cell, _, seconds = os.environ.get('STAND_IN_SLEEP_ONCE', '').rpartition(':')
+    marker = os.path.join(args.output_dir or '.', 'stand_in_ran')
+    if cell and os.path.basename(os.path.normpath(args.output_dir or '.')) == cell and not os.path.exists(marker):
+        os.makedirs(args.output_dir, exist_ok=True)
+        open(marker, 'w').close()
+        time.sleep(float(seconds))
     fp = args.eval == 'fp'
     spec = registry.resolve_model(args.model)
     ptq = args.ptq or ('percentile' if spec.family == 'resnet' else 'repq')

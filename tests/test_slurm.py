@@ -52,7 +52,7 @@ def data_dir(tmp_path_factory):
 @pytest.fixture
 def env(monkeypatch, tmp_path):
     monkeypatch.setenv('OMP_NUM_THREADS', '1')
-    for name in ('STAND_IN_ACC', 'STAND_IN_FAIL', 'STAND_IN_SLEEP', 'STAND_IN_PID', 'STAND_IN_DEAF', 'STAND_IN_LOG',
+    for name in ('STAND_IN_ACC', 'STAND_IN_FAIL', 'STAND_IN_SLEEP', 'STAND_IN_SLEEP_ONCE', 'STAND_IN_PID', 'STAND_IN_DEAF', 'STAND_IN_LOG',
                  'STAND_IN_TERM_S'):
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
@@ -208,8 +208,9 @@ def test_a_bad_partition_is_refused_in_one_line_with_nothing_queued_or_left(data
 
 def test_a_preempted_job_is_requeued_and_its_cell_counts_the_runs(data_dir, tmp_path, capsys, env):
     """SIGUSR2, as SLURM sends it before preemption or the time limit: submitit checkpoints and requeues; the
-    cell starts again from the beginning and its cell.json says it ran twice."""
-    env.setenv('STAND_IN_SLEEP', '5')
+    cell starts again from the beginning and its cell.json says it ran twice. Run 1 waits until it is preempted (a
+    fixed wait could end first on a loaded machine: the job done, run once); run 2 does not wait."""
+    env.setenv('STAND_IN_SLEEP_ONCE', 'deit_tiny_fp:300')
     argv = slurm_args(data_dir, tmp_path, '--models', 'deit_tiny', '--bits', '4', '--no_wait')
     assert run(capsys, *argv)[0] == 0
     job = record(tmp_path, 'deit_tiny_fp')['job_id']
