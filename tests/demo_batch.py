@@ -4,7 +4,8 @@ torch, timm and brevitas: their import (5 to 9 s of CPU per process) is paid onc
 from a process state of its own. For the tests that run many demos (test_ptq_demos.py, test_readme_demo.py's
 sentences); the demo table's own rows run as fresh processes (their CPU time bounds include the imports).
 
-    python demo_batch.py JOBS.json     # JOBS: [{"argv": [script, flags...], "stdout": path}]; writes JOBS.json.out
+    python demo_batch.py JOBS.json   # JOBS: [{"key", "argv": [script, flags...], "stdout": path, "out": folder}];
+                                     # writes JOBS.json.out: [(exit code, CPU seconds)] per job
 """
 import json
 import os

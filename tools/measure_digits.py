@@ -90,7 +90,7 @@ def mse(a, b):
     return float((a - b).pow(2).mean())
 
 
-def fp_model(name):
+def trained_model(name):
     import timm
     return models.prepare_model(timm.create_model(name, pretrained=True, drop_path_rate=0.0))
 
@@ -99,7 +99,7 @@ def measure(name, w_bits, a_bits, seed, train, x_val, y_val, solvers=('inverse',
     """One run: dict with fp / repq / qwt top-1, logit MSE to FP, and per-solver QwT results and r². ``fp``:
     the full-precision logits of ``x_val`` if already computed (the same for every run of ``name``)."""
     calib_images, qwt_images = draw_images(train, seed, calib, qwt)
-    model = fp_model(name)
+    model = trained_model(name)
     if fp is None:
         fp = logits_of(model, x_val)
     t = time.time()
@@ -198,7 +198,7 @@ def main(argv=None):
         for name in args.models:
             train, val = datasets(tmp, name)
             x_val, y_val = stack_val(val)
-            fp = logits_of(fp_model(name), x_val)  # once per model: every run starts from the same weights
+            fp = logits_of(trained_model(name), x_val)  # once per model: every run starts from the same weights
             for bits in args.bits:
                 w_bits, a_bits = (int(b) for b in (bits.split('/') if '/' in bits else (bits, bits)))
                 for seed in args.seeds:
