@@ -26,28 +26,28 @@ def _check_bits(n_bits):
         raise ValueError(f"bit width {n_bits} not supported: use 2 to 8 bits")
 
 
-class RoundSTE(torch.autograd.Function):
+class _StraightThrough(torch.autograd.Function):
+    """A rounding op whose gradient passes straight through; subclasses give the forward."""
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class RoundSTE(_StraightThrough):
     """``torch.round`` forward; the gradient passes straight through (the published RoundSTE)."""
 
     @staticmethod
     def forward(ctx, x):
         return torch.round(x)
 
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
 
-
-class CeilSTE(torch.autograd.Function):
+class CeilSTE(_StraightThrough):
     """``torch.ceil`` forward; the gradient passes straight through (the published CeilSTE)."""
 
     @staticmethod
     def forward(ctx, x):
         return torch.ceil(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
 
 
 class Log2STE(torch.autograd.Function):

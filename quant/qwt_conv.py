@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant.qwt_fit import BlockFit, decide, zeros_like_fit
+from quant.qwt_fit import BlockFit, decide, overflow_hint_for, zeros_like_fit
 from quant.qwt_linear import CompensatedBlock
 from quant.qwt_targets import switch_pair
 from utils.core import distributed
@@ -145,7 +145,7 @@ class GroupConv:
     factor: int = DEFAULT_FACTOR
     block_class = CompensatedConvBlock
     residual = 'mean abs residual'
-    overflow_hint = 'more --qwt_samples'
+    overflow_hint = overflow_hint_for(None)
     nan_note = NAN_R2
 
     def __post_init__(self):

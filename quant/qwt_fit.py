@@ -31,6 +31,13 @@ def fp16_overflow(weight, bias):
     return max(float(weight.abs().max()), float(bias.abs().max()))
 
 
+def overflow_hint_for(solver):
+    """What a block left out for an fp16 overflow can try: ``solver`` is the token-wise kind's (the published
+    'inverse' or 'lstsq'), None for a kind without a choice of solver (ResNet's group convolution, whose
+    script refuses --qwt_solver)."""
+    return '--qwt_solver lstsq or more --qwt_samples' if solver == 'inverse' else 'more --qwt_samples'
+
+
 def decide(allowed, r2, weight, bias):
     """(used, fp16 overflow): the published rule, a fit is used where the block index >= start_block
     (``allowed``) and r² > 0 (a NaN r² is not); this project also leaves out a fit that half precision

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from quant.layers import set_quant_state
-from quant.qwt_fit import BlockFit, decide
+from quant.qwt_fit import BlockFit, decide, overflow_hint_for
 from quant.qwt_targets import switch_pair
 from quant.regression import (SINGULAR_CONDITION, NonFiniteSystem, NormalEquations, fit_concat, r2_score,
                               rank_and_condition, solve_normal, with_ones)
@@ -300,7 +300,7 @@ class TokenLinear:
 
     @property
     def overflow_hint(self):
-        return 'more --qwt_samples' if self.solver == 'lstsq' else '--qwt_solver lstsq or more --qwt_samples'
+        return overflow_hint_for(self.solver)
 
     def singular(self, xs, fitted, clock):
         """(rank, unknowns, condition) where the published inverse left the block out for a numerically

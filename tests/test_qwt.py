@@ -903,6 +903,12 @@ def test_end_of_run_counts_the_blocks_left_out():
                                        'fit: block 0; --qwt_solver lstsq fits them)']
     assert qwt_block_lines(blocks[1:2]) == ['QwT: 1 of 1 blocks compensated, 0 left out']
     assert qwt_block_lines([]) == []
+    # an fp16 overflow names what the run's kind can try: the float64 solver only where it is not in use already,
+    # nothing about solvers for the group convolution (None)
+    overflow = [{'block': 0, 'used': False, 'singular': False, 'fp16_overflow': True}]
+    line = 'QwT: 0 of 1 blocks compensated, 1 left out (1 whose fit overflows half precision: block 0; {})'
+    assert qwt_block_lines(overflow) == [line.format('--qwt_solver lstsq or more --qwt_samples')]
+    assert qwt_block_lines(overflow, 'lstsq') == qwt_block_lines(overflow, None) == [line.format('more --qwt_samples')]
 
 
 @pytest.mark.parametrize('condition,r2,flagged', [(2.0 ** 23, 0.0, True), (2.0 ** 23 - 1, 0.0, False),

@@ -366,6 +366,14 @@ def test_an_overflowing_group_conv_block_is_one_warning_and_recorded(monkeypatch
     assert not blocks[1].comp_weight.any() and blocks[2].comp_weight.any()
     with torch.no_grad():
         assert torch.isfinite(model(_images(2, seed=7))).all()
+    # the end-of-run line of a ResNet run (qwt_resnet.py refuses --qwt_solver, whatever result.json records)
+    from utils.run.record import summary_lines
+    left = sum(not s['used'] for s in stats)
+    record = {'model': 'resnet18', 'w_bits': 4, 'a_bits': 4, 'num_val': 2, 'world_size': 1, 'fp_top1': None,
+              'ptq_size_mb': None, 'qwt_blocks': stats, 'skipped_images': [], 'timings': {}, 'kernel_size': 1,
+              'qwt_solver': 'inverse'}
+    assert f'QwT: {4 - left} of 4 blocks compensated, {left} left out (1 whose fit overflows half precision: ' \
+           'block 1; more --qwt_samples)' in summary_lines(record)
 
 
 def test_a_nan_r2_is_explained_on_its_log_line(monkeypatch, caplog):

@@ -9,6 +9,7 @@ import torch
 
 from models import default_cfg
 from quant import model_size_mb
+from quant.qwt_fit import overflow_hint_for
 from utils.core import distributed
 from utils.run import finetune_stage
 from utils.run.logs import warning_count
@@ -97,7 +98,8 @@ def summary_lines(r):
                   f"{m + ' + QwT':<{width}} top-1 {_pct(r['qwt_top1'])}  top-5 {_pct(r['qwt_top5'])}  size "
                   f"{r['qwt_size_mb']:.2f} MB"]
         lines += [x for x in [finetune_stage.summary_line(r, m)] if x]  # QwT*
-    lines += qwt_block_lines(r.get('qwt_blocks') or [])
+    solver = None if r.get('kernel_size') is not None else r.get('qwt_solver')  # ResNet's kind has no solver choice
+    lines += qwt_block_lines(r.get('qwt_blocks') or [], solver)
     if r['skipped_images']:
         lines.append(f"skipped {len(r['skipped_images'])} unreadable image(s), listed in result.json "
                      "(skipped_images)")
@@ -107,9 +109,9 @@ def summary_lines(r):
     return lines
 
 
-def qwt_block_lines(blocks):
+def qwt_block_lines(blocks, solver='inverse'):
     """The end-of-run count of the QwT blocks compensated and left out, naming those left out for a
-    numerically singular fit."""
+    numerically singular fit or an fp16 overflow (with the hint of quant.qwt_fit.overflow_hint_for ``solver``)."""
     if not blocks:
         return []
     left = [b for b in blocks if not b['used']]
@@ -121,6 +123,6 @@ def qwt_block_lines(blocks):
                        "lstsq fits them")
     if overflow:
         reasons.append(f"{len(overflow)} whose fit overflows half precision: block {', '.join(overflow)}; "
-                       "--qwt_solver lstsq or more --qwt_samples")
+                       f"{overflow_hint_for(solver)}")
     line = f"QwT: {len(blocks) - len(left)} of {len(blocks)} blocks compensated, {len(left)} left out"
     return [line + (f" ({'; '.join(reasons)})" if reasons else '')]
