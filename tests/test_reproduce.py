@@ -21,6 +21,7 @@ from utils.runner import flags as runner_flags
 from utils.runner import local, progress
 from utils.runner import command as reproduce
 from utils.run.demo import make_image_folder
+from utils.run.weights import published_weights
 
 STAND_IN = os.path.join(ROOT, 'tests', 'stand_in_entry.py')
 TINY_ENTRY = os.path.join(ROOT, 'tests', 'tiny_entry.py')
@@ -503,6 +504,24 @@ def test_estimate_is_never_below_the_longest_cell_left():
     assert progress.estimate([deit_q, deit_q, swin_q], [], timed, 4) == (300.0, False)
     job = local.Job(swin_q, 0, None, start=1000.0 - 50, started_at=0.0)
     assert progress.estimate([deit_q, deit_q], [job], timed, 4, now=1000.0) == (250.0, False)
+
+
+def test_the_digits_models_take_their_committed_weights_and_a_table_resnet_its_published_file(data_dir, tmp_path,
+                                                                                               monkeypatch):
+    """The digits models' weights ship with the repository: their cells run with no --checkpoint, with or
+    without --checkpoint_dir; a table ResNet still needs its published file (pretrained_weights/ by default)."""
+    monkeypatch.chdir(tmp_path)
+    os.makedirs(tmp_path / 'empty')
+    for extra in ([], ['--checkpoint_dir', str(tmp_path / 'empty')]):
+        args = runner_flags.build_parser().parse_args(
+            ['--data_dir', data_dir, '--models', 'resnet_digits', 'vit_digits', 'resnet18', '--bits', '4', '--device',
+             'cpu', '--output_dir', str(tmp_path / 'out'), *extra])
+        cells, _ = table_cells.plan(args, [])
+        digits = [c for c in cells if c.model in ('resnet_digits', 'vit_digits')]
+        assert len(digits) == 4 and all(c.blocked is None and '--checkpoint' not in c.flags for c in digits), extra
+        folder = extra[1] if extra else os.path.join(str(tmp_path), 'pretrained_weights')
+        assert [c.blocked for c in cells if c.model == 'resnet18'] == [
+            f'resnet18: no resnet18_imagenet.pth.tar in {folder} (download {published_weights("resnet18").url})'] * 2
 
 
 def test_a_missing_checkpoint_blocks_only_its_model(data_dir, tmp_path, capsys, env):

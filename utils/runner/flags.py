@@ -75,7 +75,8 @@ def build_parser():
                    help="offline weights, each under timm's file name (e.g. deit_tiny_patch16_224-a1311bcf.pth), the "
                         'ResNets under the published names (resnet18_imagenet.pth.tar, resnet50_imagenet.pth.tar, '
                         'resnet101-63fe2227.pth); default: timm downloads the others, the ResNets are looked for in '
-                        'pretrained_weights/ of the working folder (never downloaded)')
+                        'pretrained_weights/ of the working folder (never downloaded); the digits models always use '
+                        'their committed weights (models/digits)')
     p.add_argument('--gpus', nargs='+', default=None, metavar='ID',
                    help='GPU ids as CUDA_VISIBLE_DEVICES takes them, e.g. 0 1 2 3 or 0,1,2,3 (default: every '
                         'visible GPU); one cell runs on each at a time')
