@@ -109,11 +109,10 @@ def _cells_of_model(spec, args, bits, seeds, extra, launch):
     script = os.path.abspath(args.script) if args.script else os.path.join(ROOT, FAMILY_SCRIPTS[spec.family])
     out = os.path.abspath(args.output_dir)
     common, blocked = ['--model', spec.name, '--data_dir', os.path.abspath(args.data_dir)], None
+    folder = args.checkpoint_dir
     if spec.timm_name in DIGITS_MODELS:  # their weights ship with the repository; the entry scripts load them
         folder = None
-    elif args.checkpoint_dir is not None or spec.family != 'resnet':
-        folder = args.checkpoint_dir
-    else:  # a ResNet's published file is never downloaded: by default, where the published script looks
+    elif folder is None and spec.family == 'resnet':  # never downloaded: where the published script looks
         folder = os.path.join(os.getcwd(), PUBLISHED_FOLDER)
     if folder is not None:
         name, url = checkpoint_file(spec.timm_name)
