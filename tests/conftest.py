@@ -147,6 +147,15 @@ def gloo_group(rank, world_size, port, timeout_s=60):
         dist.destroy_process_group()
 
 
+def run_ranks(fn, args, nprocs):
+    """``fn(rank, *args)`` in ``nprocs`` processes forked from this one, as torch.multiprocessing.spawn runs it
+    (an exception in a rank fails the call): a forked rank inherits this process's imports, where a spawned one
+    spends 5 to 7 s of CPU importing torch and timm again. The suite runs at one CPU thread, so no OpenMP
+    pool is forked half-alive."""
+    import torch.multiprocessing as mp
+    mp.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method='fork')
+
+
 def side_by_side(commands, cwd, env, timeout=900):
     """Run ``python argv`` for each argv of ``commands`` at once (in ``cwd``, with ``env``); each must exit 0.
     Returns their standard outputs, in order."""

@@ -7,11 +7,10 @@ import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch.utils.data import TensorDataset
 
 import quant
-from conftest import gloo_group, make_tiny_vit
+from conftest import gloo_group, make_tiny_vit, run_ranks
 from quant.qwt import compensated_blocks, qwt_compensate
 from utils.core import distributed
 from utils.run import data
@@ -153,7 +152,7 @@ def runs(tmp_path_factory):
     port = _free_port()
     os.environ['MASTER_PORT'] = str(port)
     try:
-        mp.spawn(_worker, args=(port, setup_path, out_path), nprocs=WORLD, join=True)
+        run_ranks(_worker, (port, setup_path, out_path), WORLD)
     finally:
         for k, v in saved_env.items():
             if v is None:

@@ -10,11 +10,10 @@ import re
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import models
 import quant
-from conftest import free_port, gloo_group, make_tiny_resnet, make_tiny_swin, make_tiny_vit
+from conftest import free_port, gloo_group, make_tiny_resnet, make_tiny_swin, make_tiny_vit, run_ranks
 from models import digits
 from quant.layers import set_quant_state
 from utils.core.errors import UserError
@@ -262,7 +261,7 @@ def gloo_runs(tmp_path_factory):
              'images': {key: torch.randn(8, 3, 32, 32, generator=g) for key in ('vit', 'resnet')}}
     torch.save(setup, tmp / 'setup.pt')
     single = _dist_fits(setup, setup['images'], ('vit', 'resnet'))
-    mp.spawn(_worker, args=(free_port(), str(tmp / 'setup.pt'), str(tmp / 'rank{rank}.pt')), nprocs=WORLD, join=True)
+    run_ranks(_worker, (free_port(), str(tmp / 'setup.pt'), str(tmp / 'rank{rank}.pt')), WORLD)
     return single, [torch.load(tmp / f'rank{r}.pt', weights_only=False) for r in range(WORLD)]
 
 

@@ -6,9 +6,8 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from conftest import free_port, gloo_group, make_tiny_resnet, make_tiny_vit
+from conftest import free_port, gloo_group, make_tiny_resnet, make_tiny_vit, run_ranks
 from utils.run import cli, ptq
 from utils.run.naming import output_folder
 from utils.table import results as table
@@ -173,7 +172,7 @@ def _gloo_worker(rank, port, out_path):
 
 def test_two_gloo_processes_take_rank0s_quantizers_and_fit(tmp_path):
     out = str(tmp_path / 'rank{rank}.pt')
-    mp.spawn(_gloo_worker, args=(free_port(), out), nprocs=WORLD, join=True)
+    run_ranks(_gloo_worker, (free_port(), out), WORLD)
     r0, r1 = (torch.load(out.format(rank=r)) for r in range(WORLD))
     scales = [k for k in r0['quantizers'] if k.endswith('input_quant.fused_activation_quant_proxy.tensor_quant.'
                                                           'scaling_impl.value')]

@@ -406,11 +406,15 @@ def test_ctrl_c_stops_every_child_and_keeps_finished_cells(data_dir, tmp_path, c
         _thread.interrupt_main()  # as Ctrl-C
 
     monkeypatch.setenv('STAND_IN_PID', '1')
+    # Python's own Ctrl-C handler, whatever an earlier test in this process left (interrupt_main does nothing
+    # where SIGINT is ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     t = threading.Thread(target=interrupt_when_both_run)
     t.start()
     start = time.monotonic()
     code, stdout, _ = reproduce_main(capsys, *argv, '--models', 'deit_tiny', 'swin_tiny')
     t.join()
+    signal.signal(signal.SIGINT, previous)
     assert code == 130 and len(pids) == 2 and time.monotonic() - start < 30
     assert 'interrupted: stopping 2 running cell(s)' in stdout
     assert stdout.rstrip().endswith('stopped: finished cells are kept; run the same command again to resume')
@@ -627,3 +631,25 @@ def test_slurm_backend_without_submitit_is_one_line(data_dir, tmp_path, capsys, 
     assert code == 2 and out == ''
     assert err == ('error: --backend slurm needs submitit (small, pure Python): pip install submitit, or install '
                    'requirements.txt with its lock (README, Install)\n')
+
+
+def test_stop_gives_ctrl_c_back_whatever_fails_while_stopping(monkeypatch):
+    """stop() ignores a second Ctrl-C while it stops the children; a child that cannot be waited for must not
+    leave this process deaf to Ctrl-C afterwards."""
+    import types
+
+    class Unwaitable:
+        pid = 0
+
+        def wait(self, timeout=None):
+            raise OSError('wait failed')
+
+    monkeypatch.setattr(local, '_signal_group', lambda proc, sig: None)  # no real process group to signal
+    mine = lambda signum, frame: None  # noqa: E731
+    previous = signal.signal(signal.SIGINT, mine)
+    try:
+        with pytest.raises(OSError, match='wait failed'):
+            local.stop([types.SimpleNamespace(proc=Unwaitable(), console=None, cell=None)], grace=0)
+        assert signal.getsignal(signal.SIGINT) is mine
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -6,10 +6,9 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import quant
-from conftest import free_port, gloo_group, make_tiny_resnet
+from conftest import free_port, gloo_group, make_tiny_resnet, run_ranks
 from quant import qwt_conv
 
 WORLD = 2
@@ -60,7 +59,7 @@ def runs(tmp_path_factory):
     finally:
         torch.set_num_threads(old)
     out_path = str(tmp / 'rank{rank}.pt')
-    mp.spawn(_worker, args=(free_port(), str(tmp / 'setup.pt'), out_path), nprocs=WORLD, join=True)
+    run_ranks(_worker, (free_port(), str(tmp / 'setup.pt'), out_path), WORLD)
     torch.set_num_threads(old)
     return single, [torch.load(out_path.format(rank=r), weights_only=False) for r in range(WORLD)]
 

@@ -102,21 +102,23 @@ def stop(jobs, grace=None):
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave children behind
     except ValueError:  # not the main thread
         previous = None
-    for job in jobs:
-        _signal_group(job.proc, signal.SIGINT)
-    deadline = time.monotonic() + grace
-    for job in jobs:
-        try:
-            job.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
-    for job in jobs:
-        _signal_group(job.proc, signal.SIGKILL)  # also loader workers left behind
-        job.proc.wait()
-        job.console.close()
-        record_interrupted(job.cell)
-    if previous is not None:
-        signal.signal(signal.SIGINT, previous)
+    try:
+        for job in jobs:
+            _signal_group(job.proc, signal.SIGINT)
+        deadline = time.monotonic() + grace
+        for job in jobs:
+            try:
+                job.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for job in jobs:
+            _signal_group(job.proc, signal.SIGKILL)  # also loader workers left behind
+            job.proc.wait()
+            job.console.close()
+            record_interrupted(job.cell)
+    finally:  # whatever fails above, Ctrl-C works again for the caller
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 class LocalBackend:
