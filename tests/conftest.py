@@ -22,6 +22,9 @@ if ROOT not in sys.path:
 def pytest_configure(config):
     config.addinivalue_line('markers', 'cuda: needs a CUDA GPU (skipped without one); run them alone with '
                                        '`python -m pytest -q -m cuda tests`')
+    config.addinivalue_line('markers', 'slow: runs the README\'s figure runs (pinned CPU kernels) or the published code '
+                                       'itself: about half of the suite\'s time; `-m "not slow"` leaves them out while '
+                                       'you work (the suite, as CI runs it, includes them)')
     config.addinivalue_line('markers', 'slurm: needs a SLURM cluster (.ci/slurm/start makes one on localhost; skipped '
                                        'without one, failed instead where QWT_REQUIRE_SLURM is set)')
 

@@ -143,6 +143,7 @@ def pinned_runs(tmp_path_factory):
 
 
 @pytest.mark.parametrize('name', NAMES)
+@pytest.mark.slow
 def test_qwt_recovers_accuracy_at_demo_bits(pinned_runs, name):
     runs = pinned_runs[(name, *DEMO_BITS[name])]
     assert [r['seed'] for r in runs] == list(SEEDS)
@@ -156,11 +157,13 @@ def test_qwt_recovers_accuracy_at_demo_bits(pinned_runs, name):
 
 
 @pytest.mark.parametrize('name', NAMES)
+@pytest.mark.slow
 def test_qwt_costs_no_more_than_noise_at_w6a6(pinned_runs, name):
     for r in pinned_runs[(name, 6, 6)]:
         assert abs(r['qwt']['inverse']['top1'] - r['repq']) <= W6_BOUND, r
 
 
+@pytest.mark.slow
 def test_the_readmes_state_the_figures_of_these_runs(pinned_runs):
     """The README's sentence on seeds 0, 1, 2 and models/digits/README.md's rows at the demo bits and W6/A6
     are those of the pinned runs (tools/measure_digits.py prints them)."""

@@ -10,6 +10,7 @@ from utils.run import ptq
 from utils.table import results as table
 
 README = open(rf.README).read()
+pytestmark = pytest.mark.slow
 FAMILY = {'qwt_vit_and_deit.py': 'vit', 'qwt_swin.py': 'swin', 'qwt_resnet.py': 'resnet'}
 
 

@@ -24,6 +24,7 @@ SCRIPT, MODEL, TIMM_NAME, WEIGHTS = ('qwt_vit_and_deit.py', 'deit_tiny', 'deit_t
                                      'deit_tiny_patch16_224-a1311bcf.pth')
 
 
+@pytest.mark.slow
 def test_published_script_draws_what_dump_inputs_writes(tmp_path):
     """README's three commands for deit_tiny: the published run captured (one thread: the images do not depend
     on threads), ours, the comparison."""

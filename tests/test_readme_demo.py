@@ -52,6 +52,7 @@ def _extra(demo_runs):
     return {key: run[1] for key, run in demo_runs.items()}
 
 
+@pytest.mark.slow
 def test_readme_demo_rows_are_those_of_fresh_runs_within_their_time_bounds(demo_runs):
     table = rf.read_block(README, 'demo_table')
     assert table is not None, 'README.md has no <!-- readme_figures:demo_table --> block'
@@ -63,6 +64,7 @@ def test_readme_demo_rows_are_those_of_fresh_runs_within_their_time_bounds(demo_
         assert cpu <= rf.row_bound(row), (demo.command, cpu, row)
 
 
+@pytest.mark.slow
 def test_readme_figures_and_sentences_are_those_of_fresh_runs(demo_runs):
     """Every other block tools/readme_figures.py writes: the sentences under the table, the other settings,
     the ResNet section's demo, two processes (the --ptq table: test_readme_method_table_rows_of_the_default_methods
@@ -73,6 +75,7 @@ def test_readme_figures_and_sentences_are_those_of_fresh_runs(demo_runs):
             assert rf.read_block(README, name) == text, name
 
 
+@pytest.mark.slow
 def test_restricting_the_cpu_kernels_further_changes_no_figure(demo_runs):
     """The table's demos ran with the kernels restricted further (RESTRICT; tools/readme_figures.py ran them with
     all the machine's kernels): every figure of their rows as in the README's demo table, and the pin named in
@@ -86,6 +89,7 @@ def test_restricting_the_cpu_kernels_further_changes_no_figure(demo_runs):
         assert 'DEFAULT kernels (ATEN_CPU_CAPABILITY=default, MKL_CBWR=COMPATIBLE' in stdout
 
 
+@pytest.mark.slow
 def test_readme_method_table_rows_of_the_default_methods(demo_runs):
     """The --ptq table's RepQ-ViT and Percentile rows are the plain demos' (the brevitas rows:
     tests/test_ptq_demos.py)."""
@@ -104,6 +108,7 @@ def test_no_hoped_for_claims_left_in_the_readme():
     assert 'AVX512 kernels' not in README and "On this repository's 2-core CPU:" not in README
 
 
+@pytest.mark.slow
 def test_the_demo_pins_its_threads_and_kernels_and_says_where_its_result_went(demo_runs):
     settings = ', '.join(f'{name}={value}' for name, value in PIN)
     for demo, r, _, stdout, out in demo_runs.values():
@@ -117,6 +122,7 @@ def test_the_demo_pins_its_threads_and_kernels_and_says_where_its_result_went(de
         assert json.load(open(os.path.join(out, 'result.json'))) == r
 
 
+@pytest.mark.slow
 def test_the_resnet_demo_says_the_bits_that_run(demo_runs):
     """Its convolutions read 8-bit inputs as published: the plain demo is W2/A8, and the demo table's row at real
     3-bit conv inputs has the flags in its command line and an output folder of its own."""
@@ -133,6 +139,7 @@ def test_the_resnet_demo_says_the_bits_that_run(demo_runs):
     assert (low['ptq_top1'], low['qwt_top1']) != (r['ptq_top1'], r['qwt_top1'])  # 3-bit inputs change the model
 
 
+@pytest.mark.slow
 def test_qwtstar_demos_beat_qwt(demo_runs):
     """Each demo fine-tunes (QwT*, tools/readme_figures.FINETUNE) and ends above its closed-form QwT, with the
     fine-tuning recorded: two epochs of the 1,297 training digits in whole batches of 32."""
@@ -143,6 +150,7 @@ def test_qwtstar_demos_beat_qwt(demo_runs):
         assert r['finetune']['images_seen'] == 2 * (1297 // 32) * 32 and r['finetune']['resumed_from'] is None
 
 
+@pytest.mark.slow
 def test_swin_demo_recovers_accuracy_and_leaves_block0_out(demo_runs):
     """swin_digits, trained on the UCI digits, at W3/A3 on a folder of the digits: FP, RepQ-ViT and RepQ-ViT +
     QwT on the 500 held-out digits, QwT above RepQ-ViT; block 0's singular fit is one warning and left out, as

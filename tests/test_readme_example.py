@@ -7,10 +7,13 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 from test_digits import FP_CORRECT
 from utils.core.cpu_numerics import PIN
 
+pytestmark = pytest.mark.slow
 SECTION = '## QwT after your own quantizer'
 PRINTED = re.compile(r'^FP (\d+\.\d), quantized (\d+\.\d), \+ QwT (\d+\.\d)$')
 

@@ -20,9 +20,9 @@ from quant import qwt_conv
 from quant.quantizers import UniformQuantizer
 
 PUBLISHED = os.path.normpath(os.path.join(ROOT, '..', 'shared', 'published-qwt'))
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not os.path.isfile(os.path.join(PUBLISHED, 'qwt_resnet_group_conv_only_percentile.py')),
-    reason=f'the published QwT code is not in {PUBLISHED} (it is not part of this repository)')
+    reason=f'the published QwT code is not in {PUBLISHED} (it is not part of this repository)')]
 
 # name: (architecture, image size, calibration / QwT / evaluation images, batch, w bits, a bits, kernel, factor,
 # start_block, torch.quantile limit). The tiny ones (one block per stage) exercise 1, 2 and 4 groups (factor 64

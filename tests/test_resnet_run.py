@@ -164,6 +164,7 @@ def test_conv_a_bits_opt_in(conv_a_bits, expected):
 
 # ---- the published images ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isfile(PUBLISHED_SCRIPT), reason=f'the published QwT code is not in {PUBLISHED}')
 def test_published_resnet_script_draws_what_dump_inputs_writes(tmp_path):
     """The published ResNet script (its FP and Percentile evaluations of val/ before it draws the QwT images,

@@ -49,3 +49,29 @@ def test_torch_flags_restores_a_flag_served_by_getattr():
     with pytest.raises(RuntimeError), torch_flags((matmul, 'allow_tf32', not before[0])):
         raise RuntimeError('a failing test')
     assert matmul.allow_tf32 == before[0]
+
+
+# The runs behind the `slow` marker (tests/conftest.py): module fixtures that run the README's figure runs or
+# the published code, and the tests that run them themselves.
+SLOW_FIXTURES = {('test_readme_demo.py', 'demo_runs'), ('test_digits.py', 'pinned_runs'),
+                 ('test_ptq_demos.py', 'runs'), ('test_resnet_published.py', 'both')}
+SLOW_TESTS = {('test_published.py', 'test_published_script_draws_what_dump_inputs_writes'),
+              ('test_resnet_run.py', 'test_published_resnet_script_draws_what_dump_inputs_writes'),
+              ('test_readme_example.py', 'test_readme_example_runs_as_printed')}
+
+
+def slow_marker_gaps(items, markexpr=''):
+    """The tests among ``items`` that run one of the runs above without the `slow` marker; and, where every
+    file named above was collected unfiltered, the fixtures and tests above that no item uses any more."""
+    slow = [item for item in items if (item.path.name, item.originalname) in SLOW_TESTS
+            or any((item.path.name, name) in SLOW_FIXTURES for name in item.fixturenames)]
+    gaps = [item.nodeid for item in slow if not item.get_closest_marker('slow')]
+    if {name for name, _ in SLOW_FIXTURES | SLOW_TESTS} <= {item.path.name for item in items} and not markexpr:
+        found = {(item.path.name, name) for item in slow for name in (*item.fixturenames, item.originalname)}
+        gaps += sorted(f'{f}::{name} (gone)' for f, name in (SLOW_FIXTURES | SLOW_TESTS) - found)
+    return gaps
+
+
+def test_every_figure_and_published_run_is_marked_slow(request):
+    """`-m "not slow"` must leave out every one of them (and only a marker does)."""
+    assert slow_marker_gaps(request.session.items, request.config.getoption('markexpr')) == []
