@@ -191,7 +191,23 @@ def test_known_timm_warnings_are_filtered_and_nothing_else():
                       UserWarning)
         warnings.warn('torch.meshgrid: something else', UserWarning)
         warnings.warn('`torch.jit.script` is deprecated.', DeprecationWarning)
-    assert [str(w.message) for w in seen] == ['torch.meshgrid: something else', '`torch.jit.script` is deprecated.']
+        warnings.warn('fast_hadamard_transform package not found, using standard pytorch kernels', UserWarning)
+        warnings.warn('fast_hadamard_transform package not found, using standard pytorch kernels', FutureWarning)
+    assert [str(w.message) for w in seen] == ['torch.meshgrid: something else', '`torch.jit.script` is deprecated.',
+                                              'fast_hadamard_transform package not found, using standard pytorch kernels']
+
+
+def test_the_brevitas_warning_filtered_is_the_one_brevitas_raises():
+    """The --ptq methods import brevitas, whose brevitas.graph.equalize warns at import without the optional
+    fast_hadamard_transform package: the filter's text is the installed brevitas's own (its source, read, not
+    imported)."""
+    import importlib.util
+    import re
+    package = importlib.util.find_spec('brevitas').submodule_search_locations[0]  # imports nothing of brevitas
+    source = open(os.path.join(package, 'graph', 'equalize.py')).read()
+    raised = re.findall(r'warnings\.warn\("(fast_hadamard_transform[^"]*)"\)', source)
+    assert raised and all(any(category is UserWarning and re.match(pattern, text)
+                              for category, pattern in cli.KNOWN_WARNINGS) for text in raised)
 
 
 # ---- 6. a log that can be replayed -------------------------------------------------------------------

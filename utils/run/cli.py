@@ -17,12 +17,15 @@ from utils.core.errors import UserError, one_line
 EVAL_CHOICES = ('both', 'ptq', 'repq', 'qwt', 'none', 'fp', 'all')  # 'repq': the older name of 'ptq'
 SOLVER_CHOICES = ('inverse', 'lstsq')      # quant.regression.SOLVERS
 ACCUMULATE_CHOICES = ('concat', 'normal')  # quant.qwt.ACCUMULATE
-# timm 0.4.12 on current torch: two warnings every run would print, both harmless (timm's own code).
+# Third-party warnings that runs would print, all harmless: timm 0.4.12's two on current torch (timm's own code),
 KNOWN_WARNINGS = ((FutureWarning, r'`torch\.jit\.script` is deprecated'),
                   (UserWarning, r'torch\.meshgrid: in an upcoming release, it will be required to pass the indexing'),
                   # torch's, at every loader iteration, for the published 4 workers on fewer CPUs: the pipeline
                   # says it once, with why the default stays (utils.run.data.workers_note)
-                  (UserWarning, r'This DataLoader will create \d+ worker processes in total'))
+                  (UserWarning, r'This DataLoader will create \d+ worker processes in total'),
+                  # brevitas's, when the --ptq methods import it, for an optional CUDA kernel of its Hadamard
+                  # rotations, which neither brevitas method here uses
+                  (UserWarning, r'fast_hadamard_transform package not found, using standard pytorch kernels'))
 DEFAULT_BITS = 4
 # (option, choices with the default first, help): choices beyond the published procedure; the defaults give
 # the published results
