@@ -31,6 +31,10 @@ from utils.core.cpu_numerics import pin_cpu_numerics  # noqa: E402
 # no-op where torch is already imported (the tests import this module: they run it as a script to pin it).
 PINNED = pin_cpu_numerics()
 
+from utils.run.cli import quiet_known_warnings  # noqa: E402  (imports no torch)
+
+quiet_known_warnings()  # timm 0.4.12's, before it is imported (the scripts' own filter)
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
